@@ -1,0 +1,116 @@
+"""The one typed settings object, read from ``RAG_*`` environment variables at entry points only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from rag.errors import SettingsError
+
+PREFIX = "RAG_"
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    """Every knob of the service. Built from the environment by :func:`load_settings`."""
+
+    data_dir: Path = Path("data")
+    # Qdrant: empty means the embedded engine (qdrant-edge) under data_dir/qdrant.
+    qdrant_url: str = ""
+    qdrant_api_key: str = ""
+    qdrant_timeout_s: float = 10.0
+    # Encoder: a local sentence-transformers folder or a hub name; empty means the bundled MiniLM.
+    encoder_model: str = ""
+    encoder_batch_size: int = 64
+    encoder_device: str = "cpu"
+    torch_threads: int = 0  # 0: leave torch's default
+    # Chunking
+    tokenizer_encoding: Literal["cl100k_base", "o200k_base"] = "cl100k_base"
+    chunk_tokens: int = 200
+    chunk_overlap: int = 32
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = 50 * 1024 * 1024
+    max_files_per_upload: int = 100
+    max_text_chars: int = 5_000_000
+    max_query_chars: int = 2000
+    max_top_k: int = 100
+    page_size_max: int = 500
+    # Worker
+    run_worker: Literal["auto", "yes", "no"] = "auto"  # auto: in-process when the store is embedded
+    worker_poll_s: float = 0.5
+    job_max_attempts: int = 3
+    job_lease_s: float = 300.0
+    # Logging
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.chunk_tokens >= 16, "chunk_tokens", "must be at least 16"),
+            (0 <= self.chunk_overlap < self.chunk_tokens, "chunk_overlap", "must be >= 0 and below RAG_CHUNK_TOKENS"),
+            (self.encoder_batch_size >= 1, "encoder_batch_size", "must be at least 1"),
+            (1 <= self.port <= 65535, "port", "must be a TCP port (1-65535)"),
+            (self.max_upload_bytes >= 1, "max_upload_bytes", "must be positive"),
+            (self.max_top_k >= 1, "max_top_k", "must be positive"),
+            (self.job_max_attempts >= 1, "job_max_attempts", "must be at least 1"),
+            (self.torch_threads >= 0, "torch_threads", "must be >= 0"),
+            (
+                not self.qdrant_url or self.qdrant_url.startswith(("http://", "https://", ":memory:")),
+                "qdrant_url",
+                "must start with http:// or https:// (or be empty for the embedded engine)",
+            ),
+        ]
+        for ok, field, why in checks:
+            if not ok:
+                raise SettingsError(f"{PREFIX}{field.upper()}={getattr(self, field)!r}: {why}")
+
+    @property
+    def embedded(self) -> bool:
+        return not self.qdrant_url
+
+    @property
+    def worker_in_process(self) -> bool:
+        return self.run_worker == "yes" or (self.run_worker == "auto" and self.embedded)
+
+    @property
+    def qdrant_dir(self) -> Path:
+        return self.data_dir / "qdrant"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.data_dir / "registry.sqlite3"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+
+_FIELDS = {f.lower(): f for f in Settings.__struct_fields__}
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build settings from ``RAG_*`` variables; unknown or malformed ones raise :class:`SettingsError`."""
+    env = os.environ if env is None else env
+    raw: dict[str, object] = {}
+    for key, value in env.items():
+        if not key.startswith(PREFIX):
+            continue
+        name = key[len(PREFIX):].lower()
+        if name not in _FIELDS:
+            raise SettingsError(f"unknown setting {key}; known: {', '.join(PREFIX + f.upper() for f in _FIELDS)}")
+        raw[name] = value
+    raw.update(overrides)
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        # msgspec names the field as `$.field`; translate to the variable a user set.
+        msg = str(exc)
+        for name in _FIELDS:
+            if f"`$.{name}`" in msg:
+                raise SettingsError(f"{PREFIX}{name.upper()}={raw.get(name)!r}: {msg.split(' - at')[0]}") from exc
+        raise SettingsError(msg) from exc
