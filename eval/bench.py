@@ -1,0 +1,220 @@
+"""Benchmarks: each prints a table and writes JSON, with its baseline measured in the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+
+from rag.chunking import chunk
+from rag.embedding import load_embedder
+from rag.loaders import load
+from rag.settings import Settings
+from rag.tokens import get_encoding
+from rag.types import Document
+
+
+def write_report(report: dict[str, Any], out_dir: Path, name: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2))
+    return path
+
+
+def _environment(settings: Settings) -> dict[str, Any]:
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "git_commit": commit,
+            "settings": msgspec.to_builtins(settings)}
+
+
+def _corpus_slice(dataset: Path, limit: int) -> Path:
+    """The corpus file, or a temporary copy of its first ``limit`` lines."""
+    corpus = dataset / "corpus.jsonl"
+    if not corpus.exists():
+        raise SystemExit(f"error: {corpus} not found (a BEIR folder holds corpus.jsonl)")
+    if not limit:
+        return corpus
+    tmp = Path(tempfile.mkdtemp(prefix="bench-corpus-")) / "corpus.jsonl"
+    with corpus.open() as src, tmp.open("w") as dst:
+        for i, line in enumerate(src):
+            if i >= limit:
+                break
+            dst.write(line)
+    return tmp
+
+
+def bench_ingest(settings: Settings, dataset: Path, *, limit: int = 0) -> dict[str, Any]:
+    """End-to-end chunks/s through the real worker vs raw ``encode`` of the same chunk texts."""
+    from ingest.worker import IngestWorker, embedding_text
+    from rag.registry import JobItem, SqliteRegistry
+    from rag.store import open_store
+
+    corpus = _corpus_slice(dataset, limit)
+    data = corpus.read_bytes()
+    docs = [d for d in load(corpus.name, data) if isinstance(d, Document)]
+    encoding = get_encoding(settings.tokenizer_encoding)
+    t0 = time.perf_counter()
+    chunked = [(d, c) for d in docs for c in chunk(d, settings.chunk_tokens, settings.chunk_overlap, encoding)]
+    chunk_s = time.perf_counter() - t0
+    texts = [embedding_text(d, c) for d, c in chunked]
+    embedder = load_embedder(settings)
+    embedder.embed_documents(texts[:64])  # warm up
+
+    print(f"{len(docs)} documents, {len(texts)} chunks; raw encode …", flush=True)
+    t0 = time.perf_counter()
+    for start in range(0, len(texts), 512):  # the worker's group size, so both see the same batches
+        embedder.embed_documents(texts[start : start + 512])
+    raw_s = time.perf_counter() - t0
+
+    print("end-to-end ingest through the worker …", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    run_settings = msgspec.structs.replace(settings, data_dir=work)
+    store = open_store(run_settings)
+    registry = SqliteRegistry(run_settings.registry_path)
+    try:
+        upload = work / "corpus.jsonl"
+        shutil.copyfile(corpus, upload)
+        worker = IngestWorker(run_settings, registry, store, embedder)
+        job = registry.create_job("default", [JobItem(filename="corpus.jsonl", path=str(upload))])
+        t0 = time.perf_counter()
+        worker.run_once()
+        e2e_s = time.perf_counter() - t0
+        final = registry.get_job(job.id)
+        indexed_chunks = final.chunks
+        stored = store.count(worker.collection, tenant="default")
+    finally:
+        registry.close()
+        store.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    raw_cps = len(texts) / raw_s
+    e2e_cps = indexed_chunks / e2e_s
+    report = {
+        "benchmark": "ingest", "dataset": str(dataset), "documents": len(docs), "chunks": len(texts),
+        "chunks_indexed": indexed_chunks, "points_stored": stored, "job_status": final.status,
+        "chunking_s": round(chunk_s, 3),
+        "raw_encode": {"seconds": round(raw_s, 2), "chunks_per_s": round(raw_cps, 2), "docs_per_s": round(len(docs) / raw_s, 2)},
+        "end_to_end": {"seconds": round(e2e_s, 2), "chunks_per_s": round(e2e_cps, 2), "docs_per_s": round(len(docs) / e2e_s, 2)},
+        "ratio_end_to_end_vs_raw": round(e2e_cps / raw_cps, 4),
+        "encoder_version": embedder.version, "environment": _environment(settings),
+    }
+    print(f"{'':24}{'seconds':>10}{'chunks/s':>12}{'docs/s':>10}")
+    print(f"{'raw encode (baseline)':24}{raw_s:>10.1f}{raw_cps:>12.1f}{len(docs) / raw_s:>10.1f}")
+    print(f"{'end to end (worker)':24}{e2e_s:>10.1f}{e2e_cps:>12.1f}{len(docs) / e2e_s:>10.1f}")
+    print(f"ratio end-to-end / raw: {e2e_cps / raw_cps:.3f}  (chunking alone: {chunk_s:.1f}s)")
+    return report
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+async def _load(url: str, make_request, n: int, concurrency: int) -> list[float]:
+    latencies: list[float] = []
+    counter = iter(range(n))
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+        async def one_user() -> None:
+            for i in counter:
+                method, path, body = make_request(i)
+                t0 = time.perf_counter()
+                resp = await client.request(method, path, json=body)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                resp.raise_for_status()
+
+        await asyncio.gather(*(one_user() for _ in range(concurrency)))
+    return latencies
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def bench_search(settings: Settings, args) -> dict[str, Any]:
+    """p50/p95 of ``/v1/search`` over HTTP, beside two floors: ``/healthz`` (transport) and in-process encode."""
+    queries = [json.loads(line)["text"] for line in (args.dataset / "queries.jsonl").read_text().splitlines() if line.strip()]
+    proc = None
+    url = args.url
+    try:
+        if url is None:
+            url = f"http://127.0.0.1:{args.port}"
+            env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_")}
+            env.update({"RAG_DATA_DIR": str(args.data_dir), "RAG_PORT": str(args.port), "RAG_LOG_LEVEL": "warning"})
+            proc = subprocess.Popen([sys.executable, "-m", "rag", "serve"], env=env)
+            _wait_ready(url, proc)
+            from ingest.cli import add_via_api
+
+            print("indexing the corpus through the API (a no-op when --data-dir already holds it) …", flush=True)
+            summary = add_via_api(url, [_corpus_slice(args.dataset, args.limit)], tenant="default")
+            print("\n".join(summary.lines()), flush=True)
+        rows = []
+        embedder = load_embedder(settings)
+        encode_ms = []
+        for q in queries[:200]:
+            t0 = time.perf_counter()
+            embedder.embed_queries([q])
+            encode_ms.append((time.perf_counter() - t0) * 1000)
+        rows.append({"target": "encode in-process (floor)", "concurrency": 1, "top_k": None,
+                     "p50_ms": round(statistics.median(encode_ms), 2), "p95_ms": round(_percentile(encode_ms, 95), 2),
+                     "requests": len(encode_ms)})
+        del embedder
+        for concurrency in args.concurrency:
+            lat = asyncio.run(_load(url, lambda i: ("GET", "/healthz", None), args.requests, concurrency))
+            rows.append({"target": "GET /healthz (floor)", "concurrency": concurrency, "top_k": None,
+                         "p50_ms": round(statistics.median(lat), 2), "p95_ms": round(_percentile(lat, 95), 2),
+                         "requests": len(lat)})
+            for top_k in args.top_k:
+                asyncio.run(_load(url, lambda i: ("POST", "/v1/search", {"query": queries[i % len(queries)], "top_k": top_k}), 20, concurrency))
+                lat = asyncio.run(_load(
+                    url, lambda i: ("POST", "/v1/search", {"query": queries[(i + 20) % len(queries)], "top_k": top_k}),
+                    args.requests, concurrency,
+                ))
+                rows.append({"target": "POST /v1/search", "concurrency": concurrency, "top_k": top_k,
+                             "p50_ms": round(statistics.median(lat), 2), "p95_ms": round(_percentile(lat, 95), 2),
+                             "requests": len(lat)})
+        peak = _peak_rss_mb(proc.pid) if proc else None
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    print(f"{'target':28}{'conc':>6}{'top_k':>7}{'p50 ms':>10}{'p95 ms':>10}")
+    for r in rows:
+        print(f"{r['target']:28}{r['concurrency']:>6}{str(r['top_k'] or '-'):>7}{r['p50_ms']:>10.2f}{r['p95_ms']:>10.2f}")
+    if peak is not None:
+        print(f"API peak RSS: {peak:.0f} MB")
+    return {"benchmark": "search", "dataset": str(args.dataset), "url": url, "rows": rows,
+            "api_peak_rss_mb": peak, "environment": _environment(settings)}
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"error: the service exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("error: the service did not become ready")

@@ -1,0 +1,93 @@
+"""``python -m ingest worker|add``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ingest", description="ingestion worker and batch CLI")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("worker", help="run the ingest worker beside a Qdrant server (RAG_QDRANT_URL)")
+    add = sub.add_parser("add", help="ingest files or folders (through the running service when one is up)")
+    add.add_argument("paths", nargs="+", type=Path)
+    add.add_argument("--tenant", default="default")
+    add.add_argument("--url", help="the service's base URL (default: http://RAG_HOST:RAG_PORT)")
+    add.add_argument("--local", action="store_true", help="never use the API; open the store in this process")
+    args = parser.parse_args(argv)
+
+    from rag.errors import RagError, SettingsError
+    from rag.logs import configure_logging
+    from rag.settings import load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        if args.command == "worker":
+            return run_worker(settings)
+        return run_add(settings, args)
+    except RagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def run_worker(settings) -> int:
+    from rag.api.app import Services
+
+    from ingest.worker import IngestWorker
+
+    if settings.embedded:
+        print(
+            "error: the embedded store belongs to the service process (`python -m rag serve` runs the worker);"
+            " a separate worker needs a Qdrant server: set RAG_QDRANT_URL",
+            file=sys.stderr,
+        )
+        return 2
+    services = Services.build(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker = IngestWorker(settings, services.registry, services.store, services.embedder)
+    worker.start()
+    try:
+        stop.wait()
+    finally:
+        worker.stop()
+        services.close()
+    return 0
+
+
+def run_add(settings, args) -> int:
+    from ingest.cli import add_in_process, add_via_api, service_is_up, service_url
+
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        print(f"error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    url = service_url(settings, args.url)
+    if not args.local and service_is_up(url):
+        summary = add_via_api(url, args.paths, tenant=args.tenant)
+    elif args.url:
+        print(f"error: no service answers at {url}", file=sys.stderr)
+        return 1
+    else:
+        summary = add_in_process(settings, args.paths, tenant=args.tenant)
+    print("\n".join(summary.lines()))
+    return 1 if summary.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

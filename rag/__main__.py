@@ -1,0 +1,61 @@
+"""``python -m rag serve``: the process entry point.
+
+This is the one module allowed to import both ``rag`` and ``ingest`` (see ARCHITECTURE.md): in
+embedded mode the API and the ingestion worker share one process, because the embedded Qdrant
+engine belongs to one process. Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Pin BLAS threads before numpy loads: torch and OpenBLAS fighting for 2 cores doubles query p95.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rag", description="RAG service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the HTTP API (and the ingest worker in embedded mode)")
+    serve.add_argument("--host", help="overrides RAG_HOST")
+    serve.add_argument("--port", type=int, help="overrides RAG_PORT")
+    sub.add_parser("settings", help="print the effective settings and exit")
+    args = parser.parse_args(argv)
+
+    from rag.errors import SettingsError
+    from rag.logs import configure_logging
+    from rag.settings import load_settings
+
+    overrides = {k: v for k, v in {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}.items() if v}
+    try:
+        settings = load_settings(**overrides)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    if args.command == "settings":
+        import msgspec
+
+        print(msgspec.json.format(msgspec.json.encode(settings)).decode())
+        return 0
+
+    import uvicorn
+
+    from ingest.service import build_service
+    from rag.errors import RagError
+
+    app = build_service(settings)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    except RagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""HTTP request and response bodies (msgspec): requests forbid unknown fields and bound sizes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+DocumentId = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f/]+$")]
+
+
+class TextDocumentIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    text: str
+    id: DocumentId | None = None
+    title: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class SearchIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    query: str
+    top_k: int = 10
+    filter: dict[str, Any] | None = None
+
+
+class JobRef(msgspec.Struct):
+    job_id: str
+    filename: str
+    document_id: str | None
+
+
+class UploadOut(msgspec.Struct):
+    jobs: list[JobRef]
+    job_ids: list[str]
+    document_ids: list[str | None]
+
+
+class SearchHitOut(msgspec.Struct):
+    chunk_id: str
+    document_id: str
+    chunk_index: int
+    score: float
+    text: str
+    title: str
+    source: str
+    offsets: tuple[int, int]
+    heading_path: list[str]
+    metadata: dict[str, Any]
+
+
+class SearchOut(msgspec.Struct):
+    results: list[SearchHitOut]
+    encoder_version: str
+    took_ms: float

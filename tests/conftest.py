@@ -1,0 +1,73 @@
+"""Shared fixtures: the real encoder is loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rag.embedding import SentenceTransformerEmbedder
+from rag.settings import Settings
+
+# The benchmark data lies in ../shared/data beside the checkout (CI clones beside it too).
+DATA = Path(os.environ.get("SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def embedder() -> SentenceTransformerEmbedder:
+    return SentenceTransformerEmbedder()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not DATA.exists():
+        pytest.skip(f"benchmark data not found at {DATA}")
+    return DATA
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", worker_poll_s=0.05, log_format="json")
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):
+    """Poll until predicate() is truthy; returns its value or fails the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"condition not met within {timeout}s")
+
+
+@pytest.fixture
+def app_client(settings: Settings, embedder) -> Iterator:
+    """The real app (worker inside, embedded Qdrant, SQLite registry) over Litestar's test client."""
+    from litestar.testing import TestClient
+
+    from ingest.service import build_service
+    from rag.api.app import Services
+    from rag.registry import SqliteRegistry
+    from rag.store import open_store
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings)
+    registry = SqliteRegistry(settings.registry_path)
+    services = Services(settings=settings, registry=registry, store=store, embedder=embedder)
+    app = build_service(settings, services=services)
+    try:
+        with TestClient(app, timeout=60) as client:
+            client.services = services
+            yield client
+    finally:
+        registry.close()
+        store.close()
