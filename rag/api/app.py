@@ -32,7 +32,7 @@ from rag.loaders import SUPPORTED_SUFFIXES, default_document_id
 from rag.registry import Job, JobItem, SqliteRegistry
 from rag.search import QueryEncoder, retrieve
 from rag.settings import Settings
-from rag.store import VectorStore, open_store
+from rag.store import VectorStore, open_store, parse_filter
 
 log = structlog.get_logger("rag.api")
 TENANT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -306,6 +306,7 @@ async def search(request: Request, data: SearchIn) -> SearchOut:
         raise BadRequest(f"query is {len(data.query)} characters; the limit is {settings.max_query_chars}", code="query_too_long")
     if not 1 <= data.top_k <= settings.max_top_k:
         raise BadRequest(f"top_k must be between 1 and {settings.max_top_k}", code="invalid_top_k")
+    parse_filter(data.filter)  # reject a bad filter before paying for the query encode
     started = time.perf_counter()
     hits = await retrieve(svc.query_encoder, svc.store, svc.collection, query, tenant=tenant, top_k=data.top_k,
                           filter=data.filter)
