@@ -40,6 +40,31 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_query_chars: int = 2000
     max_top_k: int = 100
     page_size_max: int = 500
+    # Retrieval (hybrid fusion and reranking)
+    search_mode: Literal["dense", "sparse", "hybrid"] = "hybrid"
+    rrf_k: int = 60
+    dense_weight: float = 1.0
+    sparse_weight: float = 1.0
+    prefetch_k: int = 100
+    reranker_model: str = ""  # a sentence-transformers CrossEncoder folder or name; empty: no reranking
+    rerank_depth: int = 30
+    rerank_budget_ms: float = 800.0
+    # Answers
+    prompts_dir: Path = Path("prompts")
+    context_tokens: int = 1500
+    context_encoding: Literal["cl100k_base", "o200k_base"] = "cl100k_base"
+    abstain_threshold: float = 0.0  # calibrated on SQuAD dev, see README; 0 disables abstention
+    llm_base_url: str = ""  # an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8081/v1; empty: extractive answers
+    # auto: start the bundled llama-server (SmolLM2) when no endpoint is set and it is installed
+    llm_local: Literal["auto", "yes", "no"] = "auto"
+    llm_local_port: int = 0  # 0: any free port
+    llm_model: str = "default"
+    llm_api_key: str = ""
+    llm_connect_timeout_s: float = 5.0
+    llm_timeout_s: float = 60.0
+    llm_max_tokens: int = 256
+    llm_max_retries: int = 2
+    llm_temperature: float = 0.0
     # Worker
     run_worker: Literal["auto", "yes", "no"] = "auto"  # auto: in-process when the store is embedded
     worker_poll_s: float = 0.5
@@ -59,6 +84,18 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.max_top_k >= 1, "max_top_k", "must be positive"),
             (self.job_max_attempts >= 1, "job_max_attempts", "must be at least 1"),
             (self.torch_threads >= 0, "torch_threads", "must be >= 0"),
+            (self.rrf_k >= 1, "rrf_k", "must be at least 1"),
+            (self.dense_weight >= 0, "dense_weight", "must be >= 0"),
+            (self.sparse_weight >= 0, "sparse_weight", "must be >= 0"),
+            (self.rerank_depth >= 1, "rerank_depth", "must be at least 1"),
+            (self.context_tokens >= 64, "context_tokens", "must be at least 64"),
+            (self.llm_max_tokens >= 1, "llm_max_tokens", "must be at least 1"),
+            (self.llm_max_retries >= 0, "llm_max_retries", "must be >= 0"),
+            (
+                not self.llm_base_url or self.llm_base_url.startswith(("http://", "https://")),
+                "llm_base_url",
+                "must start with http:// or https:// (or be empty for extractive answers)",
+            ),
             (
                 not self.qdrant_url or self.qdrant_url.startswith(("http://", "https://", ":memory:")),
                 "qdrant_url",
@@ -90,6 +127,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         return self.data_dir / "uploads"
 
 
+def _decode(type_: type, obj: object) -> object:
+    # msgspec does not turn strings into Paths on its own.
+    if type_ is Path and isinstance(obj, str):
+        return Path(obj)
+    raise TypeError(f"Expected `{type_.__name__}`, got `{type(obj).__name__}`")
+
+
 _FIELDS = {f.lower(): f for f in Settings.__struct_fields__}
 
 
@@ -106,7 +150,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         raw[name] = value
     raw.update(overrides)
     try:
-        return msgspec.convert(raw, Settings, strict=False)
+        return msgspec.convert(raw, Settings, strict=False, dec_hook=_decode)
     except msgspec.ValidationError as exc:
         # msgspec names the field as `$.field`; translate to the variable a user set.
         msg = str(exc)

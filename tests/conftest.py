@@ -35,7 +35,7 @@ def shared_data() -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", worker_poll_s=0.05, log_format="json")
+    return Settings(data_dir=tmp_path / "data", worker_poll_s=0.05, log_format="json", llm_local="no")
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):

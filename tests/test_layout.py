@@ -1,0 +1,248 @@
+"""The project's shape: import edges between packages, compose file, README, CI entry, pins."""
+
+from __future__ import annotations
+
+import ast
+import re
+import tomllib
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("rag", "ingest", "eval")
+# What each top-level package must not import (ARCHITECTURE.md, "Packages").
+FORBIDDEN = {"rag": {"ingest", "eval"}, "ingest": {"eval"}, "eval": set()}
+# The one process entry point that composes the API with the ingest worker.
+ENTRY_POINT = Path("rag/__main__.py")
+ENTRY_POINT_MAY_IMPORT = {"ingest"}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path, source: str | None = None) -> list[tuple[int, str]]:
+    """(line, absolute module name) for every import in the file, dynamic ones with a literal name too."""
+    source = path.read_text(encoding="utf-8") if source is None else source
+    tree = ast.parse(source, filename=str(path))
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            out.append((node.lineno, target))
+            # `from rag import __main__` imports the submodule.
+            out += [(node.lineno, f"{target}.{alias.name}") for alias in node.names if alias.name != "*"]
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            if name in ("import_module", "__import__") and node.args:
+                arg = node.args[0]
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    out.append((node.lineno, arg.value))
+    return out
+
+
+def _python_files(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_packages_exist():
+    for package in PACKAGES:
+        assert (ROOT / package / "__init__.py").is_file(), f"{package}/ is not a package"
+
+
+def test_import_edges_follow_the_architecture():
+    problems = []
+    files = _python_files(*PACKAGES)
+    assert len(files) > 10, "found suspiciously few modules; is ROOT right?"
+    for path in files:
+        rel = path.relative_to(ROOT)
+        owner = rel.parts[0]
+        allowed_extra = ENTRY_POINT_MAY_IMPORT if rel == ENTRY_POINT else set()
+        for line, target in _imports(path):
+            top = target.split(".")[0]
+            if top in FORBIDDEN[owner] and top not in allowed_extra:
+                problems.append(f"{rel}:{line} imports {target} ({owner} may not import {top})")
+    assert not problems, "\n".join(problems)
+
+
+def test_nothing_imports_the_entry_point():
+    problems = []
+    for path in _python_files(*PACKAGES, "tests"):
+        for line, target in _imports(path):
+            if target == "rag.__main__" or target.startswith("rag.__main__."):
+                problems.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_import_walker_sees_what_it_must():
+    # The rules above are only as good as the walker: check it on the shapes it has to catch.
+    source = (
+        "import ingest.worker\n"
+        "from eval import metrics\n"
+        "from . import store\n"
+        "from .api import app\n"
+        "from rag import __main__\n"
+        "import importlib\n"
+        "importlib.import_module('ingest.cli')\n"
+        "def f():\n    from ingest.service import build_service\n"
+    )
+    targets = {t for _, t in _imports(ROOT / "rag" / "probe.py", source)}
+    assert {"ingest.worker", "eval", "eval.metrics", "rag", "rag.store", "rag.api", "rag.api.app",
+            "rag.__main__", "ingest.cli", "ingest.service"} <= targets
+    nested = {t for _, t in _imports(ROOT / "rag" / "api" / "probe.py", "from ..store import x\nfrom . import y\n")}
+    assert {"rag.store", "rag.store.x", "rag.api", "rag.api.y"} <= nested
+
+
+# ---- compose.yaml ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    yaml = pytest.importorskip("yaml")
+    data = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def _known_variables() -> set[str]:
+    from rag.settings import Settings
+
+    return {f"RAG_{f.upper()}" for f in Settings.__struct_fields__}
+
+
+def _environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def _volumes(service: dict) -> set[tuple[str, str]]:
+    out = set()
+    for volume in service.get("volumes") or []:
+        if isinstance(volume, str):
+            parts = volume.split(":")
+            if len(parts) >= 2:
+                out.add((parts[0], parts[1]))
+        elif isinstance(volume, dict) and volume.get("source") and volume.get("target"):
+            out.add((str(volume["source"]), str(volume["target"])))
+    return out
+
+
+def test_compose_has_the_three_services_with_healthchecks(compose):
+    services = compose.get("services") or {}
+    assert {"qdrant", "api", "worker"} <= set(services)
+    for name in ("qdrant", "api", "worker"):
+        check = services[name].get("healthcheck")
+        assert isinstance(check, dict) and check.get("test"), f"{name} has no healthcheck"
+        assert not check.get("disable"), f"{name}'s healthcheck is disabled"
+
+
+def test_compose_api_and_worker_share_the_data_volume(compose):
+    services = compose["services"]
+    shared = _volumes(services["api"]) & _volumes(services["worker"])
+    assert shared, "api and worker mount no volume at the same path"
+    # The registry and uploads live under RAG_DATA_DIR, so that is what must be shared.
+    for name in ("api", "worker"):
+        data_dir = _environment(services[name]).get("RAG_DATA_DIR")
+        assert data_dir, f"{name} sets no RAG_DATA_DIR"
+        assert any(data_dir == target or data_dir.startswith(target.rstrip("/") + "/") for _, target in shared), (
+            f"{name}'s RAG_DATA_DIR={data_dir} is not on the shared volume {shared}"
+        )
+    named = set(compose.get("volumes") or {})
+    for source, _ in shared:
+        assert source in named or source.startswith(("/", ".")), f"volume {source} is not declared"
+
+
+def test_compose_variables_are_known_settings(compose):
+    known = _known_variables()
+    seen: dict[str, set[str]] = {}
+    anchors = {k: v for k, v in compose.items() if k.startswith("x-") and isinstance(v, dict)}
+    for where, env in [*anchors.items(), *((n, _environment(s)) for n, s in compose["services"].items())]:
+        for key in env:
+            if str(key).startswith("RAG_"):
+                seen.setdefault(str(key), set()).add(where)
+    assert "x-rag-env" in anchors and any(k.startswith("RAG_") for k in anchors["x-rag-env"])
+    unknown = {k: sorted(w) for k, w in seen.items() if k not in known}
+    assert not unknown, f"unknown settings in compose.yaml: {unknown}"
+
+
+def test_compose_settings_load_and_point_at_the_qdrant_service(compose):
+    from rag.settings import load_settings
+
+    services = compose["services"]
+    for name in ("api", "worker"):
+        env = {k: v for k, v in _environment(services[name]).items() if k.startswith("RAG_")}
+        settings = load_settings(env=env)  # would fail at container start otherwise
+        url = urlparse(env.get("RAG_QDRANT_URL", ""))
+        assert url.scheme in ("http", "https") and url.hostname == "qdrant", f"{name}: RAG_QDRANT_URL={url.geturl()}"
+        assert not settings.embedded
+    # api serves HTTP only; the separate worker runs the jobs.
+    api_env = {k: v for k, v in _environment(services["api"]).items() if k.startswith("RAG_")}
+    assert not load_settings(env=api_env).worker_in_process
+    # Inside the compose network Qdrant's HTTP API is on its container port, 6333.
+    assert (urlparse(api_env["RAG_QDRANT_URL"]).port or 6333) == 6333
+
+
+# ---- README, CI, packaging ----------------------------------------------------------------------
+
+
+def _shell_commands(markdown: str) -> list[str]:
+    """Commands in the README's shell code blocks, in order (comments and blank lines dropped)."""
+    commands = []
+    for block in re.finditer(r"^```(?:sh|bash|shell|console)?[ \t]*\n(.*?)^```", markdown, re.M | re.S):
+        for line in block.group(1).splitlines():
+            line = re.sub(r"^\s*\$\s+", "", line)  # console prompts
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def test_readme_starts_with_make_run_and_make_test():
+    readme = ROOT / "README.md"
+    assert readme.is_file(), "README.md is missing"
+    commands = _shell_commands(readme.read_text(encoding="utf-8"))
+    assert commands[:2] == ["make run", "make test"], commands[:5]
+
+
+def test_readme_command_parser():
+    text = "# x\n\n```sh\nmake run    # serve\n\n# comment\nmake test\n```\n\n```bash\n$ curl x\n```\n"
+    assert _shell_commands(text) == ["make run", "make test", "curl x"]
+
+
+def test_ci_entry_runs_make_test():
+    script = ROOT / ".ci" / "run"
+    assert script.is_file()
+    lines = [re.sub(r"\s+#.*$", "", ln).strip() for ln in script.read_text(encoding="utf-8").splitlines()]
+    assert any(re.fullmatch(r"(exec\s+)?make\s+test", ln) for ln in lines if not ln.startswith("#")), lines
+
+
+def test_make_targets_exist():
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    for target in ("run", "test"):
+        assert re.search(rf"^{target}:", makefile, re.M), f"Makefile has no {target} target"
+
+
+def test_torch_is_pinned_exactly():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project.get("optional-dependencies", {}).values()
+    deps = [*project["dependencies"], *(d for group in extras for d in group)]
+    torch = [re.sub(r"\s+", "", d) for d in deps if re.match(r"^\s*torch\b(?![-_.\w])", d)]
+    assert torch == ["torch==2.13.0"], torch
