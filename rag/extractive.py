@@ -1,0 +1,275 @@
+"""Extractive answers: the source sentences that best answer a question, quoted with their ``[n]``.
+
+A small local LLM often answers off the point; the sentence of the context most similar to the
+question is a strong answer on its own (with the gold SQuAD paragraph as context, the top MiniLM
+sentence contains the gold answer 84 % of the time, SmolLM2-135M's free answer 39 %). This module
+makes that path first-class: :func:`extract_answer` picks the best sentence(s), and
+:func:`best_support` finds the sentence that backs a generated answer.
+
+Scoring (``score`` on every sentence)::
+
+    score = cosine(question, sentence) + LEXICAL_WEIGHT * overlap
+
+``cosine`` comes from the embedder (``embed_queries`` for the question, ``embed_documents`` for the
+sentences; both L2-normalised). ``overlap`` is the share of the question's content words (lower-cased,
+stop words removed, common suffixes stripped) that occur in the sentence, in [0, 1]. Sentences of fewer
+than MIN_WORDS words (headings, list stubs) are not chosen while a longer sentence exists.
+
+Calibration, on 400 random answerable SQuAD 2.0 *dev* questions with the gold paragraph as the only
+source (no test split was looked at), share of top-1 sentences containing a gold answer:
+LEXICAL_WEIGHT 0 → 0.812, 0.1 → 0.840, 0.2 → 0.845, 0.3 → 0.855, 0.5 → 0.858 (plural-only
+stemming; the suffix stripper used now scores 0.848 at 0.2). We take 0.2: most of
+the gain while the cosine still carries the ranking; SQuAD questions copy
+words from their paragraph, so a larger weight would fit SQuAD more than real questions. A second
+sentence within SECOND_SENTENCE_MARGIN (0.03) of the best is quoted too (in ~10 % of questions),
+which lifts containment to 0.880 for ~7 more characters on average. Embedding each sentence
+together with the one before it (to resolve "It …") was tried: it helped only together with the
+lexical term and hurt on its own, so it was left out; a sentence that starts with a pronoun can lose
+to the sentence that names the subject.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+
+from rag.context import Context, Source
+from rag.embedding import Embedder
+
+__all__ = [
+    "LEXICAL_WEIGHT",
+    "SECOND_SENTENCE_MARGIN",
+    "ExtractiveAnswer",
+    "SupportingSentence",
+    "best_support",
+    "extract_answer",
+    "split_sentences",
+]
+
+LEXICAL_WEIGHT = 0.2
+# A second (third, …) sentence is quoted only if it scores within this margin of the best one:
+# a close runner-up often carries the answer when the best sentence only restates the question.
+SECOND_SENTENCE_MARGIN = 0.03
+MIN_WORDS = 3
+NO_EVIDENCE_SCORE = -1.0  # best_score when the context has no sentence at all
+
+
+class SupportingSentence(msgspec.Struct, kw_only=True):
+    """A sentence of source ``n``; ``start``/``end`` are character offsets into that source's text."""
+
+    n: int
+    document_id: str
+    text: str
+    start: int
+    end: int
+    score: float
+
+
+class ExtractiveAnswer(msgspec.Struct, kw_only=True):
+    """``text`` quotes the chosen sentences, each followed by its citation: ``"<sentence> [n]"``."""
+
+    text: str
+    sentences: list[SupportingSentence]
+    best_score: float
+
+
+# -- sentence splitting -------------------------------------------------------------------------
+
+# Words that end with a period without ending a sentence (compared lower-case, without the period).
+_ABBREVIATIONS = frozenset(
+    """mr mrs ms mx dr prof sr jr st mt ft rev hon gov sen rep pres gen col lt sgt capt cmdr adm
+    messrs mme mlle vs etc al cf ca approx est inc ltd co corp bros dept univ assn ave blvd rd
+    jan feb apr jun jul aug sep sept oct nov dec""".split()
+)
+# Abbreviations that only stay glued to a following number ("No. 5", "Fig. 3", "pp. 12").
+_NUMBER_ABBREVIATIONS = frozenset("no nos fig figs eq eqs vol vols pp art sec ch op".split())
+# Sentence punctuation plus closing quotes/brackets, followed by whitespace or the end; or a CJK stop.
+_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(?=\s|$)|[\u3002\uff01\uff1f]")
+_INITIALS = re.compile(r"(?:[A-Za-z]\.)*[A-Za-z]")  # "U.S", "e.g", "J" (before the final period)
+_NEWLINE = re.compile(r"\n")
+# A line that starts a unit of its own: heading, list item, quote, table row.
+_STRUCTURAL_LINE = re.compile(r"[ \t]*(?:#{1,6}(?:\s|$)|[-*+\u2022]\s|\d{1,3}[.)]\s|>|\|)")
+_OPENERS = "\"'\u201c\u2018([{"
+
+
+def split_sentences(text: str) -> list[tuple[int, int]]:
+    """Sentence spans ``(start, end)`` of ``text``, trimmed of surrounding whitespace.
+
+    A sentence ends at ``.``, ``!``, ``?`` or ``…`` (with any closing quotes or brackets) followed
+    by whitespace, unless the next word starts lower-case or the period ends an abbreviation
+    (``Dr.``, ``e.g.``, ``U.S.``, an initial ``J.``, ``No. 5``); decimals (``3.14``) never split.
+    A blank line always ends a sentence; a single line break does when either line is a heading,
+    list item, quote or table row, so wrapped prose stays one sentence.
+    """
+    cuts: set[int] = set()
+    for m in _END.finditer(text):
+        if _ends_sentence(text, m.start(), m.end()):
+            cuts.add(m.end())
+    lines = [0] + [m.end() for m in _NEWLINE.finditer(text)]
+    for prev_start, start in zip(lines, lines[1:], strict=False):
+        stop = text.find("\n", start)
+        line = text[start : stop if stop >= 0 else len(text)]
+        prev = text[prev_start : start - 1]
+        if not line.strip() or not prev.strip() or _STRUCTURAL_LINE.match(line) or _STRUCTURAL_LINE.match(prev):
+            cuts.add(start)
+    spans: list[tuple[int, int]] = []
+    begin = 0
+    for cut in [*sorted(cuts), len(text)]:
+        s, e = begin, cut
+        while s < e and text[s].isspace():
+            s += 1
+        while e > s and text[e - 1].isspace():
+            e -= 1
+        if s < e:
+            spans.append((s, e))
+        begin = max(begin, cut)
+    return spans
+
+
+def _ends_sentence(text: str, start: int, end: int) -> bool:
+    nxt = end
+    while nxt < len(text) and text[nxt].isspace():
+        nxt += 1
+    if nxt == len(text):
+        return True
+    following = text[nxt]
+    if following.islower():
+        return False
+    if text[start] != "." or end - start > 1 and text[start : end].rstrip("\"'\u201d\u2019)]") != ".":
+        return True  # "!", "?", "…" or "..." before a capital
+    word_start = start
+    while word_start > 0 and not text[word_start - 1].isspace():
+        word_start -= 1
+    word = text[word_start:start].lstrip(_OPENERS)
+    lowered = word.lower()
+    if lowered in _ABBREVIATIONS or _INITIALS.fullmatch(word):
+        return False
+    if lowered in _NUMBER_ABBREVIATIONS and following.isdigit():
+        return False
+    return True
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+_STOP_WORDS = frozenset(
+    """a an the and or but if of to in on at by for from with without as is are was were be been being
+    am do does did done has have had having it its this that these those there here what which who whom
+    whose when where why how than then so such not no nor can could should would may might must will
+    shall into onto about above below over under between during before after up down out off again
+    further once all any both each few more most other some own same too very s t just also i me my we
+    our you your he him his she her they them their one many much""".split()
+)
+_TOKEN = re.compile(r"\w+")
+_CITATION = re.compile(r"\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\]")
+
+
+def _stem(word: str) -> str:
+    """A light suffix stripper, so that "released", "releases" and "release" meet."""
+    if len(word) <= 3:
+        return word
+    if word.endswith("ies") and len(word) > 4:
+        return word[:-3] + "y"
+    for suffix in ("ing", "ed", "es", "s"):
+        if word.endswith(suffix) and not word.endswith("ss") and len(word) - len(suffix) >= 3:
+            word = word[: -len(suffix)]
+            break
+    return word[:-1] if word.endswith("e") and len(word) > 3 else word
+
+
+def _content_words(text: str) -> set[str]:
+    return {_stem(w) for w in _TOKEN.findall(text.lower()) if w not in _STOP_WORDS}
+
+
+def _overlap(query_words: set[str], sentence: str) -> float:
+    if not query_words:
+        return 0.0
+    return len(query_words & _content_words(sentence)) / len(query_words)
+
+
+@dataclass(slots=True)
+class _Candidate:
+    source: Source
+    start: int
+    end: int
+    text: str
+    words: int
+
+
+def _candidates(context: Context) -> list[_Candidate]:
+    out = []
+    for source in context.sources:
+        for s, e in split_sentences(source.text):
+            sentence = source.text[s:e]
+            out.append(_Candidate(source, s, e, sentence, len(_TOKEN.findall(sentence))))
+    return out
+
+
+def _scores(query: str, query_vec: np.ndarray, candidates: list[_Candidate], embedder: Embedder) -> np.ndarray:
+    vectors = embedder.embed_documents([c.text for c in candidates])
+    cosine = vectors @ np.asarray(query_vec, dtype=np.float32).reshape(-1)
+    words = _content_words(query)
+    lexical = np.array([_overlap(words, c.text) for c in candidates], dtype=np.float32)
+    return cosine + LEXICAL_WEIGHT * lexical
+
+
+def _ranked(candidates: list[_Candidate], scores: np.ndarray) -> list[int]:
+    """Candidate indices best first; headings and stubs only when there is no real sentence."""
+    eligible = [i for i, c in enumerate(candidates) if c.words >= MIN_WORDS] or list(range(len(candidates)))
+    return sorted(eligible, key=lambda i: -float(scores[i]))
+
+
+def _supporting(c: _Candidate, score: float) -> SupportingSentence:
+    return SupportingSentence(
+        n=c.source.n, document_id=c.source.document_id, text=c.text, start=c.start, end=c.end, score=float(score)
+    )
+
+
+def extract_answer(
+    question: str,
+    question_vec: np.ndarray | None,
+    context: Context,
+    embedder: Embedder,
+    *,
+    max_sentences: int = 2,
+) -> ExtractiveAnswer:
+    """Quote the context sentence(s) that best answer ``question``, each with its ``[n]``.
+
+    ``question_vec`` is the question's embedding if the caller already has it (retrieval does);
+    otherwise it is computed with ``embedder.embed_queries``. The best sentence is always quoted;
+    up to ``max_sentences - 1`` more follow, best first, if they score within
+    :data:`SECOND_SENTENCE_MARGIN` of it. With no sentence in the context the answer is empty and
+    ``best_score`` is -1.0.
+    """
+    if max_sentences < 1:
+        raise ValueError(f"max_sentences must be at least 1, got {max_sentences}")
+    candidates = _candidates(context)
+    if not candidates:
+        return ExtractiveAnswer(text="", sentences=[], best_score=NO_EVIDENCE_SCORE)
+    if question_vec is None:
+        question_vec = embedder.embed_queries([question])[0]
+    scores = _scores(question, question_vec, candidates, embedder)
+    order = _ranked(candidates, scores)
+    best = float(scores[order[0]])
+    chosen = [i for i in order[:max_sentences] if float(scores[i]) >= best - SECOND_SENTENCE_MARGIN]
+    sentences = [_supporting(candidates[i], scores[i]) for i in chosen]
+    text = " ".join(f"{s.text} [{s.n}]" for s in sentences)
+    return ExtractiveAnswer(text=text, sentences=sentences, best_score=sentences[0].score)
+
+
+def best_support(answer_text: str, context: Context, embedder: Embedder) -> SupportingSentence | None:
+    """The context sentence that best supports ``answer_text`` (e.g. an LLM's answer), or None.
+
+    Citation markers (``[1]``, ``[1, 2]``) are removed from the answer first; the answer and the
+    sentences are embedded alike (``embed_documents``) and scored like :func:`extract_answer`.
+    """
+    claim = _CITATION.sub(" ", answer_text).strip().strip("\"'\u201c\u201d")
+    candidates = _candidates(context)
+    if not claim or not candidates:
+        return None
+    claim_vec = embedder.embed_documents([claim])[0]
+    scores = _scores(claim, claim_vec, candidates, embedder)
+    i = _ranked(candidates, scores)[0]
+    return _supporting(candidates[i], scores[i])
