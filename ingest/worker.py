@@ -25,6 +25,7 @@ from rag.index import ensure_collection_for
 from rag.loaders import LoadFailure, load
 from rag.registry import DocumentRecord, DocumentResult, Job, SqliteRegistry, remove_upload
 from rag.settings import Settings
+from rag.sparse import SparseEncoder
 from rag.store import VectorStore, point_id
 from rag.tokens import get_encoding
 from rag.types import Chunk, Document, PointRecord
@@ -50,22 +51,34 @@ def content_hash(doc: Document, signature: str) -> str:
 
 
 def embedding_text(doc: Document, c: Chunk) -> str:
-    """What the encoder sees for a chunk: the document title and heading path give it context."""
+    """What the encoders (dense and sparse) see for a chunk: the document title and heading path give it context."""
     head = " > ".join([p for p in [doc.title, *c.heading_path] if p])
     return f"{head}\n{c.text}" if head else c.text
 
 
 class IngestWorker:
-    """Runs ingest jobs from the registry against one store and one encoder."""
+    """Runs ingest jobs from the registry against one store, one dense encoder and one sparse (BM25) encoder."""
 
-    def __init__(self, settings: Settings, registry: SqliteRegistry, store: VectorStore, embedder: Embedder) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: SqliteRegistry,
+        store: VectorStore,
+        embedder: Embedder,
+        sparse: SparseEncoder | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.store = store
         self.embedder = embedder
+        # The default encoder is the one the query side builds too (rag.search.Retriever).
+        self.sparse = sparse if sparse is not None else SparseEncoder()
         self.encoding = get_encoding(settings.tokenizer_encoding)
+        # The sparse configuration is part of what a document's stored vectors depend on: changing
+        # it re-indexes documents on their next upload instead of calling them unchanged.
         self.signature = (
             f"{embedder.version}|{settings.tokenizer_encoding}|{settings.chunk_tokens}|{settings.chunk_overlap}"
+            f"|{self.sparse.version}"
         )
         self.collection = ensure_collection_for(store, embedder)
         self._stop = threading.Event()
@@ -187,11 +200,15 @@ class IngestWorker:
         t0 = time.perf_counter()
         vectors = self.embedder.embed_documents(texts)
         embed_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sparse = self.sparse.encode_documents(texts)
+        sparse_s = time.perf_counter() - t0
         points: list[PointRecord] = []
         row = 0
         for doc, digest, chunks in todo:
             for c in chunks:
-                points.append(PointRecord(id=point_id(tenant, doc.id, digest, c.index), vector=vectors[row].tolist(), payload={
+                points.append(PointRecord(id=point_id(tenant, doc.id, digest, c.index), vector=vectors[row].tolist(),
+                                          sparse=sparse[row], payload={
                     "tenant": tenant, "document_id": doc.id, "content_hash": digest, "live": False,
                     "chunk_index": c.index, "text": c.text, "title": doc.title, "source": doc.source,
                     "start": c.start, "end": c.end, "heading_path": c.heading_path, "metadata": doc.metadata,
@@ -210,7 +227,8 @@ class IngestWorker:
             ))
             results.append(DocumentResult(document_id=doc.id, status="indexed", chunks=len(chunks), source=doc.source))
         self.registry.upsert_documents(records)
-        log.info("group_indexed", tenant=tenant, documents=len(todo), chunks=len(points), embed_s=round(embed_s, 3))
+        log.info("group_indexed", tenant=tenant, documents=len(todo), chunks=len(points), embed_s=round(embed_s, 3),
+                 sparse_s=round(sparse_s, 4))
         return results
 
     def _with_retries(self, op: Callable[[], object], attempts: int = 3) -> None:

@@ -1,16 +1,26 @@
-"""Query-side retrieval: embed the query, search the encoder's collection, shape the hits."""
+"""Query-side retrieval: encode the query (dense and/or sparse), search the encoder's collection.
+
+:class:`Retriever` is the one entry point the API and the evaluation harness share, so an eval figure
+measures exactly what the service serves.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 import numpy as np
 
 from rag.embedding import Embedder
-from rag.store import VectorStore
-from rag.types import ScoredPoint
+from rag.errors import BadRequest
+from rag.sparse import SparseEncoder
+from rag.store import SEARCH_MODES, FusionMethod, VectorStore
+from rag.types import ScoredPoint, SparseVector
+
+if TYPE_CHECKING:
+    from rag.settings import Settings
 
 
 class QueryEncoder:
@@ -62,8 +72,89 @@ async def retrieve(
     top_k: int,
     filter: dict[str, Any] | None = None,
 ) -> list[ScoredPoint]:
-    """Dense retrieval of the tenant's published chunks for one query, best first."""
+    """Dense retrieval of the tenant's published chunks for one query, best first (see :class:`Retriever`)."""
     vector = await encoder.embed(query)
     return await anyio.to_thread.run_sync(
         lambda: store.search(collection, vector.tolist(), tenant=tenant, top_k=top_k, filter=filter)
     )
+
+
+class Retriever:
+    """Dense, sparse (BM25) or hybrid retrieval over one collection, configured by the settings.
+
+    ``settings.search_mode`` is the default mode; hybrid fuses the ``settings.prefetch_k`` best of each
+    branch in one store query by reciprocal rank fusion with ``settings.rrf_k``. With both
+    ``dense_weight`` and ``sparse_weight`` at 1 that is plain RRF; any other pair selects Qdrant's
+    weighted RRF with weights ``(dense_weight, sparse_weight)``.
+
+    ``sparse`` must be configured as the ingest worker's encoder was (both default to
+    ``SparseEncoder()``), or query terms will not match the stored ones.
+    """
+
+    def __init__(
+        self, store: VectorStore, collection: str, embedder: Embedder, sparse: SparseEncoder, settings: Settings
+    ) -> None:
+        self.store = store
+        self.collection = collection
+        self.embedder = embedder
+        self.sparse = sparse
+        self.settings = settings
+        self.query_encoder = QueryEncoder(embedder)
+        weights = (float(settings.dense_weight), float(settings.sparse_weight))
+        self.fusion: FusionMethod = "rrf" if weights == (1.0, 1.0) else "weighted"
+        self.weights = weights
+
+    def mode_of(self, mode: str | None) -> str:
+        """The effective mode (None: the settings' default); :class:`BadRequest` if unknown."""
+        mode = self.settings.search_mode if mode is None else mode
+        if mode not in SEARCH_MODES:
+            raise BadRequest(f"mode must be one of {', '.join(SEARCH_MODES)}, not {mode!r}", code="invalid_mode")
+        return mode
+
+    def _store_search(
+        self,
+        mode: str,
+        dense: list[float] | None,
+        query: str,
+        *,
+        tenant: str,
+        top_k: int,
+        filter: Mapping[str, Any] | None,
+    ) -> list[ScoredPoint]:
+        # Encoding a query's BM25 terms costs microseconds: it rides along in the store's thread.
+        sparse: SparseVector | None = self.sparse.encode_query(query) if mode != "dense" else None
+        return self.store.search(
+            self.collection, dense, tenant=tenant, top_k=top_k, filter=filter, mode=mode,  # type: ignore[arg-type]
+            sparse_vector=sparse, fusion=self.fusion, rrf_k=self.settings.rrf_k, weights=self.weights,
+            prefetch_k=self.settings.prefetch_k,
+        )
+
+    def search(
+        self,
+        query: str,
+        *,
+        tenant: str,
+        top_k: int,
+        mode: str | None = None,
+        filter: Mapping[str, Any] | None = None,
+    ) -> list[ScoredPoint]:
+        """The tenant's best chunks for ``query``, best first (blocking; for batch callers such as eval)."""
+        mode = self.mode_of(mode)
+        dense = self.embedder.embed_queries([query])[0].tolist() if mode != "sparse" else None
+        return self._store_search(mode, dense, query, tenant=tenant, top_k=top_k, filter=filter)
+
+    async def asearch(
+        self,
+        query: str,
+        *,
+        tenant: str,
+        top_k: int,
+        mode: str | None = None,
+        filter: Mapping[str, Any] | None = None,
+    ) -> list[ScoredPoint]:
+        """:meth:`search` for the event loop: concurrent query encodes share a batch, the store runs in a thread."""
+        mode = self.mode_of(mode)
+        dense = (await self.query_encoder.embed(query)).tolist() if mode != "sparse" else None
+        return await anyio.to_thread.run_sync(
+            lambda: self._store_search(mode, dense, query, tenant=tenant, top_k=top_k, filter=filter)
+        )

@@ -3,6 +3,11 @@
 Every point carries ``tenant``, ``document_id``, ``content_hash`` and ``live`` in its payload. A
 document's new generation is upserted with ``live=False`` (invisible), then :meth:`VectorStore.publish`
 flips it live and removes the older generations, so a search never sees half of a re-indexed document.
+
+Each point holds a dense vector (``"dense"``, cosine) and, when the caller computed one, a sparse BM25
+vector (``"bm25"``, with Qdrant's IDF modifier; see :mod:`rag.sparse`). :meth:`VectorStore.search`
+runs dense, sparse or hybrid retrieval; hybrid is one Qdrant query whose two prefetches (dense and
+sparse, each under the full tenant/live/user filter) are fused by reciprocal rank fusion in the engine.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
 
 from rag.errors import BadRequest, NotFound, RagError, StoreError, StoreLockedError
-from rag.types import PointRecord, ScoredPoint
+from rag.types import PointRecord, ScoredPoint, SparseVector
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
@@ -31,13 +36,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACTIVE_ALIAS",
+    "SPARSE_VECTOR_NAME",
     "VECTOR_NAME",
     "EdgeVectorStore",
     "FieldMatch",
     "FieldMatchAny",
     "FieldRange",
     "FilterCondition",
+    "FusionMethod",
     "QdrantServerStore",
+    "SearchMode",
     "VectorStore",
     "open_store",
     "parse_filter",
@@ -45,6 +53,14 @@ __all__ = [
 ]
 
 VECTOR_NAME = "dense"
+SPARSE_VECTOR_NAME = "bm25"
+SearchMode = Literal["dense", "sparse", "hybrid"]
+FusionMethod = Literal["rrf", "weighted"]
+SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
+FUSION_METHODS: tuple[str, ...] = get_args(FusionMethod)
+# Hits fetched beyond top_k and then dropped: equal scores (duplicate chunks, RRF ties) are ordered by
+# point id, and the slack lets both backends see the same tied candidates at the cut.
+TIE_SLACK = 8
 ACTIVE_ALIAS = "rag_active"
 # Payload fields the store itself filters on; they get payload indexes in every collection.
 KEYWORD_INDEXES = ("tenant", "document_id", "content_hash")
@@ -91,7 +107,7 @@ class VectorStore(Protocol):
     """Where chunk vectors live: collections of points with a named dense vector and a payload."""
 
     def ensure_collection(self, name: str, dimension: int) -> None:
-        """Create the collection (dense vector ``"dense"``, cosine, payload indexes) unless it exists."""
+        """Create the collection (dense ``"dense"``, cosine; sparse ``"bm25"`` with IDF; payload indexes) unless it exists."""
         ...
 
     def list_collections(self) -> list[str]:
@@ -129,13 +145,30 @@ class VectorStore(Protocol):
     def search(
         self,
         collection: str,
-        vector: Sequence[float],
+        vector: Sequence[float] | None = None,
         *,
         tenant: str,
         top_k: int,
         filter: Mapping[str, Any] | None = None,
+        mode: SearchMode = "dense",
+        sparse_vector: SparseVector | None = None,
+        fusion: FusionMethod = "rrf",
+        rrf_k: int = 60,
+        weights: tuple[float, float] = (1.0, 1.0),
+        prefetch_k: int = 100,
     ) -> list[ScoredPoint]:
-        """The tenant's live points nearest to ``vector``, best first, narrowed by a user filter."""
+        """The tenant's best live points for a query, best first, narrowed by a user filter.
+
+        ``mode="dense"``: nearest to ``vector`` (cosine). ``"sparse"``: highest BM25 score of
+        ``sparse_vector`` (a query from :meth:`rag.sparse.SparseEncoder.encode_query`; IDF counted over
+        the tenant's live points). ``"hybrid"``: one query, the ``prefetch_k`` best of each branch fused
+        by reciprocal rank fusion — ``fusion="rrf"`` scores a point ``sum 1 / (k + rank - 1)`` over the
+        branches (ranks from 1), ``"weighted"`` gives branch ``i`` the score ``1 / (rank / w_i + k - 1)``
+        with ``weights=(dense, sparse)`` (Qdrant's weighted RRF; weight 0 mutes a branch). Equal scores
+        are ordered by point id, so both backends return the same list for the same data; the one
+        exception is exact duplicates inside a hybrid branch, which the engine ranks in its own order
+        before fusing.
+        """
         ...
 
     def count(
@@ -317,6 +350,76 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Search requests: validated once, run by each backend in one engine query
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _SearchPlan:
+    mode: str
+    dense: list[float] | None
+    sparse: SparseVector | None
+    limit: int  # top_k plus TIE_SLACK
+    top_k: int
+    prefetch: int
+    rrf_k: int
+    weights: list[float] | None  # None: plain RRF
+
+
+def _plan_search(
+    mode: str,
+    vector: Sequence[float] | None,
+    sparse_vector: SparseVector | None,
+    *,
+    top_k: int,
+    fusion: str,
+    rrf_k: int,
+    weights: Sequence[float],
+    prefetch_k: int,
+) -> _SearchPlan:
+    _check_top_k(top_k)
+    if mode not in SEARCH_MODES:
+        raise BadRequest(f"search mode must be one of {', '.join(SEARCH_MODES)}, not {mode!r}")
+    dense: list[float] | None = None
+    if mode != "sparse":
+        if vector is None:
+            raise BadRequest(f"a {mode} search needs a dense query vector")
+        dense = vector if isinstance(vector, list) else list(vector)
+    sparse: SparseVector | None = None
+    if mode != "dense":
+        if sparse_vector is None:
+            raise BadRequest(f"a {mode} search needs a sparse query vector")
+        if len(sparse_vector.indices) != len(sparse_vector.values):
+            raise BadRequest("sparse query vector: indices and values differ in length")
+        sparse = sparse_vector
+    plan_weights: list[float] | None = None
+    if mode == "hybrid":
+        if fusion not in FUSION_METHODS:
+            raise BadRequest(f"fusion must be one of {', '.join(FUSION_METHODS)}, not {fusion!r}")
+        if isinstance(rrf_k, bool) or not isinstance(rrf_k, int) or rrf_k < 1:
+            raise BadRequest(f"rrf_k must be an integer >= 1, not {rrf_k!r}")
+        if isinstance(prefetch_k, bool) or not isinstance(prefetch_k, int) or prefetch_k < 1:
+            raise BadRequest(f"prefetch_k must be a positive integer, not {prefetch_k!r}")
+        if fusion == "weighted":
+            if len(weights) != 2 or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in weights
+            ) or not any(weights):
+                raise BadRequest(f"weights must be two finite numbers >= 0, not both 0; got {tuple(weights)!r}")
+            plan_weights = [float(w) for w in weights]
+    limit = top_k + TIE_SLACK
+    # A fused list can only hold what the branches fetched; a branch shorter than the answer would cut it.
+    return _SearchPlan(mode=mode, dense=dense, sparse=sparse, limit=limit, top_k=top_k,
+                       prefetch=max(prefetch_k, limit), rrf_k=rrf_k, weights=plan_weights)
+
+
+def _ranked(hits: Sequence[Any], top_k: int) -> list[ScoredPoint]:
+    """Engine hits as ScoredPoints, best first, equal scores by id, cut to ``top_k``."""
+    points = [ScoredPoint(id=str(h.id), score=float(h.score), payload=dict(h.payload or {})) for h in hits]
+    points.sort(key=lambda p: (-p.score, p.id))
+    return points[:top_k]
+
+
+# ---------------------------------------------------------------------------------------------
 # Embedded: qdrant-edge, one shard per collection, owned by exactly one process
 # ---------------------------------------------------------------------------------------------
 
@@ -480,14 +583,20 @@ class EdgeVectorStore:
             return shard
 
     def ensure_collection(self, name: str, dimension: int) -> None:
-        """Create the shard with a cosine ``"dense"`` vector and the payload indexes, unless it exists."""
+        """Create the shard (cosine ``"dense"``, IDF-weighted sparse ``"bm25"``, payload indexes) unless it exists.
+
+        A shard made before sparse vectors existed cannot gain one (the engine fixes a shard's vector
+        layout at creation): it raises :class:`StoreError`; re-index into a new collection.
+        """
         from qdrant_edge import (
             BoolIndexParams,
             Distance,
             EdgeConfig,
             EdgeShard,
+            EdgeSparseVectorParams,
             EdgeVectorParams,
             KeywordIndexParams,
+            Modifier,
             UpdateOperation,
         )
 
@@ -504,9 +613,17 @@ class EdgeVectorStore:
                         f"collection {name!r} holds {existing}-d vectors, not {dimension}-d; "
                         f"use a new collection for a different encoder"
                     )
+                if _edge_sparse_modifier(path) not in (None, "idf"):
+                    raise StoreError(
+                        f"collection {name!r} has no IDF-weighted sparse vector {SPARSE_VECTOR_NAME!r} "
+                        f"(it predates hybrid search); re-index its documents into a new collection"
+                    )
                 shard = self._shard(name)
             else:
-                config = EdgeConfig(vectors={VECTOR_NAME: EdgeVectorParams(size=dimension, distance=Distance.Cosine)})
+                config = EdgeConfig(
+                    vectors={VECTOR_NAME: EdgeVectorParams(size=dimension, distance=Distance.Cosine)},
+                    sparse_vectors={SPARSE_VECTOR_NAME: EdgeSparseVectorParams(modifier=Modifier.Idf)},
+                )
                 with _edge_errors(f"creating collection {name!r}"):
                     shard = EdgeShard.create(str(path), config)
                 self._shards[name] = shard
@@ -596,12 +713,7 @@ class EdgeVectorStore:
             shard = self._shard(collection)
             with _edge_errors(f"upserting into {collection!r}"):
                 for batch in _chunks(points, UPSERT_BATCH):
-                    edge_points = [
-                        Point(p.id, {VECTOR_NAME: p.vector if isinstance(p.vector, list) else list(p.vector)},
-                              p.payload)
-                        for p in batch
-                    ]
-                    shard.update(UpdateOperation.upsert_points(edge_points))
+                    shard.update(UpdateOperation.upsert_points([Point(p.id, _edge_vectors(p), p.payload) for p in batch]))
 
     def publish(self, collection: str, tenant: str, document_id: str, content_hash: str) -> None:
         """Set ``live=True`` on the generation, delete the document's other generations, flush."""
@@ -648,29 +760,55 @@ class EdgeVectorStore:
     def search(
         self,
         collection: str,
-        vector: Sequence[float],
+        vector: Sequence[float] | None = None,
         *,
         tenant: str,
         top_k: int,
         filter: Mapping[str, Any] | None = None,
+        mode: SearchMode = "dense",
+        sparse_vector: SparseVector | None = None,
+        fusion: FusionMethod = "rrf",
+        rrf_k: int = 60,
+        weights: tuple[float, float] = (1.0, 1.0),
+        prefetch_k: int = 100,
     ) -> list[ScoredPoint]:
-        """The tenant's live points nearest to ``vector`` (cosine), best first."""
-        from qdrant_edge import Filter, Query, QueryRequest, SearchParams
+        """Dense, sparse or hybrid search in one engine query; see :meth:`VectorStore.search`."""
+        from qdrant_edge import Filter, Fusion, IdfParams, Prefetch, Query, QueryRequest, SearchParams
+        from qdrant_edge import SparseVector as EdgeSparse
 
-        _check_top_k(top_k)
-        conditions = [_edge_eq("tenant", tenant), _edge_eq("live", True)]
-        conditions += [_edge_condition(c) for c in parse_filter(filter)]
+        plan = _plan_search(mode, vector, sparse_vector, top_k=top_k, fusion=fusion, rrf_k=rrf_k, weights=weights,
+                            prefetch_k=prefetch_k)
+        scope = [_edge_eq("tenant", tenant), _edge_eq("live", True)]
+        conditions = scope + [_edge_condition(c) for c in parse_filter(filter)]
         shard = self._shard(collection)
         with _edge_errors(f"searching {collection!r}"):
-            exact = shard.info().points_count <= self._exact_max
-            hits = shard.query(QueryRequest(
-                limit=top_k,
-                query=Query.Nearest(vector if isinstance(vector, list) else list(vector), using=VECTOR_NAME),
-                filter=Filter(must=conditions),
-                with_payload=True,
-                params=SearchParams(exact=exact),
-            ))
-        return [ScoredPoint(id=str(h.id), score=float(h.score), payload=dict(h.payload or {})) for h in hits]
+            flt = Filter(must=conditions)
+            dense_params = SearchParams(exact=shard.info().points_count <= self._exact_max)
+            # IDF over the tenant's live points only: another tenant's documents or a staged
+            # generation must not move this tenant's scores (nor leak their term statistics).
+            sparse_params = SearchParams(idf=IdfParams(corpus=Filter(must=scope)))
+            dense_q = Query.Nearest(plan.dense, using=VECTOR_NAME) if plan.dense is not None else None
+            sparse_q = (Query.Nearest(EdgeSparse(plan.sparse.indices, plan.sparse.values), using=SPARSE_VECTOR_NAME)
+                        if plan.sparse is not None else None)
+            if plan.mode == "dense":
+                request = QueryRequest(limit=plan.limit, query=dense_q, filter=flt, with_payload=True,
+                                       params=dense_params)
+            elif plan.mode == "sparse":
+                request = QueryRequest(limit=plan.limit, query=sparse_q, filter=flt, with_payload=True,
+                                       params=sparse_params)
+            else:
+                request = QueryRequest(
+                    limit=plan.limit,
+                    prefetches=[
+                        Prefetch(limit=plan.prefetch, query=dense_q, filter=flt, params=dense_params),
+                        Prefetch(limit=plan.prefetch, query=sparse_q, filter=flt, params=sparse_params),
+                    ],
+                    query=Fusion.Rrf(k=plan.rrf_k, weights=plan.weights),
+                    filter=flt,
+                    with_payload=True,
+                )
+            hits = shard.query(request)
+        return _ranked(hits, plan.top_k)
 
     def count(
         self,
@@ -719,6 +857,30 @@ def _edge_dimension(path: Path) -> int | None:
         return int(config["vectors"][VECTOR_NAME]["size"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _edge_sparse_modifier(path: Path) -> str | None:
+    """The sparse vector's modifier ("idf"), "" if the shard has no such vector, None if unreadable."""
+    try:
+        config = json.loads((path / "edge_config.json").read_text(encoding="utf-8"))
+        sparse = config.get("sparse_vectors") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(sparse, dict) or SPARSE_VECTOR_NAME not in sparse:
+        return ""
+    params = sparse[SPARSE_VECTOR_NAME]
+    return str(params.get("modifier") or "").lower() if isinstance(params, dict) else ""
+
+
+def _edge_vectors(p: PointRecord) -> dict[str, Any]:
+    from qdrant_edge import SparseVector as EdgeSparse
+
+    vectors: dict[str, Any] = {VECTOR_NAME: p.vector if isinstance(p.vector, list) else list(p.vector)}
+    # An empty sparse vector is left out, as on the server side: the point then is not part of the
+    # IDF statistics on either backend.
+    if p.sparse is not None and p.sparse.indices:
+        vectors[SPARSE_VECTOR_NAME] = EdgeSparse(p.sparse.indices, p.sparse.values)
+    return vectors
 
 
 @contextlib.contextmanager
@@ -816,7 +978,11 @@ class QdrantServerStore:
             raise StoreError(f"Qdrant server failed {action}: {exc}") from exc
 
     def ensure_collection(self, name: str, dimension: int) -> None:
-        """Create the collection and its payload indexes unless it exists (same dimension required)."""
+        """Create the collection (dense + IDF sparse vectors) and its payload indexes unless it exists.
+
+        An existing collection must have the same dimension and the ``"bm25"`` IDF sparse vector;
+        otherwise :class:`StoreError` (re-index into a new collection).
+        """
         from qdrant_client import models
 
         _check_collection_name(name)
@@ -824,15 +990,24 @@ class QdrantServerStore:
             raise BadRequest(f"dimension must be a positive integer, not {dimension!r}")
         with self._errors(f"creating collection {name!r}"):
             if self.client.collection_exists(name):
-                vectors = self.client.get_collection(name).config.params.vectors
+                config = self.client.get_collection(name).config.params
+                vectors = config.vectors
                 params = vectors.get(VECTOR_NAME) if isinstance(vectors, Mapping) else None
                 if params is None or params.size != dimension:
                     have = "no 'dense' vector" if params is None else f"{params.size}-d vectors"
                     raise StoreError(f"collection {name!r} has {have}, not {dimension}-d 'dense' vectors")
+                sparse_params = (config.sparse_vectors or {}).get(SPARSE_VECTOR_NAME)
+                if sparse_params is None or sparse_params.modifier != models.Modifier.IDF:
+                    raise StoreError(
+                        f"collection {name!r} has no IDF-weighted sparse vector {SPARSE_VECTOR_NAME!r} "
+                        f"(it predates hybrid search); re-index its documents into a new collection"
+                    )
             else:
                 try:
                     dense = models.VectorParams(size=dimension, distance=models.Distance.COSINE)
-                    self.client.create_collection(name, vectors_config={VECTOR_NAME: dense})
+                    sparse = models.SparseVectorParams(modifier=models.Modifier.IDF)
+                    self.client.create_collection(name, vectors_config={VECTOR_NAME: dense},
+                                                  sparse_vectors_config={SPARSE_VECTOR_NAME: sparse})
                 except self._error_types:
                     # Another process may have created it between the check and the create.
                     if not self.client.collection_exists(name):
@@ -886,9 +1061,7 @@ class QdrantServerStore:
 
         with self._errors(f"upserting into {collection!r}", collection):
             for batch in _chunks(points, UPSERT_BATCH):
-                structs = [
-                    models.PointStruct(id=p.id, vector={VECTOR_NAME: list(p.vector)}, payload=p.payload) for p in batch
-                ]
+                structs = [models.PointStruct(id=p.id, vector=_server_vectors(p), payload=p.payload) for p in batch]
                 self.client.upsert(collection, points=structs, wait=True)
 
     def publish(self, collection: str, tenant: str, document_id: str, content_hash: str) -> None:
@@ -931,28 +1104,48 @@ class QdrantServerStore:
     def search(
         self,
         collection: str,
-        vector: Sequence[float],
+        vector: Sequence[float] | None = None,
         *,
         tenant: str,
         top_k: int,
         filter: Mapping[str, Any] | None = None,
+        mode: SearchMode = "dense",
+        sparse_vector: SparseVector | None = None,
+        fusion: FusionMethod = "rrf",
+        rrf_k: int = 60,
+        weights: tuple[float, float] = (1.0, 1.0),
+        prefetch_k: int = 100,
     ) -> list[ScoredPoint]:
-        """The tenant's live points nearest to ``vector`` (cosine), best first."""
+        """Dense, sparse or hybrid search in one ``query_points`` call; see :meth:`VectorStore.search`."""
         from qdrant_client import models
 
-        _check_top_k(top_k)
-        must: list[Any] = [_server_eq("tenant", tenant), _server_eq("live", True)]
-        must += [_server_condition(c) for c in parse_filter(filter)]
+        plan = _plan_search(mode, vector, sparse_vector, top_k=top_k, fusion=fusion, rrf_k=rrf_k, weights=weights,
+                            prefetch_k=prefetch_k)
+        scope = [_server_eq("tenant", tenant), _server_eq("live", True)]
+        flt = models.Filter(must=scope + [_server_condition(c) for c in parse_filter(filter)])
+        # IDF over the tenant's live points only (as on the embedded side); on a server this also
+        # keeps deleted points, which its global IDF counts until segments are vacuumed, out of it.
+        sparse_params = models.SearchParams(idf=models.IdfCorpusParams(corpus=models.Filter(must=scope)))
+        sparse_q = (models.SparseVector(indices=list(plan.sparse.indices), values=list(plan.sparse.values))
+                    if plan.sparse is not None else None)
+        args: dict[str, Any]
+        if plan.mode == "dense":
+            args = {"query": plan.dense, "using": VECTOR_NAME}
+        elif plan.mode == "sparse":
+            args = {"query": sparse_q, "using": SPARSE_VECTOR_NAME, "search_params": sparse_params}
+        else:
+            args = {
+                "prefetch": [
+                    models.Prefetch(query=plan.dense, using=VECTOR_NAME, filter=flt, limit=plan.prefetch),
+                    models.Prefetch(query=sparse_q, using=SPARSE_VECTOR_NAME, filter=flt, limit=plan.prefetch,
+                                    params=sparse_params),
+                ],
+                "query": models.RrfQuery(rrf=models.Rrf(k=plan.rrf_k, weights=plan.weights)),
+            }
         with self._errors(f"searching {collection!r}", collection):
-            response = self.client.query_points(
-                collection,
-                query=list(vector),
-                using=VECTOR_NAME,
-                query_filter=models.Filter(must=must),
-                limit=top_k,
-                with_payload=True,
-            )
-        return [ScoredPoint(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in response.points]
+            response = self.client.query_points(collection, query_filter=flt, limit=plan.limit, with_payload=True,
+                                                **args)
+        return _ranked(response.points, plan.top_k)
 
     def count(
         self,
@@ -993,6 +1186,15 @@ def _is_not_found(exc: BaseException) -> bool:
         return True
     # Local mode (":memory:") raises ValueError("Collection x not found").
     return isinstance(exc, ValueError) and "not found" in str(exc).lower()
+
+
+def _server_vectors(p: PointRecord) -> dict[str, Any]:
+    from qdrant_client import models
+
+    vectors: dict[str, Any] = {VECTOR_NAME: p.vector if isinstance(p.vector, list) else list(p.vector)}
+    if p.sparse is not None and p.sparse.indices:  # empty: left out, as on the embedded side
+        vectors[SPARSE_VECTOR_NAME] = models.SparseVector(indices=list(p.sparse.indices), values=list(p.sparse.values))
+    return vectors
 
 
 def _server_eq(key: str, value: str | int | bool) -> Any:

@@ -177,6 +177,28 @@ def test_tenants_are_isolated(app_client):
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_tenant"
 
 
+def test_search_modes(app_client):
+    finish(app_client, upload(app_client, "geo.md", ALPHA)["job_ids"][0])
+    finish(app_client, upload(app_client, "notes.txt", BETA)["job_ids"][0])
+    resp = app_client.post("/v1/search", json={"query": "largest glacier in the Alps"})
+    assert resp.status_code == 200 and resp.json()["mode"] == app_client.services.settings.search_mode == "hybrid"
+    for mode in ("dense", "sparse", "hybrid"):
+        body = app_client.post("/v1/search", json={"query": "largest glacier in the Alps", "mode": mode, "top_k": 3}).json()
+        assert body["mode"] == mode
+        assert "Aletsch" in body["results"][0]["text"], mode
+        assert [h["score"] for h in body["results"]] == sorted((h["score"] for h in body["results"]), reverse=True)
+        # Filters and tenants hold in every mode.
+        assert {h["document_id"] for h in search(app_client, "glacier", mode=mode, filter={"document_id": "notes.txt"})} \
+            <= {"notes.txt"}
+        assert search(app_client, "glacier", tenant="globex", mode=mode) == []
+    # BM25 matches words only: an exact rare term is found, a word in no document finds nothing.
+    assert search(app_client, "stratovolcano", mode="sparse", top_k=1)[0]["document_id"] == "geo.md"
+    assert search(app_client, "xylophone", mode="sparse") == []
+    assert search(app_client, "xylophone", mode="hybrid")  # the dense branch still answers
+    nulled = app_client.post("/v1/search", json={"query": "glacier", "mode": None})
+    assert nulled.status_code == 200 and nulled.json()["mode"] == "hybrid"
+
+
 @pytest.mark.parametrize(
     ("body", "code"),
     [
@@ -186,6 +208,8 @@ def test_tenants_are_isolated(app_client):
         ({"query": "x", "top_k": 1000}, 400),
         ({"query": "   "}, 400),
         ({"top_k": 3}, 400),
+        ({"query": "x", "mode": "fuzzy"}, 400),
+        ({"query": "x", "mode": 1}, 400),
     ],
 )
 def test_search_rejects_bad_requests(app_client, body, code):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from rag.errors import BadRequest, NotFound, StoreError, StoreLockedError
+from rag.sparse import SparseEncoder
 from rag.store import (
     EdgeVectorStore,
     FieldMatch,
@@ -25,14 +26,19 @@ from rag.store import (
     parse_filter,
     point_id,
 )
-from rag.types import PointRecord
+from rag.types import PointRecord, SparseVector
 
 DIM = 16
 COLL = "chunks-test"
+SPARSE = SparseEncoder()
 REPO = Path(__file__).resolve().parents[1]
 
-# qdrant-client's :memory: mode warns that it ignores payload indexes; the server uses them.
-pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
+# qdrant-client's :memory: mode warns that it ignores payload indexes and search params (other than
+# the IDF scope); the server uses them.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Local mode performs exact:UserWarning"),
+]
 
 
 def unit_vectors(n: int, seed: int) -> np.ndarray:
@@ -50,14 +56,18 @@ def make_points(
     title: str = "A title",
     source: str = "a.txt",
     metadata: dict[str, Any] | None = None,
+    texts: list[str] | None = None,
 ) -> list[PointRecord]:
+    """Points of one document generation; with ``texts`` each also gets its BM25 sparse vector."""
     return [
         PointRecord(
             id=point_id(tenant, document_id, content_hash, i),
             vector=vec.tolist(),
+            sparse=SPARSE.encode_document(texts[i]) if texts is not None else None,
             payload={
                 "tenant": tenant, "document_id": document_id, "content_hash": content_hash, "live": False,
-                "chunk_index": i, "text": f"chunk {i} of {document_id}", "title": title, "source": source,
+                "chunk_index": i, "text": texts[i] if texts is not None else f"chunk {i} of {document_id}",
+                "title": title, "source": source,
                 "start": i * 100, "end": i * 100 + 99, "heading_path": ["Intro", f"Part {i}"],
                 "metadata": dict(metadata or {}), "encoder_version": "test-v1",
             },
@@ -306,6 +316,271 @@ class TestVectorStoreContract:
         with pytest.raises(StoreError):
             store.count(COLL)
         store.close()  # twice is fine
+
+
+# -- sparse and hybrid search -------------------------------------------------------------------
+
+GEO = [
+    "Glaciers flow slowly down mountain valleys, carrying rock and ice.",
+    "The Aletsch glacier is the largest glacier in the Alps.",
+    "Volcanoes erupt molten lava and ash over the surrounding farmland.",
+    "Mount Etna is an active volcano on the island of Sicily.",
+    "Ice cores drilled from a glacier record the climate of past millennia.",
+]
+BIO = [
+    "Photosynthesis converts light energy into chemical energy inside chloroplasts.",
+    "Plants store the glucose made by photosynthesis in roots and seeds.",
+    "Lava from an old volcano weathers into fertile soil for plants.",
+    "Mitochondria release the energy stored in glucose.",
+]
+
+
+def padded(texts: list[str], start: int) -> list[str]:
+    """Texts made distinct by a different number of "note" words each (``start + i``).
+
+    Equal BM25 scores inside a hybrid query's branch are ranked in the engine's own order, which the
+    two backends need not share; a query that includes "note" sees a different count in every chunk.
+    """
+    return [t + " note" * (start + i) for i, t in enumerate(texts)]
+
+
+def index_texts(store: VectorStore, tenant: str, document_id: str, content_hash: str, texts: list[str], seed: int,
+                **kw: Any) -> list[PointRecord]:
+    return index(store, tenant, document_id, content_hash, unit_vectors(len(texts), seed), texts=texts, **kw)
+
+
+def manual_bm25(query: str, points: list[PointRecord]) -> dict[str, float]:
+    """BM25 of each point for ``query``: stored weights times IDF over ``points`` (the tenant's live ones)."""
+    q = SPARSE.encode_query(query)
+    corpus = [p for p in points if p.sparse is not None and p.sparse.indices]
+    n = len(corpus)
+    df = {t: sum(t in p.sparse.indices for p in corpus) for t in q.indices}
+    idf = {t: np.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) for t in q.indices}
+    scores = {}
+    for p in corpus:
+        weights = dict(zip(p.sparse.indices, p.sparse.values, strict=True))
+        hit = [t for t in q.indices if t in weights]
+        if hit:
+            scores[p.id] = float(sum(idf[t] * weights[t] for t in hit))
+    return scores
+
+
+def manual_rrf(branches: list[list[str]], k: int, weights: tuple[float, float] | None) -> list[tuple[str, float]]:
+    """Qdrant's (weighted) RRF: rank r (from 1) in branch i adds 1 / (r / w_i + k - 1); ties by id."""
+    scores: dict[str, float] = {}
+    for i, ids in enumerate(branches):
+        w = 1.0 if weights is None else weights[i]
+        for rank, pid in enumerate(ids, start=1):
+            scores[pid] = scores.get(pid, 0.0) + (1 / (rank / w + k - 1) if w > 0 else 0.0)
+    return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+
+
+MODES = ("dense", "sparse", "hybrid")
+
+
+def search_mode(store: VectorStore, mode: str, query: str, qvec: np.ndarray, tenant: str = "t", top_k: int = 10,
+                **kw: Any) -> list:
+    return store.search(COLL, qvec.tolist(), tenant=tenant, top_k=top_k, mode=mode,
+                        sparse_vector=SPARSE.encode_query(query), **kw)
+
+
+class TestHybridSearchContract:
+    def test_sparse_scores_are_bm25_over_the_tenants_live_points(self, store: VectorStore) -> None:
+        live = index_texts(store, "t", "geo", "h1", GEO, 40) + index_texts(store, "t", "bio", "h1", BIO, 41)
+        query = "glacier ice in the Alps"
+        before = store.search(COLL, None, tenant="t", top_k=20, mode="sparse", sparse_vector=SPARSE.encode_query(query))
+        expected = manual_bm25(query, live)
+        assert [h.id for h in before] == [pid for pid, _ in sorted(expected.items(), key=lambda x: (-x[1], x[0]))]
+        assert [h.score for h in before] == pytest.approx([expected[h.id] for h in before], rel=1e-4)
+        assert before[0].payload["text"] == GEO[1]
+
+        # Another tenant's documents and a staged generation change neither the IDF nor the ranking.
+        index_texts(store, "u", "ice", "h1", ["glacier glacier ice Alps"] * 6, 42)
+        store.upsert(COLL, make_points("t", "geo", "h2", unit_vectors(3, 43), texts=["glacier ice"] * 3))
+        after = store.search(COLL, None, tenant="t", top_k=20, mode="sparse", sparse_vector=SPARSE.encode_query(query))
+        assert [(h.id, pytest.approx(h.score, rel=1e-4)) for h in after] == [(h.id, h.score) for h in before]
+
+    def test_points_without_sparse_vectors_are_found_by_dense_search_only(self, store: VectorStore) -> None:
+        vecs = unit_vectors(2, 44)
+        index(store, "t", "legacy", "h1", vecs)  # a caller that passes no sparse vectors
+        index_texts(store, "t", "geo", "h1", GEO, 45)
+        assert {h.payload["document_id"] for h in search_mode(store, "dense", "glacier", vecs[0], top_k=20)} == {
+            "legacy", "geo"}
+        assert {h.payload["document_id"] for h in search_mode(store, "sparse", "glacier", vecs[0], top_k=20)} == {"geo"}
+        hybrid = search_mode(store, "hybrid", "glacier", vecs[0], top_k=20)
+        assert {h.payload["document_id"] for h in hybrid} == {"legacy", "geo"}  # the dense branch still finds it
+
+    @pytest.mark.parametrize(
+        ("fusion", "weights", "rrf_k"),
+        [("rrf", (1.0, 1.0), 60), ("rrf", (3.0, 0.1), 2), ("weighted", (2.0, 0.5), 60), ("weighted", (0.5, 3.0), 10)],
+    )
+    def test_hybrid_is_rrf_of_both_branches(self, store: VectorStore, fusion: str, weights: tuple[float, float],
+                                            rrf_k: int) -> None:
+        for n in range(4):  # enough points that each branch's prefetch cut matters
+            index_texts(store, "t", f"geo{n}", "h1", padded(GEO, 10 * n), 46 + n)
+            index_texts(store, "t", f"bio{n}", "h1", padded(BIO, 10 * n + 5), 56 + n)
+        query, qvec = "volcano lava glacier energy note", unit_vectors(1, 66)[0]
+        prefetch = 14  # top_k + the store's tie slack is below it, so this is the effective cut
+        dense = [h.id for h in search_mode(store, "dense", query, qvec, top_k=prefetch)]
+        sparse = [h.id for h in search_mode(store, "sparse", query, qvec, top_k=prefetch)]
+        hits = search_mode(store, "hybrid", query, qvec, top_k=5, fusion=fusion, weights=weights, rrf_k=rrf_k,
+                           prefetch_k=prefetch)
+        expected = manual_rrf([dense, sparse], rrf_k, weights if fusion == "weighted" else None)[:5]
+        assert [h.id for h in hits] == [pid for pid, _ in expected]
+        assert [h.score for h in hits] == pytest.approx([score for _, score in expected], rel=1e-5)
+        assert all(h.payload["tenant"] == "t" and h.payload["live"] is True for h in hits)
+
+    def test_filters_apply_to_both_branches(self, store: VectorStore) -> None:
+        qvec = unit_vectors(1, 70)[0]
+        near = qvec + 0.05 * unit_vectors(20, 71)
+        near /= np.linalg.norm(near, axis=1, keepdims=True)
+        # "big" wins both branches by far: filtered only after fusion, "small" would never show.
+        index(store, "t", "big", "h1", near, texts=["volcano lava eruption volcano"] * 20, metadata={"lang": "en"})
+        index(store, "t", "small", "h1", -near[:3], texts=["a volcano in a quiet valley"] * 3,
+              metadata={"lang": "de"}, source="b.md")
+        for flt in ({"document_id": "small"}, {"metadata.lang": "de"}, {"source": ["b.md"], "chunk_index": {"lte": 5}}):
+            for mode in MODES:
+                hits = search_mode(store, mode, "volcano lava", qvec, top_k=3, filter=flt, prefetch_k=10)
+                assert sorted(h.payload["chunk_index"] for h in hits) == [0, 1, 2], (mode, flt)
+                assert {h.payload["document_id"] for h in hits} == {"small"}, (mode, flt)
+        for mode in MODES:
+            assert search_mode(store, mode, "volcano", qvec, filter={"metadata.lang": "fr"}) == []
+
+    def test_tenant_isolation_in_every_mode(self, store: VectorStore) -> None:
+        qvec = unit_vectors(1, 72)[0]
+        index(store, "alice", "secret", "h1", np.stack([qvec] * 3), texts=["glacier secret plans"] * 3)
+        index_texts(store, "bob", "mine", "h1", BIO, 73)
+        for mode in MODES:
+            for flt in (None, {"document_id": "secret"}, {"document_id": ["secret", "mine"]}, {"chunk_index": {"gte": 0}}):
+                hits = search_mode(store, mode, "glacier secret plans", qvec, tenant="bob", top_k=10, filter=flt)
+                assert all(h.payload["tenant"] == "bob" for h in hits), (mode, flt)
+            assert search_mode(store, mode, "glacier secret", qvec, tenant="bob", filter={"document_id": "secret"}) == []
+            assert search_mode(store, mode, "glacier secret", qvec, tenant="nobody") == []
+            assert len(search_mode(store, mode, "glacier secret", qvec, tenant="alice")) == 3
+
+    def test_unpublished_points_are_invisible_in_every_mode(self, store: VectorStore) -> None:
+        qvec = unit_vectors(1, 74)[0]
+        store.upsert(COLL, make_points("t", "geo", "h1", unit_vectors(len(GEO), 75), texts=GEO))
+        for mode in MODES:
+            assert search_mode(store, mode, "glacier", qvec) == [], mode
+        store.publish(COLL, "t", "geo", "h1")
+        for mode in MODES:
+            assert search_mode(store, mode, "glacier", qvec), mode
+
+    def test_equal_scores_are_ordered_by_id(self, store: VectorStore) -> None:
+        qvec = unit_vectors(1, 76)[0]
+        for doc in ("c", "a", "d", "b"):
+            index(store, "t", doc, "h1", np.stack([qvec]), texts=["identical glacier text"])
+        ids = sorted(point_id("t", d, "h1", 0) for d in "abcd")
+        for mode in ("dense", "sparse"):
+            assert [h.id for h in search_mode(store, mode, "glacier", qvec, top_k=3)] == ids[:3], mode
+        # Inside each hybrid branch the engine ranks exact duplicates in its own order; all are returned.
+        assert sorted(h.id for h in search_mode(store, "hybrid", "glacier", qvec, top_k=4)) == ids
+
+    def test_a_query_of_only_stop_words(self, store: VectorStore) -> None:
+        index_texts(store, "t", "geo", "h1", GEO, 77)
+        qvec = unit_vectors(1, 78)[0]
+        assert SPARSE.encode_query("the of and it").indices == []
+        assert search_mode(store, "sparse", "the of and it", qvec) == []
+        dense = [h.id for h in search_mode(store, "dense", "the of and it", qvec, top_k=3)]
+        assert [h.id for h in search_mode(store, "hybrid", "the of and it", qvec, top_k=3)] == dense
+
+    @pytest.mark.parametrize(
+        ("kw", "word"),
+        [
+            ({"mode": "fuzzy"}, "mode"),
+            ({"mode": "dense", "vector": None}, "dense query vector"),
+            ({"mode": "hybrid", "vector": None}, "dense query vector"),
+            ({"mode": "sparse", "sparse_vector": None}, "sparse query vector"),
+            ({"mode": "sparse", "sparse_vector": SparseVector(indices=[1, 2], values=[1.0])}, "length"),
+            ({"mode": "hybrid", "fusion": "max"}, "fusion"),
+            ({"mode": "hybrid", "rrf_k": 0}, "rrf_k"),
+            ({"mode": "hybrid", "prefetch_k": 0}, "prefetch_k"),
+            ({"mode": "hybrid", "fusion": "weighted", "weights": (-1.0, 1.0)}, "weights"),
+            ({"mode": "hybrid", "fusion": "weighted", "weights": (0.0, 0.0)}, "weights"),
+            ({"mode": "hybrid", "fusion": "weighted", "weights": (float("inf"), 1.0)}, "weights"),
+            ({"mode": "sparse", "top_k": 0}, "top_k"),
+        ],
+    )
+    def test_bad_search_arguments_raise_bad_request(self, store: VectorStore, kw: dict[str, Any], word: str) -> None:
+        index_texts(store, "t", "geo", "h1", GEO, 79)
+        args: dict[str, Any] = {"vector": unit_vectors(1, 80)[0].tolist(), "sparse_vector": SPARSE.encode_query("ice"),
+                                "top_k": 3, **kw}
+        with pytest.raises(BadRequest, match=word):
+            store.search(COLL, args.pop("vector"), tenant="t", **args)
+
+
+def _congruent_stores(tmp_path: Path) -> Iterator[tuple[VectorStore, VectorStore]]:
+    from qdrant_client import QdrantClient
+
+    edge, server = EdgeVectorStore(tmp_path / "qdrant"), QdrantServerStore(QdrantClient(":memory:"))
+    try:
+        for s in (edge, server):
+            s.ensure_collection(COLL, DIM)
+            for n in range(3):
+                index_texts(s, "t", f"geo{n}", "h1", padded(GEO, 10 * n), 90 + n, metadata={"lang": "en", "n": n})
+                index_texts(s, "t", f"bio{n}", "h1", padded(BIO, 10 * n + 5), 95 + n, metadata={"lang": "de", "n": n})
+            index_texts(s, "u", "other", "h1", GEO + BIO, 99)
+            s.upsert(COLL, make_points("t", "geo0", "h2", unit_vectors(2, 100), texts=["glacier lava"] * 2))  # staged
+        yield edge, server
+    finally:
+        edge.close()
+        server.close()
+
+
+def test_both_backends_return_the_same_results_in_every_mode(tmp_path: Path) -> None:
+    """Congruence: the embedded engine and qdrant-client agree on ids, order and scores."""
+    cases: list[dict[str, Any]] = [{"mode": m} for m in MODES] + [
+        {"mode": "hybrid", "rrf_k": 2},
+        {"mode": "hybrid", "fusion": "weighted", "weights": (2.0, 0.5)},
+        {"mode": "hybrid", "fusion": "weighted", "weights": (0.3, 1.7), "prefetch_k": 12},
+        {"mode": "sparse", "filter": {"metadata.lang": "de"}},
+        {"mode": "hybrid", "filter": {"metadata.n": {"gte": 1}, "chunk_index": [0, 1, 2]}},
+    ]
+    # No "note" here: its tiny IDF makes near-equal scores, which qdrant-client's float64 and the
+    # engine's float32 may order differently.
+    queries = ["glacier ice Alps", "volcano lava plants", "energy glucose", "the and of"]
+    stores = _congruent_stores(tmp_path)
+    edge, server = next(stores)
+    try:
+        for i, query in enumerate(queries):
+            qvec = unit_vectors(1, 200 + i)[0]
+            for case in cases:
+                kw = dict(case)
+                a = search_mode(edge, kw.pop("mode"), query, qvec, top_k=15, **kw)
+                b = search_mode(server, case["mode"], query, qvec, top_k=15, **kw)
+                assert [h.id for h in a] == [h.id for h in b], (query, case)
+                assert [h.score for h in a] == pytest.approx([h.score for h in b], rel=1e-5), (query, case)
+                assert [h.payload for h in a] == [h.payload for h in b]
+    finally:
+        stores.close()
+
+
+def test_edge_refuses_a_collection_without_sparse_vectors(tmp_path: Path) -> None:
+    from qdrant_edge import Distance, EdgeConfig, EdgeShard, EdgeVectorParams
+
+    shard = EdgeShard.create(str(tmp_path / "collections" / COLL),
+                             EdgeConfig(vectors={"dense": EdgeVectorParams(size=DIM, distance=Distance.Cosine)}))
+    shard.close()
+    store = EdgeVectorStore(tmp_path)
+    try:
+        with pytest.raises(StoreError, match="re-index"):
+            store.ensure_collection(COLL, DIM)
+    finally:
+        store.close()
+
+
+def test_server_refuses_a_collection_without_sparse_vectors() -> None:
+    from qdrant_client import QdrantClient, models
+
+    client = QdrantClient(":memory:")
+    client.create_collection(COLL, vectors_config={"dense": models.VectorParams(size=DIM, distance=models.Distance.COSINE)})
+    store = QdrantServerStore(client)
+    try:
+        with pytest.raises(StoreError, match="re-index"):
+            store.ensure_collection(COLL, DIM)
+    finally:
+        store.close()
 
 
 # -- pure functions ----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -20,6 +20,8 @@ class SearchIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     query: str
     top_k: int = 10
     filter: dict[str, Any] | None = None
+    # dense: MiniLM cosine; sparse: BM25; hybrid: both fused by RRF. None: the service's RAG_SEARCH_MODE.
+    mode: Literal["dense", "sparse", "hybrid"] | None = None
 
 
 class JobRef(msgspec.Struct):
@@ -51,3 +53,4 @@ class SearchOut(msgspec.Struct):
     results: list[SearchHitOut]
     encoder_version: str
     took_ms: float
+    mode: str  # the mode that ran (the request's, or the service default)
