@@ -37,7 +37,7 @@ def _environment(settings: Settings) -> dict[str, Any]:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "git_commit": commit,
-            "settings": msgspec.to_builtins(settings)}
+            "settings": msgspec.to_builtins(settings, enc_hook=str)}
 
 
 def _corpus_slice(dataset: Path, limit: int) -> Path:
