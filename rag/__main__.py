@@ -24,11 +24,32 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="overrides RAG_HOST")
     serve.add_argument("--port", type=int, help="overrides RAG_PORT")
     sub.add_parser("settings", help="print the effective settings and exit")
+    llm = sub.add_parser("llm", help="run the bundled llama-server (SmolLM2-135M) in the foreground")
+    llm.add_argument("--host", default="127.0.0.1")
+    llm.add_argument("--port", type=int, default=8081)
     args = parser.parse_args(argv)
 
     from rag.errors import SettingsError
     from rag.logs import configure_logging
     from rag.settings import load_settings
+
+    if args.command == "llm":
+        from rag.errors import RagError
+        from rag.local_llm import LocalLLMServer
+
+        server = LocalLLMServer(host=args.host, port=args.port)
+        try:
+            server.start()
+        except RagError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"llama-server (SmolLM2-135M-Instruct) at {server.base_url}", file=sys.stderr)
+        try:
+            return server.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            server.stop()
 
     overrides = {k: v for k, v in {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}.items() if v}
     try:

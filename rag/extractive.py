@@ -227,6 +227,31 @@ def _supporting(c: _Candidate, score: float) -> SupportingSentence:
     )
 
 
+def rank_sentences(
+    question: str, question_vec: np.ndarray | None, context: Context, embedder: Embedder
+) -> list[SupportingSentence]:
+    """Every sentence of the context scored against ``question``, best first (see :func:`extract_answer`)."""
+    candidates = _candidates(context)
+    if not candidates:
+        return []
+    if question_vec is None:
+        question_vec = embedder.embed_queries([question])[0]
+    scores = _scores(question, question_vec, candidates, embedder)
+    return [_supporting(candidates[i], scores[i]) for i in _ranked(candidates, scores)]
+
+
+def answer_from_ranked(ranked: list[SupportingSentence], *, max_sentences: int = 2) -> ExtractiveAnswer:
+    """The extractive answer from already ranked sentences: the best, plus close runners-up."""
+    if max_sentences < 1:
+        raise ValueError(f"max_sentences must be at least 1, got {max_sentences}")
+    if not ranked:
+        return ExtractiveAnswer(text="", sentences=[], best_score=NO_EVIDENCE_SCORE)
+    best = ranked[0].score
+    sentences = [s for s in ranked[:max_sentences] if s.score >= best - SECOND_SENTENCE_MARGIN]
+    text = " ".join(f"{s.text} [{s.n}]" for s in sentences)
+    return ExtractiveAnswer(text=text, sentences=sentences, best_score=sentences[0].score)
+
+
 def extract_answer(
     question: str,
     question_vec: np.ndarray | None,
@@ -245,18 +270,7 @@ def extract_answer(
     """
     if max_sentences < 1:
         raise ValueError(f"max_sentences must be at least 1, got {max_sentences}")
-    candidates = _candidates(context)
-    if not candidates:
-        return ExtractiveAnswer(text="", sentences=[], best_score=NO_EVIDENCE_SCORE)
-    if question_vec is None:
-        question_vec = embedder.embed_queries([question])[0]
-    scores = _scores(question, question_vec, candidates, embedder)
-    order = _ranked(candidates, scores)
-    best = float(scores[order[0]])
-    chosen = [i for i in order[:max_sentences] if float(scores[i]) >= best - SECOND_SENTENCE_MARGIN]
-    sentences = [_supporting(candidates[i], scores[i]) for i in chosen]
-    text = " ".join(f"{s.text} [{s.n}]" for s in sentences)
-    return ExtractiveAnswer(text=text, sentences=sentences, best_score=sentences[0].score)
+    return answer_from_ranked(rank_sentences(question, question_vec, context, embedder), max_sentences=max_sentences)
 
 
 def best_support(answer_text: str, context: Context, embedder: Embedder) -> SupportingSentence | None:

@@ -78,11 +78,13 @@ def free_port() -> int:
 class LocalLLMServer:
     """A ``llama-server`` child process serving the bundled model; stopped with the service."""
 
-    def __init__(self, *, port: int = 0, threads: int = 2, context: int = 4096, log_path: Path | None = None) -> None:
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, threads: int = 2, context: int = 4096,
+                 log_path: Path | None = None) -> None:
         paths = local_llm_paths()
         if paths is None:
             raise ModelError("llama-server or the SmolLM2 weights are not installed (make setup installs both)")
         self.binary, self.weights = paths
+        self.host = host
         self.port = port or free_port()
         self.threads = threads
         self.context = context
@@ -91,11 +93,12 @@ class LocalLLMServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        local = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{local}:{self.port}/v1"
 
     def start(self, timeout_s: float = 120.0) -> None:
         cmd = [
-            str(self.binary), "-m", str(self.weights), "--host", "127.0.0.1", "--port", str(self.port),
+            str(self.binary), "-m", str(self.weights), "--host", self.host, "--port", str(self.port),
             "-c", str(self.context), "-t", str(self.threads), "--alias", MODEL_NAME, "-np", "2",
         ]
         out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
@@ -108,7 +111,7 @@ class LocalLLMServer:
             if self._proc.poll() is not None:
                 raise ModelError(f"llama-server exited with {self._proc.returncode} (log: {self.log_path})")
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).status_code == 200:
+                if httpx.get(self.base_url.removesuffix("/v1") + "/health", timeout=1.0).status_code == 200:
                     log.info("local_llm_ready", port=self.port, model=MODEL_NAME)
                     return
             except httpx.HTTPError:
@@ -126,6 +129,10 @@ class LocalLLMServer:
                 self._proc.kill()
                 self._proc.wait(5)
         self._proc = None
+
+    def wait(self) -> int:
+        """Block until the server exits (the ``python -m rag llm`` foreground mode)."""
+        return self._proc.wait() if self._proc is not None else 0
 
     def __enter__(self) -> LocalLLMServer:
         self.start()

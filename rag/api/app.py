@@ -7,7 +7,7 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractContextManager, ExitStack, asynccontextmanager
+from contextlib import AbstractContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,20 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import Parameter
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from rag.answer import AnswerPipeline
+from rag.api.answers import answer, chat_completions
 from rag.api.schemas import JobRef, SearchHitOut, SearchIn, SearchOut, TextDocumentIn, UploadOut
 from rag.embedding import Embedder, load_embedder
 from rag.errors import BadRequest, NotFound, PayloadTooLarge, RagError
 from rag.index import ensure_collection_for
 from rag.loaders import SUPPORTED_SUFFIXES, default_document_id
+from rag.llm import LLM, OpenAICompatibleLLM
+from rag.local_llm import MODEL_NAME, LocalLLMServer, local_llm_paths
+from rag.prompts import load_prompts
 from rag.registry import Job, JobItem, SqliteRegistry
-from rag.search import QueryEncoder, retrieve
+from rag.rerank import load_reranker
+from rag.search import QueryEncoder, Retriever
+from rag.sparse import SparseEncoder
 from rag.settings import Settings
 from rag.store import VectorStore, open_store, parse_filter
 
@@ -48,6 +55,8 @@ class Services:
     embedder: Embedder
     collection: str = ""
     query_encoder: QueryEncoder | None = None
+    retriever: Retriever | None = None
+    answers: AnswerPipeline | None = None
     ready: bool = False
     closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -294,8 +303,9 @@ def delete_document(request: Request, document_id: str) -> dict[str, Any]:
     return {"deleted": document_id, "chunks_removed": removed}
 
 
-@post("/v1/search", status_code=200, summary="Dense retrieval over the tenant's chunks")
+@post("/v1/search", status_code=200, summary="Dense, sparse (BM25) or hybrid retrieval over the tenant's chunks")
 async def search(request: Request, data: SearchIn) -> SearchOut:
+    """``mode``: ``dense``, ``sparse`` or ``hybrid`` (RRF of both in one store query); default RAG_SEARCH_MODE."""
     svc = services_of(request)
     tenant = tenant_of(request)
     settings = svc.settings
@@ -307,9 +317,9 @@ async def search(request: Request, data: SearchIn) -> SearchOut:
     if not 1 <= data.top_k <= settings.max_top_k:
         raise BadRequest(f"top_k must be between 1 and {settings.max_top_k}", code="invalid_top_k")
     parse_filter(data.filter)  # reject a bad filter before paying for the query encode
+    mode = svc.retriever.mode_of(data.mode)
     started = time.perf_counter()
-    hits = await retrieve(svc.query_encoder, svc.store, svc.collection, query, tenant=tenant, top_k=data.top_k,
-                          filter=data.filter)
+    hits = await svc.retriever.asearch(query, tenant=tenant, top_k=data.top_k, mode=mode, filter=data.filter)
     results = [
         SearchHitOut(
             chunk_id=h.id, document_id=h.payload["document_id"], chunk_index=h.payload["chunk_index"], score=h.score,
@@ -320,7 +330,7 @@ async def search(request: Request, data: SearchIn) -> SearchOut:
         for h in hits
     ]
     return SearchOut(results=results, encoder_version=svc.embedder.version,
-                     took_ms=round((time.perf_counter() - started) * 1000, 2))
+                     took_ms=round((time.perf_counter() - started) * 1000, 2), mode=mode)
 
 
 @get("/healthz", summary="Liveness")
@@ -338,6 +348,35 @@ async def readyz(request: Request) -> Response[dict]:
                      "worker": "in-process" if svc.settings.worker_in_process else "external"})
 
 
+def prompts_dir(settings: Settings) -> Path:
+    """RAG_PROMPTS_DIR, resolved against the working directory, else the checkout's own prompts/."""
+    if settings.prompts_dir.is_absolute() or settings.prompts_dir.exists():
+        return settings.prompts_dir
+    return Path(__file__).resolve().parents[2] / "prompts"
+
+
+def start_llm(settings: Settings, stack: AsyncExitStack) -> LLM | None:
+    """The configured endpoint; else the bundled llama-server when installed (``RAG_LLM_LOCAL``); else None."""
+    if settings.llm_base_url:
+        return OpenAICompatibleLLM.from_settings(settings)
+    if settings.llm_local == "no" or (settings.llm_local == "auto" and local_llm_paths() is None):
+        log.info("llm_not_configured", answers="extractive")
+        return None
+    server = LocalLLMServer(port=settings.llm_local_port, log_path=settings.data_dir / "llama-server.log")
+    try:
+        server.start()
+    except RagError as exc:
+        if settings.llm_local == "yes":
+            raise
+        log.warning("local_llm_unavailable", error=exc.message, answers="extractive")
+        return None
+    stack.callback(server.stop)
+    return OpenAICompatibleLLM(
+        server.base_url, MODEL_NAME, connect_timeout_s=settings.llm_connect_timeout_s, timeout_s=settings.llm_timeout_s,
+        max_tokens=settings.llm_max_tokens, max_retries=settings.llm_max_retries, temperature=settings.llm_temperature,
+    )
+
+
 def create_app(settings: Settings, services: Services | None = None, background: tuple[Background, ...] = ()) -> Litestar:
     """Build the app. ``services`` lets tests share models; ``background`` runs beside the API (the worker)."""
 
@@ -347,16 +386,24 @@ def create_app(settings: Settings, services: Services | None = None, background:
         svc = await anyio.to_thread.run_sync(Services.build, settings) if owned else services
         try:
             svc.collection = ensure_collection_for(svc.store, svc.embedder)
-            svc.query_encoder = QueryEncoder(svc.embedder)
+            svc.retriever = Retriever(svc.store, svc.collection, svc.embedder, SparseEncoder(), svc.settings)
+            svc.query_encoder = svc.retriever.query_encoder
             # Warm the encoder so the first request doesn't pay for lazy initialisation.
             await anyio.to_thread.run_sync(svc.embedder.embed_queries, ["warm up"])
             app.state.services = svc
-            with ExitStack() as stack:
+            async with AsyncExitStack() as stack:
+                llm = await anyio.to_thread.run_sync(start_llm, settings, stack)
+                if llm is not None:
+                    stack.push_async_callback(llm.aclose)
+                reranker = await anyio.to_thread.run_sync(load_reranker, settings)
+                svc.answers = AnswerPipeline(retriever=svc.retriever, reranker=reranker, embedder=svc.embedder,
+                                             prompts=load_prompts(prompts_dir(settings)), llm=llm, settings=settings)
                 for component in background:
                     stack.enter_context(component(svc))
                 svc.ready = True
                 log.info("service_ready", encoder_version=svc.embedder.version, collection=svc.collection,
-                         embedded=settings.embedded)
+                         embedded=settings.embedded, llm=getattr(llm, "base_url", None),
+                         prompt=svc.answers.prompt_version, reranker=reranker.name)
                 yield
                 svc.ready = False
         finally:
@@ -365,7 +412,7 @@ def create_app(settings: Settings, services: Services | None = None, background:
 
     return Litestar(
         route_handlers=[upload_documents, get_job, cancel_job, list_documents, get_document, delete_document,
-                        search, healthz, readyz],
+                        search, answer, chat_completions, healthz, readyz],
         lifespan=[lifespan],
         middleware=[RequestContextMiddleware()],
         exception_handlers={RagError: _rag_error, HTTPException: _http_error, Exception: _internal_error},
