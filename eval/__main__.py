@@ -1,4 +1,14 @@
-"""``python -m eval bench ingest|search``: benchmarks that print figures and write JSON."""
+"""``python -m eval``: retrieval evaluation, report comparison, and benchmarks.
+
+- ``retrieval``: index a BEIR corpus through the real ingest worker (or use a running service with
+  ``--url``) and score its queries per retrieval mode; writes report.json, report.html, runs/*.trec.
+- ``compare A B``: two reports side by side; exit 1 when ``--metric`` dropped by more than ``--max-drop``.
+- ``answers``: answer quality (contains gold, citations, EM/F1, abstention, latency) on the report split of
+  SQuAD 2.0 dev through POST /v1/answer; ``calibrate``: the abstention threshold on the disjoint calibration split.
+- ``bench ingest|search|answer``: benchmarks that print figures and write JSON.
+
+Exit status: 0 success, 1 failure (or a regression in ``compare``), 2 usage error.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +44,48 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--top-k", type=int, nargs="+", default=[10, 100])
     se.add_argument("--port", type=int, default=8765)
     se.add_argument("--out", type=Path, default=Path("bench"))
+
+    ret = sub.add_parser("retrieval", help="retrieval metrics (nDCG, recall, MRR, P) on a BEIR split",
+                         description="Index the corpus through the real ingest pipeline into an evaluation data "
+                                     "directory of its own (reused while corpus, encoder and chunking are unchanged), "
+                                     "run every query of the split through the real retriever per mode, and report "
+                                     "nDCG@10, recall@10/100, MRR@10, P@1/5/10 with 95%% bootstrap CIs. RAG_* "
+                                     "variables (e.g. RAG_CHUNK_TOKENS) apply as in the service.")
+    ret.add_argument("--dataset", type=Path, required=True, help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+    ret.add_argument("--split", default="test", help="qrels/<split>.tsv (default: test)")
+    ret.add_argument("--mode", nargs="+", default=["dense"], choices=["dense", "sparse", "hybrid"],
+                     help="one or more retrieval modes, compared in one table (default: dense)")
+    ret.add_argument("--encoder", help="sentence-transformers folder or name (default: RAG_ENCODER_MODEL or the bundled MiniLM)")
+    ret.add_argument("--limit-queries", type=int, default=0, help="evaluate only the first N queries of the split")
+    ret.add_argument("--out", type=Path, required=True, help="folder for report.json, report.html and runs/")
+    ret.add_argument("--data-dir", type=Path,
+                     help="evaluation data dir (default: .eval-data/<dataset>-<hash of corpus, encoder, chunking>)")
+    ret.add_argument("--url", help="evaluate a running service over HTTP (POST /v1/search) instead of in-process")
+    ret.add_argument("--tenant", default="eval", help="tenant the corpus is indexed and searched under (default: eval)")
+    ret.add_argument("--no-upload", action="store_true", help="with --url: do not upload the corpus first")
+    ret.add_argument("--keep-identical-ids", action="store_true",
+                     help="keep a retrieved document whose id equals the query id (BEIR drops it)")
+    ret.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    cmp_ = sub.add_parser("compare", help="compare two retrieval reports; exit 1 on a regression",
+                          description="Print reports A (baseline) and B (candidate) side by side and exit 1 when "
+                                      "METRIC(B) - METRIC(A) < -MAX_DROP in any compared mode (2 on usage errors).")
+    cmp_.add_argument("a", type=Path, help="baseline report.json (or its folder)")
+    cmp_.add_argument("b", type=Path, help="candidate report.json (or its folder)")
+    cmp_.add_argument("--metric", default="ndcg@10", help="metric that gates, e.g. ndcg@10, recall@100 (default: ndcg@10)")
+    cmp_.add_argument("--max-drop", type=float, default=0.01, help="largest allowed drop, absolute (default: 0.01)")
+    cmp_.add_argument("--mode", help="compare this mode only (default: every mode both reports hold)")
+    _add_answer_commands(sub, which)
     args = parser.parse_args(argv)
+
+    if args.command in ("answers", "calibrate"):
+        return _answers(args)
+    if args.command == "bench" and args.bench == "answer":
+        return _bench_answer(args)
+    if args.command == "compare":
+        return _compare(args)
+    if args.command == "retrieval":
+        return _retrieval(args)
 
     from rag.logs import configure_logging
     from rag.settings import load_settings
@@ -49,6 +100,128 @@ def main(argv: list[str] | None = None) -> int:
         report = b.bench_search(settings, args)
     path = b.write_report(report, args.out, f"{args.bench}")
     print(f"wrote {path}")
+    return 0
+
+
+def _add_answer_commands(sub, which) -> None:
+    default_data = Path(".eval-data/squad2-answers")
+
+    def common(p, split: str) -> None:
+        p.add_argument("--dataset", type=Path, required=True, help="a QA folder with qa.jsonl and corpus.jsonl")
+        p.add_argument("--url", help="use a running service instead of starting one")
+        p.add_argument("--data-dir", type=Path, default=default_data,
+                       help=f"data dir of the service it starts (kept, so a second run skips indexing; default {default_data})")
+        p.add_argument("--port", type=int, default=8771)
+        p.add_argument("--tenant", default="eval")
+        p.add_argument("--no-upload", action="store_true", help="do not upload the corpus first")
+        p.add_argument("--seed", type=int, default=13, help="seed of the question shuffle")
+        p.add_argument("--concurrency", type=int, default=2)
+        p.add_argument("--top-k", type=int, default=8)
+
+    ans = sub.add_parser("answers", help="answer quality on the REPORT split of SQuAD 2.0 dev via POST /v1/answer",
+                         description="Asks the first N answerable and N unanswerable questions of the report split "
+                                     "(a seeded shuffle; disjoint from the calibration split) and scores them offline. "
+                                     "RAG_* variables of this process (RAG_LLM_LOCAL, RAG_ABSTAIN_THRESHOLD) go to the "
+                                     "service it starts.")
+    common(ans, "report")
+    ans.add_argument("--limit", type=int, default=300, help="questions of each kind (0: all; default 300)")
+    ans.add_argument("--out", type=Path, required=True, help="folder for results.jsonl, report.json, report.html")
+    ans.add_argument("--score-only", action="store_true", help="score OUT/results.jsonl as it is (e.g. a partial run)")
+
+    cal = sub.add_parser("calibrate", help="pick RAG_ABSTAIN_THRESHOLD on the CALIBRATION split (extractive)")
+    common(cal, "calibration")
+    cal.add_argument("--limit", type=int, default=400, help="questions of each kind (0: all; default 400)")
+    cal.add_argument("--target-answer-rate", type=float, default=0.9)
+    cal.add_argument("--out", type=Path, default=Path("reports/calibration.json"))
+
+    ba = which.add_parser("answer", help="streaming /v1/answer TTFT and latency, local LLM vs extractive")
+    common(ba, "report")
+    ba.add_argument("--requests", type=int, default=30, help="questions per target")
+    ba.add_argument("--llm-port", type=int, default=8772, help="port the local llama-server is started on")
+    ba.add_argument("--extractive-only", action="store_true")
+    ba.add_argument("--out", type=Path, default=Path("bench"))
+
+
+def _answers(args) -> int:
+    from eval.answers import run_answers, run_calibrate
+    from eval.datasets import DatasetError
+
+    if args.limit < 0:
+        print("error: --limit must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        return run_answers(args) if args.command == "answers" else run_calibrate(args)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _bench_answer(args) -> int:
+    from eval.answers import run_bench_answer
+    from eval.bench import write_report
+
+    report = run_bench_answer(args)
+    print(f"wrote {write_report(report, args.out, 'answer')}")
+    return 0
+
+
+def _compare(args) -> int:
+    from eval.report import CompareError, compare_reports, load_report
+
+    try:
+        text, regressed = compare_reports(load_report(args.a), load_report(args.b), metric=args.metric,
+                                          max_drop=args.max_drop, mode=args.mode)
+    except CompareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    return 1 if regressed else 0
+
+
+def _retrieval(args) -> int:
+    from eval.datasets import DatasetError
+    from rag.errors import RagError, SettingsError
+    from rag.logs import configure_logging
+    from rag.settings import load_settings
+
+    if args.limit_queries < 0:
+        print("error: --limit-queries must be >= 0", file=sys.stderr)
+        return 2
+    overrides: dict[str, object] = {"log_format": "json", "log_level": "warning"}
+    if args.encoder:
+        overrides["encoder_model"] = args.encoder
+    try:
+        settings = load_settings(**overrides)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    from eval.report import build_report, format_table, write_reports
+    from eval.retrieval import EvalOptions, run_retrieval_eval
+
+    options = EvalOptions(
+        dataset=args.dataset, split=args.split, modes=list(dict.fromkeys(args.mode)), limit_queries=args.limit_queries,
+        data_dir=args.data_dir, url=args.url, tenant=args.tenant, upload=not args.no_upload,
+        ignore_identical_ids=not args.keep_identical_ids, progress=not args.no_progress,
+    )
+    try:
+        run = run_retrieval_eval(settings, options)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    report = build_report(run)
+    paths = write_reports(run, args.out, report)
+    ds = run.dataset
+    print(f"\n{ds.name} / {ds.split}: {len(run.query_ids)} queries, encoder {run.encoder_version}, "
+          f"target {run.target}" + (f", index {run.index.chunks} chunks of {run.index.documents} docs "
+                                    f"({'reused' if run.index.reused else f'built in {run.index.ingest_s:.0f}s'}) "
+                                    f"in {run.index.data_dir}" if run.index else ""))
+    print(format_table(report))
+    for name, p in paths.items():
+        print(f"wrote {p}" if not name.startswith("run-") else f"wrote {p} (TREC run)")
     return 0
 
 
