@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     se.add_argument("--top-k", type=int, nargs="+", default=[10, 100])
     se.add_argument("--port", type=int, default=8765)
+    se.add_argument("--mode", choices=["dense", "sparse", "hybrid"], default="hybrid")
     se.add_argument("--out", type=Path, default=Path("bench"))
 
     ret = sub.add_parser("retrieval", help="retrieval metrics (nDCG, recall, MRR, P) on a BEIR split",

@@ -159,7 +159,8 @@ def bench_search(settings: Settings, args) -> dict[str, Any]:
         if url is None:
             url = f"http://127.0.0.1:{args.port}"
             env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_")}
-            env.update({"RAG_DATA_DIR": str(args.data_dir), "RAG_PORT": str(args.port), "RAG_LOG_LEVEL": "warning"})
+            env.update({"RAG_DATA_DIR": str(args.data_dir), "RAG_PORT": str(args.port), "RAG_LOG_LEVEL": "warning",
+                        "RAG_LLM_LOCAL": "no"})  # search only: no LLM process beside it
             proc = subprocess.Popen([sys.executable, "-m", "rag", "serve"], env=env)
             _wait_ready(url, proc)
             from ingest.cli import add_via_api
@@ -184,12 +185,12 @@ def bench_search(settings: Settings, args) -> dict[str, Any]:
                          "p50_ms": round(statistics.median(lat), 2), "p95_ms": round(_percentile(lat, 95), 2),
                          "requests": len(lat)})
             for top_k in args.top_k:
-                asyncio.run(_load(url, lambda i: ("POST", "/v1/search", {"query": queries[i % len(queries)], "top_k": top_k}), 20, concurrency))
+                asyncio.run(_load(url, lambda i: ("POST", "/v1/search", {"query": queries[i % len(queries)], "top_k": top_k, "mode": args.mode}), 20, concurrency))
                 lat = asyncio.run(_load(
-                    url, lambda i: ("POST", "/v1/search", {"query": queries[(i + 20) % len(queries)], "top_k": top_k}),
+                    url, lambda i: ("POST", "/v1/search", {"query": queries[(i + 20) % len(queries)], "top_k": top_k, "mode": args.mode}),
                     args.requests, concurrency,
                 ))
-                rows.append({"target": "POST /v1/search", "concurrency": concurrency, "top_k": top_k,
+                rows.append({"target": f"POST /v1/search {args.mode}", "concurrency": concurrency, "top_k": top_k,
                              "p50_ms": round(statistics.median(lat), 2), "p95_ms": round(_percentile(lat, 95), 2),
                              "requests": len(lat)})
         peak = _peak_rss_mb(proc.pid) if proc else None

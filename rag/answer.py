@@ -187,6 +187,13 @@ class AnswerPipeline:
                 fallback = f"LLM failed: {exc.message}"
                 log.warning("answer_llm_fallback", error=exc.message)
             else:
+                if _DONT_KNOW.search(done.text):
+                    # Retrieval found support above the threshold; a tiny model's refusal is less
+                    # trustworthy than the best-supported sentences, which are returned instead.
+                    fallback = "the LLM said it does not know"
+                    text, cites = self._extractive(prep)
+                    return Answer(answer=text, citations=cites, mode="extractive", answerable=True, usage=done.usage,
+                                  model=done.model, fallback_reason=fallback, latency_ms=_ms(started), **common)
                 text, cites = self._finish(prep, done.text)
                 return Answer(answer=text, citations=cites, mode="generative", answerable=True, usage=done.usage,
                               model=done.model, latency_ms=_ms(started), **common)

@@ -190,3 +190,11 @@ def test_openai_sdk_talks_to_chat_completions(make_client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "6,650" in text
     assert chunks[-1].choices[0].finish_reason == "stop" and (chunks[-1].model_extra or {})["citations"]
+
+
+def test_llm_refusal_above_threshold_returns_the_supported_sentences(make_client):
+    with run_fake_llm(reply="I don't know.") as llm:
+        client = make_client(llm_base_url=llm.base_url)
+        body = client.post("/v1/answer", json={"question": "How long is the Nile?"}).json()
+        assert body["mode"] == "extractive" and "6,650" in body["answer"]
+        assert body["fallback_reason"] == "the LLM said it does not know"
