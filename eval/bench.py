@@ -162,7 +162,9 @@ def bench_search(settings: Settings, args) -> dict[str, Any]:
             env.update({"RAG_DATA_DIR": str(args.data_dir), "RAG_PORT": str(args.port), "RAG_LOG_LEVEL": "warning",
                         "RAG_LLM_LOCAL": "no"})  # search only: no LLM process beside it
             proc = subprocess.Popen([sys.executable, "-m", "rag", "serve"], env=env)
-            _wait_ready(url, proc)
+            from eval.answers import wait_ready
+
+            wait_ready(url, proc)
             from ingest.cli import add_via_api
 
             print("indexing the corpus through the API (a no-op when --data-dir already holds it) …", flush=True)
@@ -205,17 +207,3 @@ def bench_search(settings: Settings, args) -> dict[str, Any]:
         print(f"API peak RSS: {peak:.0f} MB")
     return {"benchmark": "search", "dataset": str(args.dataset), "url": url, "rows": rows,
             "api_peak_rss_mb": peak, "environment": _environment(settings)}
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"error: the service exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("error: the service did not become ready")

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from tests.conftest import wait_for
-from tests.llm_server import cut_stream, ok, run_fake_llm, silent, status
+from tests.llm_server import cut_stream, run_fake_llm, silent, status
 
 PARIS = ("France is a country in Western Europe. Its capital is Paris, which lies on the Seine. "
          "The country is famous for its wine and cheese.")
