@@ -62,23 +62,6 @@ class QueryEncoder:
             self._running = False
 
 
-async def retrieve(
-    encoder: QueryEncoder,
-    store: VectorStore,
-    collection: str,
-    query: str,
-    *,
-    tenant: str,
-    top_k: int,
-    filter: dict[str, Any] | None = None,
-) -> list[ScoredPoint]:
-    """Dense retrieval of the tenant's published chunks for one query, best first (see :class:`Retriever`)."""
-    vector = await encoder.embed(query)
-    return await anyio.to_thread.run_sync(
-        lambda: store.search(collection, vector.tolist(), tenant=tenant, top_k=top_k, filter=filter)
-    )
-
-
 class Retriever:
     """Dense, sparse (BM25) or hybrid retrieval over one collection, configured by the settings.
 
