@@ -1,4 +1,4 @@
-"""``python -m ingest worker|add``."""
+"""``python -m ingest worker|add|adapt|encoders``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,33 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--tenant", default="default")
     add.add_argument("--url", help="the service's base URL (default: http://RAG_HOST:RAG_PORT)")
     add.add_argument("--local", action="store_true", help="never use the API; open the store in this process")
+    ad = sub.add_parser("adapt", help="fine-tune the active encoder on the corpus, gate it, promote it if it wins",
+                        description="Training pairs from the stored corpus (title → body, inverse cloze), plus "
+                                    "labelled pairs if given; hard negatives; CachedMNRL fine-tuning; the gate compares "
+                                    "candidate and active encoder on a validation set; promotion re-embeds blue/green. "
+                                    "Exit 0 promoted/passed, 3 rejected by the gate, 1 error.")
+    ad.add_argument("--pairs", type=Path, help="labelled pairs: JSONL {query, document_id} lines or a BEIR folder")
+    ad.add_argument("--pairs-split", default="train", help="qrels split when --pairs is a BEIR folder (default train)")
+    ad.add_argument("--validation", type=Path, help="labelled validation set (JSONL or BEIR folder) for the gate")
+    ad.add_argument("--validation-split", default="dev", help="qrels split when --validation is a BEIR folder")
+    ad.add_argument("--labelled-only", action="store_true", help="train on --pairs only (no generated pairs)")
+    ad.add_argument("--synthetic", type=int, default=0, help="LLM-written questions for this many passages")
+    ad.add_argument("--epochs", type=int)
+    ad.add_argument("--max-pairs", type=int, help="generated pairs to sample (default RAG_ADAPT_MAX_PAIRS)")
+    ad.add_argument("--tenant", help="adapt to one tenant's documents (default: all)")
+    ad.add_argument("--no-promote", action="store_true", help="only train and gate")
+    ad.add_argument("--force", action="store_true", help="promote even if the gate rejects the candidate")
+    ad.add_argument("--url", help="the service's base URL (default: http://RAG_HOST:RAG_PORT)")
+    ad.add_argument("--local", action="store_true", help="never use the API; open the store in this process")
+    enc = sub.add_parser("encoders", help="encoder versions: list, promote, rollback")
+    enc.add_argument("action", choices=["list", "promote", "rollback"])
+    enc.add_argument("version", nargs="?", help="promote: the version; rollback: where to (default: the parent)")
+    enc.add_argument("--force", action="store_true", help="promote a version the gate rejected")
+    enc.add_argument("--url", help="the service's base URL (default: http://RAG_HOST:RAG_PORT)")
+    enc.add_argument("--local", action="store_true", help="never use the API; open the store in this process")
     args = parser.parse_args(argv)
+    if args.command == "encoders" and args.action == "promote" and not args.version:
+        parser.error("encoders promote needs a VERSION")
 
     from rag.errors import RagError, SettingsError
     from rag.logs import configure_logging
@@ -38,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "worker":
             return run_worker(settings)
+        if args.command == "adapt":
+            from ingest.encoders_cli import run_adapt
+
+            return run_adapt(settings, args)
+        if args.command == "encoders":
+            from ingest.encoders_cli import run_encoders
+
+            return run_encoders(settings, args)
         return run_add(settings, args)
     except RagError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,8 +19,11 @@ from pathlib import Path
 import structlog
 
 from rag.chunking import chunk
-from rag.embedding import Embedder
-from rag.errors import StoreError, TransientError
+import msgspec
+
+from rag.embedding import Embedder, SentenceTransformerEmbedder, model_version
+from rag.encoders import resolve_encoder_model
+from rag.errors import BadRequest, RagError, StoreError, TransientError
 from rag.index import ensure_collection_for
 from rag.loaders import LoadFailure, load
 from rag.registry import DocumentRecord, DocumentResult, Job, SqliteRegistry, remove_upload
@@ -76,13 +79,14 @@ class IngestWorker:
         self.encoding = get_encoding(settings.tokenizer_encoding)
         # The sparse configuration is part of what a document's stored vectors depend on: changing
         # it re-indexes documents on their next upload instead of calling them unchanged.
-        self.signature = (
-            f"{embedder.version}|{settings.tokenizer_encoding}|{settings.chunk_tokens}|{settings.chunk_overlap}"
-            f"|{self.sparse.version}"
-        )
+        self.signature = self._signature(embedder)
         self.collection = ensure_collection_for(store, embedder)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _signature(self, embedder: Embedder) -> str:
+        s = self.settings
+        return f"{embedder.version}|{s.tokenizer_encoding}|{s.chunk_tokens}|{s.chunk_overlap}|{self.sparse.version}"
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,6 +116,9 @@ class IngestWorker:
 
     # ---- one job ----------------------------------------------------------------------------
     def run_job(self, job: Job) -> None:
+        if job.kind != "ingest":
+            self._run_encoder_job(job)
+            return
         bound = log.bind(job_id=job.id, tenant=job.tenant, attempt=job.attempts)
         bound.info("job_started", files=len(job.items))
         started = time.perf_counter()
@@ -136,6 +143,84 @@ class IngestWorker:
         for item in job.items:
             remove_upload(item)
         bound.info("job_finished", status=status, documents=total, failed=failed, s=round(time.perf_counter() - started, 3))
+
+    # ---- encoder jobs (adapt, promote, rollback) ----------------------------------------------
+    def _run_encoder_job(self, job: Job) -> None:
+        from ingest import adapt as ad
+
+        bound = log.bind(job_id=job.id, kind=job.kind, attempt=job.attempts)
+        bound.info("job_started", params=job.params)
+        last = [0.0]
+
+        def on_progress(stage: str, fraction: float) -> None:
+            now = time.monotonic()
+            if now - last[0] < 2.0 and fraction < 1.0:
+                return
+            last[0] = now
+            self.registry.set_stage(job.id, f"{stage} {fraction:.0%}")
+            if self.registry.renew_lease(job.id, self.settings.job_lease_s):
+                raise JobCancelled
+
+        progress = ad.Progress(on_progress)
+        outcome: dict = {}
+        try:
+            if job.kind == "adapt":
+                options = msgspec.convert(job.params, ad.AdaptOptions)
+                record = ad.adapt(self.settings, self.store, self.embedder, options, progress=progress,
+                                  work_key=job.id)
+                outcome["record"] = msgspec.to_builtins(record)
+                self.registry.set_stage(job.id, "gated", outcome)
+                auto = self.settings.adapt_auto_promote if options.promote is None else options.promote
+                if auto and (record.validation.get("passed") or options.force):
+                    outcome["promotion"] = ad.promote(self.settings, self.store, record.version, force=options.force,
+                                                      progress=progress)
+            elif job.kind == "promote":
+                outcome["promotion"] = ad.promote(self.settings, self.store, str(job.params["version"]),
+                                                  force=bool(job.params.get("force")), progress=progress)
+            elif job.kind == "rollback":
+                outcome["promotion"] = ad.rollback(self.settings, self.store, job.params.get("version"),
+                                                   progress=progress)
+            else:
+                raise BadRequest(f"unknown job kind {job.kind!r}")
+        except JobCancelled:
+            self.registry.finish_job(job.id, "cancelled", "cancelled on request")
+            bound.info("job_cancelled")
+            return
+        except (StoreError, TransientError, OSError) as exc:
+            if job.attempts < self.settings.job_max_attempts:
+                self.registry.requeue_job(job.id, f"attempt {job.attempts} failed: {exc}")
+                bound.warning("job_retry", error=str(exc))
+            else:
+                self.registry.finish_job(job.id, "failed", f"gave up after {job.attempts} attempts: {exc}")
+            return
+        except (RagError, ValueError, msgspec.ValidationError) as exc:
+            message = exc.message if isinstance(exc, RagError) else str(exc)
+            self.registry.set_stage(job.id, "failed", outcome)
+            self.registry.finish_job(job.id, "failed", message)
+            bound.warning("job_failed", error=message)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not kill the worker thread
+            bound.exception("job_crashed")
+            self.registry.finish_job(job.id, "failed", f"internal error: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            if outcome.get("promotion", {}).get("switched"):
+                self.reload_encoder()
+        self.registry.set_stage(job.id, "done", outcome)
+        self.registry.finish_job(job.id, "succeeded", None)
+        bound.info("job_finished", status="succeeded")
+
+    def reload_encoder(self) -> None:
+        """Write with the encoder of the active collection (after a promotion or rollback)."""
+        model = resolve_encoder_model(self.settings, self.store)
+        if model_version(model) == self.embedder.version:
+            return
+        embedder = SentenceTransformerEmbedder(model, batch_size=self.settings.encoder_batch_size,
+                                               device=self.settings.encoder_device)
+        self.embedder = embedder
+        self.signature = self._signature(embedder)
+        self.collection = ensure_collection_for(self.store, embedder)
+        log.info("worker_encoder_switched", encoder_version=embedder.version, collection=self.collection)
 
     def _run_items(self, job: Job) -> tuple[int, int]:
         total = failed = 0

@@ -70,6 +70,8 @@ class Answer(msgspec.Struct, kw_only=True):
     context: dict[str, Any] = msgspec.field(default_factory=dict)
     fallback_reason: str | None = None
     latency_ms: float = 0.0
+    # Where the time went: retrieve, rerank, context (assembly + sentence ranking), llm (first token and total).
+    timings: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class Prepared(msgspec.Struct, kw_only=True):
@@ -82,6 +84,7 @@ class Prepared(msgspec.Struct, kw_only=True):
     evidence: list[SupportingSentence]
     answerable: bool
     retrieval: dict[str, Any]
+    timings: dict[str, float]
 
 
 def citations_for(context: Context, numbers: Sequence[int]) -> list[Citation]:
@@ -128,17 +131,20 @@ class AnswerPipeline:
                                          budget_ms=self.settings.rerank_budget_ms)
         )
         top = rr.hits[: req.top_k]
+        t1 = time.perf_counter()
         context = build_context(top, budget_tokens=self.settings.context_tokens, encoding=self.encoding)
         ranked = await anyio.to_thread.run_sync(lambda: rank_sentences(question, None, context, self.embedder))
         extractive = answer_from_ranked(ranked, max_sentences=2)
         answerable = bool(context.sources) and extractive.best_score >= self.settings.abstain_threshold
+        timings = {"retrieve_ms": round(retrieve_ms, 2), "rerank_ms": round(rr.ms, 2), "context_ms": _ms(t1)}
         retrieval = {
             "mode": req.mode or self.settings.search_mode, "hits": len(hits), "retrieve_ms": round(retrieve_ms, 2),
             "reranker": self.reranker.name, "reranked": rr.reranked, "rerank_ms": round(rr.ms, 2),
             "support_score": round(extractive.best_score, 4), "abstain_threshold": self.settings.abstain_threshold,
         }
         return Prepared(question=question, hits=top, context=context, extractive=extractive,
-                        evidence=ranked[:EVIDENCE_SENTENCES], answerable=answerable, retrieval=retrieval)
+                        evidence=ranked[:EVIDENCE_SENTENCES], answerable=answerable, retrieval=retrieval,
+                        timings=timings)
 
     def _messages(self, prep: Prepared, history: list[dict[str, str]]) -> list[dict[str, str]]:
         by_n = {s.n: s for s in prep.context.sources}
@@ -175,18 +181,20 @@ class AnswerPipeline:
         started = time.perf_counter()
         prep = await self.prepare(req, tenant)
         common = {"encoder_version": self.embedder.version, "prompt": self.prompt_version,
-                  "retrieval": prep.retrieval, "context": self._context_info(prep)}
+                  "retrieval": prep.retrieval, "context": self._context_info(prep), "timings": prep.timings}
         if not prep.answerable:
             return Answer(answer=self._no_answer(prep), citations=[], mode="extractive", answerable=False,
                           usage={}, latency_ms=_ms(started), **common)
         fallback = "no LLM configured"
         if self.llm is not None:
+            t_llm = time.perf_counter()
             try:
                 done = await self.llm.complete(self._messages(prep, req.history))
             except LLMError as exc:
                 fallback = f"LLM failed: {exc.message}"
                 log.warning("answer_llm_fallback", error=exc.message)
             else:
+                prep.timings["llm_ms"] = _ms(t_llm)
                 if _DONT_KNOW.search(done.text):
                     # Retrieval found support above the threshold; a tiny model's refusal is less
                     # trustworthy than the best-supported sentences, which are returned instead.
@@ -206,7 +214,7 @@ class AnswerPipeline:
         started = time.perf_counter()
         prep = await self.prepare(req, tenant)
         meta = {"encoder_version": self.embedder.version, "prompt": self.prompt_version,
-                "retrieval": prep.retrieval, "context": self._context_info(prep)}
+                "retrieval": prep.retrieval, "context": self._context_info(prep), "timings": prep.timings}
         if not prep.answerable:
             yield "token", {"text": self._no_answer(prep)}
             yield "citations", []
@@ -217,9 +225,12 @@ class AnswerPipeline:
             pieces: list[str] = []
             usage: dict[str, int] = {}
             model = None
+            t_llm = time.perf_counter()
             try:
                 async for ev in self.llm.stream(self._messages(prep, req.history)):
                     if ev.kind == "token":
+                        if not pieces:
+                            prep.timings["llm_first_token_ms"] = _ms(t_llm)
                         pieces.append(ev.text)
                         yield "token", {"text": ev.text}
                     else:
@@ -235,6 +246,7 @@ class AnswerPipeline:
                 fallback = f"LLM failed: {exc.message}"
                 log.warning("answer_llm_fallback", error=exc.message)
             else:
+                prep.timings["llm_ms"] = _ms(t_llm)
                 generated = "".join(pieces)
                 text, cites = self._finish(prep, generated)
                 if text != generated.strip():

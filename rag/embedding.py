@@ -114,10 +114,10 @@ class SentenceTransformerEmbedder:
         return self._encode(texts, max(1, min(len(texts), self.batch_size)))
 
 
-def load_embedder(settings) -> SentenceTransformerEmbedder:
-    """Build the configured encoder (settings: encoder_model, encoder_batch_size, encoder_device, torch_threads)."""
+def load_embedder(settings, model: str | None = None) -> SentenceTransformerEmbedder:
+    """Build ``model`` (default: the configured encoder) with the settings' batch size, device and threads."""
     return SentenceTransformerEmbedder(
-        settings.encoder_model,
+        settings.encoder_model if model is None else model,
         batch_size=settings.encoder_batch_size,
         device=settings.encoder_device,
         threads=settings.torch_threads,

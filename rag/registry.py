@@ -73,6 +73,10 @@ class Job(msgspec.Struct, kw_only=True):
     chunks: int = 0
     cancel_requested: bool = False
     results: list[DocumentResult] = msgspec.field(default_factory=list)
+    kind: str = "ingest"  # ingest | adapt | promote | rollback
+    params: dict[str, Any] = msgspec.field(default_factory=dict)  # what a non-ingest job does
+    outcome: dict[str, Any] = msgspec.field(default_factory=dict)  # what it produced (e.g. the encoder record)
+    stage: str = ""  # where a long job is (e.g. "training 40%")
 
 
 class Registry(Protocol):
@@ -139,6 +143,20 @@ class SqliteRegistry:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._conn().executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after the first release, added in place to an older file."""
+        db = self._conn()
+        have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+        for column, decl in (("kind", "TEXT NOT NULL DEFAULT 'ingest'"), ("params", "TEXT NOT NULL DEFAULT '{}'"),
+                             ("outcome", "TEXT NOT NULL DEFAULT '{}'"), ("stage", "TEXT NOT NULL DEFAULT ''")):
+            if column not in have:
+                try:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -164,14 +182,32 @@ class SqliteRegistry:
         db.execute("COMMIT")
 
     # ---- jobs -------------------------------------------------------------------------------
-    def create_job(self, tenant: str, items: Sequence[JobItem]) -> Job:
-        job = Job(id=uuid.uuid4().hex, tenant=tenant, status="queued", items=list(items), created_at=time.time())
+    def create_job(self, tenant: str, items: Sequence[JobItem], *, kind: str = "ingest",
+                   params: dict[str, Any] | None = None) -> Job:
+        job = Job(id=uuid.uuid4().hex, tenant=tenant, status="queued", items=list(items), created_at=time.time(),
+                  kind=kind, params=dict(params or {}))
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs (id, tenant, status, items, created_at) VALUES (?, ?, ?, ?, ?)",
-                (job.id, tenant, job.status, msgspec.json.encode(job.items).decode(), job.created_at),
+                "INSERT INTO jobs (id, tenant, status, items, created_at, kind, params) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job.id, tenant, job.status, msgspec.json.encode(job.items).decode(), job.created_at, kind,
+                 msgspec.json.encode(job.params).decode()),
             )
         return job
+
+    def set_stage(self, job_id: str, stage: str, outcome: dict[str, Any] | None = None) -> None:
+        """Record where a long (non-ingest) job is, and what it produced so far."""
+        with self._tx() as db:
+            if outcome is None:
+                db.execute("UPDATE jobs SET stage = ? WHERE id = ?", (stage, job_id))
+            else:
+                db.execute("UPDATE jobs SET stage = ?, outcome = ? WHERE id = ?",
+                           (stage, msgspec.json.encode(outcome).decode(), job_id))
+
+    def list_jobs(self, *, kind: str | None = None, limit: int = 20) -> list[Job]:
+        db = self._conn()
+        rows = db.execute("SELECT * FROM jobs WHERE (? IS NULL OR kind = ?) ORDER BY created_at DESC LIMIT ?",
+                          (kind, kind, limit)).fetchall()
+        return [self._job(db, r) for r in rows]
 
     def _job(self, db: sqlite3.Connection, row: sqlite3.Row) -> Job:
         results = [
@@ -187,6 +223,8 @@ class SqliteRegistry:
             started_at=row["started_at"], finished_at=row["finished_at"], attempts=row["attempts"],
             error=row["error"], total=row["total"], done=row["done"], failed=row["failed"],
             chunks=row["chunks"], cancel_requested=bool(row["cancel_requested"]), results=results,
+            kind=row["kind"], params=msgspec.json.decode(row["params"]), outcome=msgspec.json.decode(row["outcome"]),
+            stage=row["stage"],
         )
 
     def get_job(self, job_id: str) -> Job | None:

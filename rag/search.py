@@ -12,15 +12,19 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 import numpy as np
+import structlog
 
 from rag.embedding import Embedder
 from rag.errors import BadRequest
+from rag.query_sample import QuerySample
 from rag.sparse import SparseEncoder
 from rag.store import SEARCH_MODES, FusionMethod, VectorStore
 from rag.types import ScoredPoint, SparseVector
 
 if TYPE_CHECKING:
     from rag.settings import Settings
+
+log = structlog.get_logger("rag.search")
 
 
 class QueryEncoder:
@@ -30,9 +34,10 @@ class QueryEncoder:
     latency flat under concurrency instead of queueing requests behind each other.
     """
 
-    def __init__(self, embedder: Embedder, max_batch: int = 32) -> None:
+    def __init__(self, embedder: Embedder, max_batch: int = 32, sample: QuerySample | None = None) -> None:
         self.embedder = embedder
         self.max_batch = max_batch
+        self.sample = sample  # opt-in drift monitoring: every query vector is offered to it
         self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
         self._running = False
 
@@ -58,6 +63,11 @@ class QueryEncoder:
                 for (_, fut), vec in zip(batch, vectors, strict=True):
                     if not fut.done():
                         fut.set_result(vec)
+                if self.sample is not None:
+                    try:
+                        self.sample.add_many(vectors)
+                    except ValueError as exc:  # monitoring must never fail or stall a query
+                        log.warning("query_sample_failed", error=str(exc))
         finally:
             self._running = False
 
@@ -82,7 +92,10 @@ class Retriever:
         self.embedder = embedder
         self.sparse = sparse
         self.settings = settings
-        self.query_encoder = QueryEncoder(embedder)
+        # RAG_QUERY_SAMPLE_SIZE > 0: keep a bounded sample of query vectors (never text) for drift checks.
+        self.query_sample = (QuerySample(settings.query_sample_size, encoder_version=embedder.version)
+                             if settings.query_sample_size > 0 else None)
+        self.query_encoder = QueryEncoder(embedder, sample=self.query_sample)
         weights = (float(settings.dense_weight), float(settings.sparse_weight))
         self.fusion: FusionMethod = "rrf" if weights == (1.0, 1.0) else "weighted"
         self.weights = weights

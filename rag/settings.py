@@ -72,6 +72,32 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     worker_poll_s: float = 0.5
     job_max_attempts: int = 3
     job_lease_s: float = 300.0
+    # Domain adaptation (`python -m ingest adapt`, POST /v1/encoders/adapt)
+    adapt_epochs: int = 1
+    adapt_batch_size: int = 64  # the contrastive batch (in-batch negatives); cached: memory stays at the mini batch
+    adapt_mini_batch_size: int = 16
+    adapt_max_seq_length: int = 160  # training length; 2 CPU cores train ~3x faster than at 256
+    adapt_learning_rate: float = 2e-5
+    adapt_seed: int = 13
+    adapt_max_pairs: int = 4000  # generated pairs are sampled down to this many (CPU time grows with it)
+    adapt_hard_negatives: bool = True
+    adapt_validation_fraction: float = 0.1  # of generated pairs held out for the gate when no labelled set is given
+    adapt_gate_metric: Literal["ndcg@10", "mrr@10", "recall@10"] = "ndcg@10"
+    adapt_gate_margin: float = 0.005  # the candidate must beat the active encoder by this much
+    adapt_teacher_model: str = ""  # a CrossEncoder folder/name: MarginMSE (GPL-style) instead of MNRL
+    adapt_auto_promote: bool = True  # promote (re-embed + switch) when the gate passes
+    encoder_poll_s: float = 1.0  # how often the API checks whether a promotion moved the active collection
+    # Drift monitoring. The API keeps a uniform sample of this many query embeddings (vectors only,
+    # never text) for `python -m eval drift --queries`; 0 turns it off and costs nothing.
+    query_sample_size: int = 0
+    # `python -m eval drift`: rows per side (seeded subsample) and the verdict's thresholds, chosen from
+    # SciFact halves vs SciFact-vs-SQuAD corpus chunks (README, "Embedding drift").
+    drift_max_samples: int = 1000
+    drift_p_value: float = 0.01
+    drift_min_mmd2: float = 0.001
+    drift_max_centroid_shift: float = 0.02
+    drift_min_variance_ratio: float = 0.1
+    drift_min_neighbour_overlap: float = 0.5
     # Logging
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -93,6 +119,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.context_tokens >= 64, "context_tokens", "must be at least 64"),
             (self.llm_max_tokens >= 1, "llm_max_tokens", "must be at least 1"),
             (self.llm_max_retries >= 0, "llm_max_retries", "must be >= 0"),
+            (0 <= self.query_sample_size <= 1_000_000, "query_sample_size", "must be between 0 (off) and 1000000"),
+            (self.drift_max_samples >= 10, "drift_max_samples", "must be at least 10"),
+            (0 < self.drift_p_value < 1, "drift_p_value", "must be between 0 and 1"),
+            (self.drift_min_mmd2 >= 0, "drift_min_mmd2", "must be >= 0"),
+            (0 <= self.drift_max_centroid_shift <= 2, "drift_max_centroid_shift", "must be between 0 and 2"),
+            (0 <= self.drift_min_variance_ratio <= 1, "drift_min_variance_ratio", "must be between 0 and 1"),
+            (0 <= self.drift_min_neighbour_overlap <= 1, "drift_min_neighbour_overlap", "must be between 0 and 1"),
             (
                 not self.llm_base_url or self.llm_base_url.startswith(("http://", "https://")),
                 "llm_base_url",

@@ -182,6 +182,21 @@ class VectorStore(Protocol):
         """Exact number of points matching the given payload fields."""
         ...
 
+    def iter_dense(
+        self, collection: str, *, tenant: str | None = None, live: bool | None = True, batch_size: int = 512
+    ) -> Iterator[tuple[list[str], list[list[float]]]]:
+        """Every matching point's dense vector, a batch of ``(document ids, vectors)`` at a time (drift snapshots)."""
+        ...
+
+    def iter_points(
+        self, collection: str, *, batch_size: int = 256
+    ) -> Iterator[list[PointRecord]]:
+        """Every point (any tenant, live or not) with payload, dense and sparse vectors, a batch at a time.
+
+        Re-embedding into a new encoder's collection copies payloads and sparse vectors from here.
+        """
+        ...
+
     def optimize(self, collection: str) -> bool:
         """Build vector indexes after a bulk load; True if anything was rebuilt."""
         ...
@@ -827,6 +842,41 @@ class EdgeVectorStore:
         with _edge_errors(f"counting {collection!r}"):
             return shard.count(CountRequest(exact=True, filter=Filter(must=must) if must else None))
 
+    def iter_dense(
+        self, collection: str, *, tenant: str | None = None, live: bool | None = True, batch_size: int = 512
+    ) -> Iterator[tuple[list[str], list[list[float]]]]:
+        """Every matching point's dense vector, scrolled in batches (each its own short engine call)."""
+        from qdrant_edge import Filter, ScrollRequest
+
+        must = [_edge_eq(k, v) for k, v in (("tenant", tenant), ("live", live)) if v is not None]
+        flt = Filter(must=must) if must else None
+        shard = self._shard(collection)
+        offset = None
+        while True:
+            with _edge_errors(f"scrolling {collection!r}"):
+                records, offset = shard.scroll(ScrollRequest(offset=offset, limit=batch_size, filter=flt,
+                                                             with_payload=["document_id"], with_vector=[VECTOR_NAME]))
+            if records:
+                yield ([str((r.payload or {}).get("document_id", "")) for r in records],
+                       [list(r.vector[VECTOR_NAME]) for r in records])
+            if offset is None or not records:
+                return
+
+    def iter_points(self, collection: str, *, batch_size: int = 256) -> Iterator[list[PointRecord]]:
+        """Every point with payload and vectors, scrolled in batches (each its own short engine call)."""
+        from qdrant_edge import ScrollRequest
+
+        shard = self._shard(collection)
+        offset = None
+        while True:
+            with _edge_errors(f"scrolling {collection!r}"):
+                records, offset = shard.scroll(ScrollRequest(offset=offset, limit=batch_size, with_payload=True,
+                                                             with_vector=True))
+            if records:
+                yield [_record_from(r.id, r.payload, r.vector) for r in records]
+            if offset is None or not records:
+                return
+
     def optimize(self, collection: str) -> bool:
         """Run the engine's optimizers (HNSW build, merges, vacuum) now; blocks the process meanwhile.
 
@@ -839,6 +889,23 @@ class EdgeVectorStore:
                 changed = bool(shard.optimize())
                 shard.flush()
         return changed
+
+
+def _record_from(point_id_: Any, payload: Mapping[str, Any] | None, vectors: Any) -> PointRecord:
+    """A scrolled point (either backend) back as a :class:`PointRecord`."""
+    vectors = vectors or {}
+    dense = vectors.get(VECTOR_NAME) if isinstance(vectors, Mapping) else vectors
+    sparse = vectors.get(SPARSE_VECTOR_NAME) if isinstance(vectors, Mapping) else None
+    sv = None
+    if sparse is not None:
+        indices = getattr(sparse, "indices", None)
+        values = getattr(sparse, "values", None)
+        if indices is None and isinstance(sparse, Mapping):
+            indices, values = sparse.get("indices"), sparse.get("values")
+        if indices is not None:
+            sv = SparseVector(indices=[int(i) for i in indices], values=[float(v) for v in values])
+    return PointRecord(id=str(point_id_), vector=[float(x) for x in (dense or [])], payload=dict(payload or {}),
+                       sparse=sv)
 
 
 def _read_pid(fd: int) -> str:
@@ -1163,6 +1230,37 @@ class QdrantServerStore:
         with self._errors(f"counting {collection!r}", collection):
             flt = models.Filter(must=must) if must else None
             return self.client.count(collection, count_filter=flt, exact=True).count
+
+    def iter_dense(
+        self, collection: str, *, tenant: str | None = None, live: bool | None = True, batch_size: int = 512
+    ) -> Iterator[tuple[list[str], list[list[float]]]]:
+        """Every matching point's dense vector, scrolled in batches."""
+        from qdrant_client import models
+
+        must: list[Any] = [_server_eq(k, v) for k, v in (("tenant", tenant), ("live", live)) if v is not None]
+        flt = models.Filter(must=must) if must else None
+        offset = None
+        while True:
+            with self._errors(f"scrolling {collection!r}", collection):
+                records, offset = self.client.scroll(collection, scroll_filter=flt, limit=batch_size, offset=offset,
+                                                     with_payload=["document_id"], with_vectors=[VECTOR_NAME])
+            if records:
+                yield ([str((r.payload or {}).get("document_id", "")) for r in records],
+                       [list(r.vector[VECTOR_NAME]) for r in records])
+            if offset is None or not records:
+                return
+
+    def iter_points(self, collection: str, *, batch_size: int = 256) -> Iterator[list[PointRecord]]:
+        """Every point with payload and vectors, scrolled in batches."""
+        offset = None
+        while True:
+            with self._errors(f"scrolling {collection!r}", collection):
+                records, offset = self.client.scroll(collection, limit=batch_size, offset=offset, with_payload=True,
+                                                     with_vectors=True)
+            if records:
+                yield [_record_from(r.id, r.payload, r.vector) for r in records]
+            if offset is None or not records:
+                return
 
     def optimize(self, collection: str) -> bool:
         """A no-op: the server's optimizers build indexes in the background. Returns False."""

@@ -25,11 +25,14 @@ from litestar.params import Parameter
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from rag.answer import AnswerPipeline
+from rag.api.admin import export_query_sample, query_sample
 from rag.api.answers import answer, chat_completions
+from rag.api.encoders import adapt_encoder, list_encoders, promote_encoder, rollback_encoder
 from rag.api.schemas import JobRef, SearchHitOut, SearchIn, SearchOut, TextDocumentIn, UploadOut
-from rag.embedding import Embedder, load_embedder
+from rag.embedding import Embedder, load_embedder, model_version
+from rag.encoders import resolve_encoder_model
 from rag.errors import BadRequest, NotFound, PayloadTooLarge, RagError
-from rag.index import ensure_collection_for
+from rag.index import collection_name, ensure_collection_for
 from rag.loaders import SUPPORTED_SUFFIXES, default_document_id
 from rag.llm import LLM, OpenAICompatibleLLM
 from rag.local_llm import MODEL_NAME, LocalLLMServer, local_llm_paths
@@ -66,7 +69,8 @@ class Services:
         store = open_store(settings)
         try:
             registry = SqliteRegistry(settings.registry_path)
-            embedder = load_embedder(settings)
+            # The encoder of the active collection (an adapted version once one was promoted).
+            embedder = load_embedder(settings, resolve_encoder_model(settings, store))
         except BaseException:
             store.close()
             raise
@@ -77,6 +81,30 @@ class Services:
     def close(self) -> None:
         for close in self.closers:
             close()
+
+    def use_encoder(self, embedder: Embedder) -> None:
+        """Serve with ``embedder`` and its own collection; the retriever pairs the two, so no query is
+        embedded by one version and searched against another's vectors."""
+        retriever = Retriever(self.store, collection_name(embedder.version), embedder, SparseEncoder(), self.settings)
+        self.retriever = retriever
+        self.query_encoder = retriever.query_encoder
+        self.embedder = embedder
+        self.collection = retriever.collection
+        if self.answers is not None:
+            self.answers.retriever = retriever
+            self.answers.embedder = embedder
+        log.info("encoder_switched", encoder_version=embedder.version, collection=self.collection)
+
+    def follow_active(self) -> bool:
+        """Load the active collection's encoder when a promotion or rollback moved the pointer; True if switched."""
+        active = self.store.get_active()
+        if not active or active == self.collection:
+            return False
+        model = resolve_encoder_model(self.settings, self.store)
+        if collection_name(model_version(model)) != active:
+            return False  # the active collection's encoder is unknown here: keep serving what we have
+        self.use_encoder(load_embedder(self.settings, model))
+        return True
 
 
 # A component that runs beside the API for the app's lifetime (e.g. the embedded ingest worker).
@@ -159,6 +187,7 @@ def _job_out(job: Job) -> dict[str, Any]:
         "errors": [{"document_id": r.document_id, "source": r.source, "error": r.error}
                    for r in job.results if r.status == "failed"],
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+        "kind": job.kind, "stage": job.stage, "params": job.params, "outcome": job.outcome,
     }
 
 
@@ -247,7 +276,8 @@ def _parse_metadata(raw: str | None) -> dict[str, Any]:
 def get_job(request: Request, job_id: str) -> dict[str, Any]:
     svc = services_of(request)
     job = svc.registry.get_job(job_id)
-    if job is None or job.tenant != tenant_of(request):
+    # Encoder jobs (adapt, promote, rollback) act on the whole service, not on one tenant's documents.
+    if job is None or (job.kind == "ingest" and job.tenant != tenant_of(request)):
         raise NotFound(f"no job {job_id}")
     return _job_out(job)
 
@@ -256,7 +286,8 @@ def get_job(request: Request, job_id: str) -> dict[str, Any]:
 def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     svc = services_of(request)
     job = svc.registry.get_job(job_id)
-    if job is None or job.tenant != tenant_of(request):
+    # Encoder jobs (adapt, promote, rollback) act on the whole service, not on one tenant's documents.
+    if job is None or (job.kind == "ingest" and job.tenant != tenant_of(request)):
         raise NotFound(f"no job {job_id}")
     job = svc.registry.request_cancel(job_id)
     return _job_out(job)
@@ -317,9 +348,10 @@ async def search(request: Request, data: SearchIn) -> SearchOut:
     if not 1 <= data.top_k <= settings.max_top_k:
         raise BadRequest(f"top_k must be between 1 and {settings.max_top_k}", code="invalid_top_k")
     parse_filter(data.filter)  # reject a bad filter before paying for the query encode
-    mode = svc.retriever.mode_of(data.mode)
+    retriever = svc.retriever  # one retriever for the whole request: its encoder and collection belong together
+    mode = retriever.mode_of(data.mode)
     started = time.perf_counter()
-    hits = await svc.retriever.asearch(query, tenant=tenant, top_k=data.top_k, mode=mode, filter=data.filter)
+    hits = await retriever.asearch(query, tenant=tenant, top_k=data.top_k, mode=mode, filter=data.filter)
     results = [
         SearchHitOut(
             chunk_id=h.id, document_id=h.payload["document_id"], chunk_index=h.payload["chunk_index"], score=h.score,
@@ -329,7 +361,7 @@ async def search(request: Request, data: SearchIn) -> SearchOut:
         )
         for h in hits
     ]
-    return SearchOut(results=results, encoder_version=svc.embedder.version,
+    return SearchOut(results=results, encoder_version=retriever.embedder.version,
                      took_ms=round((time.perf_counter() - started) * 1000, 2), mode=mode)
 
 
@@ -377,6 +409,16 @@ def start_llm(settings: Settings, stack: AsyncExitStack) -> LLM | None:
     )
 
 
+async def _follow_active_encoder(svc: Services) -> None:
+    """Poll the active pointer: a promotion by a worker (this process or another) switches the query side."""
+    while True:
+        await anyio.sleep(svc.settings.encoder_poll_s)
+        try:
+            await anyio.to_thread.run_sync(svc.follow_active)
+        except RagError as exc:
+            log.warning("encoder_follow_failed", error=exc.message)
+
+
 def create_app(settings: Settings, services: Services | None = None, background: tuple[Background, ...] = ()) -> Litestar:
     """Build the app. ``services`` lets tests share models; ``background`` runs beside the API (the worker)."""
 
@@ -400,6 +442,9 @@ def create_app(settings: Settings, services: Services | None = None, background:
                                              prompts=load_prompts(prompts_dir(settings)), llm=llm, settings=settings)
                 for component in background:
                     stack.enter_context(component(svc))
+                tg = await stack.enter_async_context(anyio.create_task_group())
+                tg.start_soon(_follow_active_encoder, svc)
+                stack.callback(tg.cancel_scope.cancel)
                 svc.ready = True
                 log.info("service_ready", encoder_version=svc.embedder.version, collection=svc.collection,
                          embedded=settings.embedded, llm=getattr(llm, "base_url", None),
@@ -412,7 +457,8 @@ def create_app(settings: Settings, services: Services | None = None, background:
 
     return Litestar(
         route_handlers=[upload_documents, get_job, cancel_job, list_documents, get_document, delete_document,
-                        search, answer, chat_completions, healthz, readyz],
+                        search, answer, chat_completions, healthz, readyz, list_encoders, adapt_encoder,
+                        promote_encoder, rollback_encoder, query_sample, export_query_sample],
         lifespan=[lifespan],
         middleware=[RequestContextMiddleware()],
         exception_handlers={RagError: _rag_error, HTTPException: _http_error, Exception: _internal_error},

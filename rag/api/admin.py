@@ -1,0 +1,40 @@
+"""Operator endpoints: the opt-in sample of query embeddings that ``python -m eval drift --queries`` reads.
+
+The sample pools every tenant's queries and embeddings can be partly inverted back to text, so these
+routes are for operators only: keep ``/v1/admin/`` off the public network (README, "Embedding drift").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, get, post
+
+from rag.errors import NotFound
+from rag.query_sample import QuerySample, QuerySampleOut
+
+QUERY_SAMPLE_FILE = "query-sample.npy"
+
+
+def _sample(request: Request) -> QuerySample:
+    retriever = request.app.state.services.retriever
+    sample = getattr(retriever, "query_sample", None)
+    if sample is None:
+        raise NotFound("query sampling is off; set RAG_QUERY_SAMPLE_SIZE to a positive size to turn it on",
+                       code="query_sample_disabled")
+    return sample
+
+
+@get("/v1/admin/query-sample", sync_to_thread=True, summary="The sample of query embeddings (vectors only)")
+def query_sample(request: Request) -> QuerySampleOut:
+    """Rows in arrival order with their arrival number and time; 404 ``query_sample_disabled`` when off."""
+    return _sample(request).snapshot()
+
+
+@post("/v1/admin/query-sample/export", sync_to_thread=True, status_code=200,
+      summary="Write the query sample to <data_dir>/query-sample.npy (+ .json)")
+def export_query_sample(request: Request) -> dict[str, Any]:
+    sample = _sample(request)
+    path = sample.save(request.app.state.services.settings.data_dir / QUERY_SAMPLE_FILE)
+    return {"path": str(path), "metadata": str(path.with_suffix(".json")), "count": len(sample), "seen": sample.seen,
+            "encoder_version": sample.encoder_version}

@@ -1,0 +1,88 @@
+"""Encoder endpoints: list versions, and queue adaptation, promotion and rollback jobs for the worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+from litestar import Request, get, post
+
+from rag.encoders import EncoderRegistry, describe, version_of_collection
+from rag.errors import BadRequest
+
+JOB_TENANT = "_encoders"
+
+
+class AdaptIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/encoders/adapt. ``pairs_file``/``validation_file`` are paths on the server (JSONL or BEIR folder)."""
+
+    pairs_file: str | None = None
+    pairs_split: str = "train"
+    validation_file: str | None = None
+    validation_split: str = "dev"
+    unsupervised: bool = True
+    synthetic_questions: int = msgspec.field(default=0)
+    epochs: int | None = None
+    max_pairs: int | None = None
+    max_seq_length: int | None = None
+    tenant: str | None = None
+    promote: bool | None = None
+    force: bool = False
+
+
+class SwitchIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    version: str | None = None
+    force: bool = False
+
+
+def _services(request: Request):
+    return request.app.state.services
+
+
+def _registry(request: Request) -> EncoderRegistry:
+    return EncoderRegistry(_services(request).settings.data_dir / "encoders")
+
+
+@get("/v1/encoders", summary="Encoder versions: the active one, candidates, their gate scores and drift")
+async def list_encoders(request: Request) -> dict[str, Any]:
+    svc = _services(request)
+    active = version_of_collection(await anyio.to_thread.run_sync(svc.store.get_active))
+    records = await anyio.to_thread.run_sync(_registry(request).list)
+    jobs = await anyio.to_thread.run_sync(lambda: [j for j in svc.registry.list_jobs(limit=20) if j.kind != "ingest"])
+    return {"active": active, "serving": svc.embedder.version,
+            "encoders": [describe(r, active) for r in records],
+            "jobs": [{"id": j.id, "kind": j.kind, "status": j.status, "stage": j.stage, "error": j.error,
+                      "created_at": j.created_at} for j in jobs]}
+
+
+async def _queue(request: Request, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    svc = _services(request)
+    job = await anyio.to_thread.run_sync(lambda: svc.registry.create_job(JOB_TENANT, [], kind=kind, params=params))
+    return {"job_id": job.id, "kind": kind, "status": job.status, "status_url": f"/v1/jobs/{job.id}"}
+
+
+@post("/v1/encoders/adapt", status_code=202, summary="Queue an adaptation: pairs → fine-tune → gate (→ promote)")
+async def adapt_encoder(request: Request, data: AdaptIn) -> dict[str, Any]:
+    if data.epochs is not None and not 1 <= data.epochs <= 20:
+        raise BadRequest("epochs must be between 1 and 20")
+    if data.max_pairs is not None and data.max_pairs < 10:
+        raise BadRequest("max_pairs must be at least 10")
+    if not data.unsupervised and not data.pairs_file and not data.synthetic_questions:
+        raise BadRequest("nothing to train on: set unsupervised, pairs_file or synthetic_questions")
+    return await _queue(request, "adapt", msgspec.to_builtins(data))
+
+
+@post("/v1/encoders/promote", status_code=202, summary="Queue a promotion: re-embed into the version's collection, then switch")
+async def promote_encoder(request: Request, data: SwitchIn) -> dict[str, Any]:
+    if not data.version:
+        raise BadRequest("version is required")
+    await anyio.to_thread.run_sync(lambda: _registry(request).require(data.version))
+    return await _queue(request, "promote", {"version": data.version, "force": data.force})
+
+
+@post("/v1/encoders/rollback", status_code=202, summary="Queue a rollback to the active version's parent (or a named one)")
+async def rollback_encoder(request: Request, data: SwitchIn) -> dict[str, Any]:
+    if data.version:
+        await anyio.to_thread.run_sync(lambda: _registry(request).require(data.version))
+    return await _queue(request, "rollback", {"version": data.version})

@@ -1,0 +1,137 @@
+"""The encoder registry: every encoder version the service may search with, and which one is active.
+
+Each adapted version is a folder ``<data_dir>/encoders/<version>/`` holding the sentence-transformers
+model and ``record.json`` (base model, parent version, training data hash and counts, parameters,
+duration, validation scores, drift against the parent). Base encoders get a record too (``path``
+pointing at their own folder or hub name) the first time an adaptation starts from them, so a
+rollback can name them like any other version.
+
+The active version is not stored here: the vector store's active pointer (a Qdrant alias on a
+server, a pointer file in the embedded engine) names the active collection ``chunks-<version>``, and
+:func:`resolve_encoder_model` maps it back to the model to load. So the query side always embeds with
+the encoder whose vectors it searches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from rag.errors import BadRequest, NotFound
+from rag.index import collection_name
+
+RECORD = "record.json"
+COLLECTION_PREFIX = "chunks-"
+
+
+class EncoderRecord(msgspec.Struct, kw_only=True):
+    version: str
+    path: str  # model folder (or hub name for a base encoder)
+    base_model: str
+    parent: str | None = None
+    kind: str = "adapted"  # adapted | base
+    created_at: float = 0.0
+    status: str = "candidate"  # candidate | promoted | rejected | base
+    training: dict[str, Any] = msgspec.field(default_factory=dict)  # data hash, counts, parameters, duration
+    validation: dict[str, Any] = msgspec.field(default_factory=dict)  # candidate vs parent scores, gate verdict
+    drift: dict[str, Any] = msgspec.field(default_factory=dict)  # neighbour overlap with the parent
+    promoted_at: float | None = None
+    note: str = ""
+
+
+def version_of_collection(name: str | None) -> str | None:
+    if name and name.startswith(COLLECTION_PREFIX):
+        return name[len(COLLECTION_PREFIX):]
+    return None
+
+
+class EncoderRegistry:
+    """Encoder versions as folders with a record; writes are atomic (temp file + rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def folder(self, version: str) -> Path:
+        if not version or "/" in version or version.startswith("."):
+            raise BadRequest(f"bad encoder version {version!r}")
+        return self.root / version
+
+    def list(self) -> list[EncoderRecord]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in sorted(self.root.iterdir()):
+            rec = p / RECORD
+            if p.is_dir() and not p.name.startswith(".") and rec.exists():
+                out.append(msgspec.json.decode(rec.read_bytes(), type=EncoderRecord))
+        return sorted(out, key=lambda r: r.created_at)
+
+    def get(self, version: str) -> EncoderRecord | None:
+        rec = self.folder(version) / RECORD
+        if not rec.exists():
+            return None
+        return msgspec.json.decode(rec.read_bytes(), type=EncoderRecord)
+
+    def require(self, version: str) -> EncoderRecord:
+        rec = self.get(version)
+        if rec is None:
+            known = ", ".join(r.version for r in self.list()) or "none"
+            raise NotFound(f"encoder version {version!r} is not in the registry (known: {known})")
+        return rec
+
+    def save(self, record: EncoderRecord) -> None:
+        folder = self.folder(record.version)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{RECORD}.tmp"
+        tmp.write_bytes(msgspec.json.format(msgspec.json.encode(record), indent=2))
+        os.replace(tmp, folder / RECORD)
+
+    def ensure_base(self, version: str, model: str) -> EncoderRecord:
+        """Record a base encoder (not trained here) so that it can be promoted back to."""
+        rec = self.get(version)
+        if rec is None:
+            rec = EncoderRecord(version=version, path=model, base_model=model, kind="base", status="base",
+                                created_at=time.time())
+            self.save(rec)
+        return rec
+
+    def model_path(self, version: str) -> str:
+        rec = self.require(version)
+        if rec.kind == "base":
+            return rec.path
+        return str(self.folder(version) / "model")
+
+    def remove(self, version: str) -> None:
+        shutil.rmtree(self.folder(version), ignore_errors=True)
+
+
+def resolve_encoder_model(settings, store) -> str:
+    """The model to load so the query side matches the active collection.
+
+    The active collection's version wins when the registry knows it (it was promoted on purpose);
+    otherwise the configured ``RAG_ENCODER_MODEL`` (its collection becomes active when none is).
+    """
+    version = version_of_collection(store.get_active())
+    if version:
+        registry = EncoderRegistry(settings.data_dir / "encoders")
+        rec = registry.get(version)
+        if rec is not None:
+            return registry.model_path(version)
+    return settings.encoder_model
+
+
+def describe(record: EncoderRecord, active_version: str | None) -> dict[str, Any]:
+    out = msgspec.to_builtins(record)
+    out["active"] = record.version == active_version
+    out["collection"] = collection_name(record.version)
+    return out
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())

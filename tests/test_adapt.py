@@ -1,0 +1,256 @@
+"""Domain adaptation: pairs, a real tiny training run, the gate, blue/green promotion and rollback."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+
+from ingest.pairs import (
+    Pair, Passage, ict_pairs, order_for_in_batch_negatives, read_labelled, split_validation, title_pairs,
+)
+from rag.embedding import SentenceTransformerEmbedder
+from rag.encoders import EncoderRegistry
+from rag.errors import BadRequest
+from rag.index import collection_name
+from rag.settings import Settings
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+N_DOCS = 36
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    # Tiny training: small batches and lengths keep a run to seconds on 2 CPU cores.
+    return Settings(data_dir=tmp_path / "data", worker_poll_s=0.05, log_format="json", llm_local="no",
+                    adapt_batch_size=8, adapt_mini_batch_size=8, adapt_max_seq_length=64, adapt_max_pairs=48,
+                    adapt_validation_fraction=0.25, encoder_poll_s=0.1, adapt_learning_rate=1e-4)
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_data: Path) -> list[dict]:
+    docs = []
+    with (shared_data / "scifact" / "corpus.jsonl").open() as fh:
+        for line in fh:
+            row = json.loads(line)
+            if row["title"] and len(row["text"]) > 400:
+                docs.append(row)
+            if len(docs) == N_DOCS:
+                break
+    return docs
+
+
+def _upload(client, corpus: list[dict]) -> None:
+    body = "\n".join(json.dumps(d) for d in corpus).encode()
+    r = client.post("/v1/documents", files={"file": ("corpus.jsonl", body, "application/jsonl")})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["jobs"][0]["job_id"]
+    job = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["status"] in ("succeeded", "failed") and j,
+                   timeout=300)
+    assert job["status"] == "succeeded", job
+
+
+def _run_job(client, path: str, body: dict, timeout: float = 300) -> dict:
+    r = client.post(path, json=body)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    return wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["status"]
+                    in ("succeeded", "failed", "cancelled") and j, timeout=timeout, interval=0.2)
+
+
+def _versions_in(store, collection: str) -> set[str]:
+    return {p.payload.get("encoder_version") for b in store.iter_points(collection) for p in b}
+
+
+# --- pairs ------------------------------------------------------------------------------------
+
+
+def _passages() -> list[Passage]:
+    text = ("The first sentence talks about the heart and its chambers. The second sentence is about the lungs "
+            "and breathing. A third sentence covers the kidneys and filtration of blood.")
+    return [Passage(id=f"p{i}", tenant="t", document_id=f"d{i // 2}", chunk_index=i % 2,
+                    title=f"A study of organ number {i // 2} in humans", text=text) for i in range(10)]
+
+
+def test_title_and_inverse_cloze_pairs():
+    passages = _passages()
+    titles = title_pairs(passages)
+    assert len(titles) == 5 and all(p.source == "title" and p.query.startswith("A study") for p in titles)
+    assert all(p.positive == passages[0].text for p in titles)  # the body, without the title
+    ict = ict_pairs(passages, random.Random(1))
+    assert len(ict) == 10
+    for p in ict:
+        assert p.query.endswith(".") and len(p.query.split()) >= 6
+        assert p.positive.startswith(f"A study of organ number {p.document_id[1:]}")  # title, then text
+    # Mostly the query sentence is cut from its passage (kept 10 % of the time).
+    assert sum(p.query not in p.positive for p in ict) >= 7
+
+
+def test_batches_never_hold_two_pairs_of_one_document():
+    rng = random.Random(3)
+    pairs = [Pair(query=f"q{i}", positive=f"p{i}", document_id=f"d{rng.randrange(12)}", source="ict",
+                  negative_document_id=f"d{rng.randrange(12)}") for i in range(60)]
+    ordered = order_for_in_batch_negatives(pairs, 4, seed=5)
+    assert len(ordered) >= 0.9 * len(pairs) and len({p.query for p in ordered}) == len(ordered)
+    for start in range(0, len(ordered), 4):
+        docs = []
+        for p in ordered[start:start + 4]:
+            docs += [p.document_id] + ([p.negative_document_id] if p.negative_document_id else [])
+        assert len(docs) == len(set(docs))
+
+
+def test_validation_split_holds_out_whole_documents():
+    pairs = [Pair(query=f"q{i}", positive="x", document_id=f"d{i % 10}", source="ict") for i in range(50)]
+    train, val = split_validation(pairs, 0.2, seed=1)
+    assert len(val) == 10 and len(train) == 40
+    assert not {p.document_id for p in train} & {p.document_id for p in val}
+
+
+def test_labelled_pairs_formats_and_errors(tmp_path: Path):
+    good = tmp_path / "pairs.jsonl"
+    good.write_text('{"query": "what is x", "document_id": "d1"}\n\n{"query": "y?", "document_id": 7}\n')
+    assert read_labelled(good) == [("what is x", "d1"), ("y?", "7")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "ok", "document_id": "d1"}\n{"question": "no"}\n')
+    with pytest.raises(BadRequest, match="bad.jsonl:2"):
+        read_labelled(bad)
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "queries.jsonl").write_text('{"_id": "1", "text": "q one"}\r\n{"_id": "2", "text": "q two"}\n')
+    (beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n1\tdA\t1\n2\tdB\t0\n")
+    assert read_labelled(beir, "train") == [("q one", "dA")]
+    with pytest.raises(BadRequest, match="qrels/dev.tsv"):
+        read_labelled(beir, "dev")
+
+
+# --- training, gate, promotion ------------------------------------------------------------------
+
+
+def test_adapt_promote_rollback_switch_what_search_uses(app_client, corpus, embedder):
+    client = app_client
+    _upload(client, corpus)
+    base = embedder.version
+    probe = corpus[5]
+    before = client.post("/v1/search", json={"query": probe["title"], "top_k": 3, "mode": "dense"}).json()
+    assert before["encoder_version"] == base and before["results"][0]["document_id"] == probe["_id"]
+
+    job = _run_job(client, "/v1/encoders/adapt", {"promote": False, "epochs": 1})
+    assert job["status"] == "succeeded", job
+    rec = job["outcome"]["record"]
+    version = rec["version"]
+    assert rec["parent"] == base and version != base
+    assert rec["training"]["pairs"] > 0 and set(rec["training"]["pairs_by_source"]) <= {"title", "ict"}
+    assert rec["training"]["loss"] == "CachedMultipleNegativesRankingLoss"
+    assert rec["validation"]["queries"] > 0 and "ndcg@10" in rec["validation"]["active"]
+    assert 0.0 <= rec["drift"]["neighbour_overlap@10"] <= 1.0
+    # The version folder holds a loadable encoder that reports its own version.
+    registry = EncoderRegistry(client.services.settings.data_dir / "encoders")
+    loaded = SentenceTransformerEmbedder(registry.model_path(version))
+    assert loaded.version == version and loaded.dimension == embedder.dimension
+    listing = client.get("/v1/encoders").json()
+    assert listing["active"] == base and {e["version"] for e in listing["encoders"]} == {base, version}
+
+    job = _run_job(client, "/v1/encoders/promote", {"version": version, "force": True})
+    assert job["status"] == "succeeded", job
+    assert job["outcome"]["promotion"]["switched"] and job["outcome"]["promotion"]["points"] > 0
+    wait_for(lambda: client.services.embedder.version == version, timeout=60)
+    after = client.post("/v1/search", json={"query": probe["title"], "top_k": 3, "mode": "dense"}).json()
+    assert after["encoder_version"] == version and after["results"][0]["document_id"] == probe["_id"]
+    assert client.get("/v1/encoders").json()["active"] == version
+    store = client.services.store
+    # Each collection holds one encoder's vectors, and the new one holds every point of the old.
+    assert _versions_in(store, collection_name(base)) == {base}
+    assert _versions_in(store, collection_name(version)) == {version}
+    assert store.count(collection_name(version)) == store.count(collection_name(base))
+    # Uploads after the switch are embedded by the new encoder into its collection.
+    extra = {"_id": "extra-doc", "title": "Zebrafish fin regeneration after amputation",
+             "text": "Zebrafish regenerate amputated fins through blastema formation within days."}
+    _upload(client, [extra])
+    assert _versions_in(store, collection_name(version)) == {version}
+    hit = client.post("/v1/search", json={"query": "zebrafish fin regeneration", "top_k": 1}).json()
+    assert hit["results"][0]["document_id"] == "extra-doc"
+
+    job = _run_job(client, "/v1/encoders/rollback", {})
+    assert job["status"] == "succeeded", job
+    wait_for(lambda: client.services.embedder.version == base, timeout=60)
+    back = client.post("/v1/search", json={"query": "zebrafish fin regeneration", "top_k": 1}).json()
+    # The rolled-back collection was synced with what changed while the candidate served.
+    assert back["encoder_version"] == base and back["results"][0]["document_id"] == "extra-doc"
+    assert _versions_in(store, collection_name(base)) == {base}
+
+
+def test_gate_rejects_a_candidate_trained_on_shuffled_pairs(app_client, corpus, tmp_path: Path):
+    client = app_client
+    _upload(client, corpus)
+    ids = [d["_id"] for d in corpus]
+    wrong = ids[1:] + ids[:1]  # every title points at another document
+    shuffled = tmp_path / "shuffled.jsonl"
+    # Training queries (each abstract's first sentence) all name the wrong document; the gate asks with the second.
+    shuffled.write_text("\n".join(json.dumps({"query": d["text"].split(". ")[0], "document_id": w})
+                                  for d, w in zip(corpus, wrong)))
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text("\n".join(json.dumps({"query": d["text"].split(". ")[1], "document_id": d["_id"]})
+                               for d in corpus))
+    job = _run_job(client, "/v1/encoders/adapt", {"pairs_file": str(shuffled), "unsupervised": False,
+                                                  "validation_file": str(truth), "epochs": 3})
+    assert job["status"] == "succeeded", job
+    rec = job["outcome"]["record"]
+    assert rec["status"] == "rejected" and rec["validation"]["passed"] is False
+    assert rec["validation"]["candidate"]["ndcg@10"] < rec["validation"]["active"]["ndcg@10"]
+    assert "promotion" not in job["outcome"]
+    assert client.get("/v1/encoders").json()["active"] == client.services.embedder.version != rec["version"]
+    refused = _run_job(client, "/v1/encoders/promote", {"version": rec["version"]})
+    assert refused["status"] == "failed" and "gate" in refused["error"]
+
+
+def test_searches_keep_answering_while_the_corpus_is_re_embedded(app_client, corpus):
+    client = app_client
+    _upload(client, corpus)
+    job = _run_job(client, "/v1/encoders/adapt", {"promote": False})
+    version = job["outcome"]["record"]["version"]
+    folder = EncoderRegistry(client.services.settings.data_dir / "encoders").folder(version)
+    (folder / "corpus-vectors.npy").unlink()  # no cached vectors: promotion re-embeds every point
+    r = client.post("/v1/encoders/promote", json={"version": version, "force": True})
+    job_id = r.json()["job_id"]
+    answers, versions = [], set()
+    while client.get(f"/v1/jobs/{job_id}").json()["status"] in ("queued", "running"):
+        probe = corpus[len(answers) % len(corpus)]
+        res = client.post("/v1/search", json={"query": probe["title"], "top_k": 1, "mode": "dense"})
+        assert res.status_code == 200
+        answers.append(res.json()["results"][0]["document_id"] == probe["_id"])
+        versions.add(res.json()["encoder_version"])
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+    assert answers and sum(answers) >= 0.9 * len(answers)
+    wait_for(lambda: client.services.embedder.version == version, timeout=60)
+
+
+def test_training_resumes_from_its_last_checkpoint_after_a_crash(settings, embedder, corpus, tmp_path: Path):
+    from ingest.training import train_encoder
+
+    pairs = [Pair(query=d["title"], positive=d["text"][:300], document_id=d["_id"], source="title") for d in corpus[:32]]
+    work, out = tmp_path / "work", tmp_path / "model"
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_3(stage: str, fraction: float) -> None:
+        if stage == "training" and fraction >= 3 / 4:
+            raise Crash
+
+    small = msgspec.structs.replace(settings, adapt_batch_size=8)
+    with pytest.raises(Crash):
+        train_encoder(pairs, embedder.model_name, out, work, small, epochs=1, max_seq_length=32, seed=1,
+                      progress=crash_at_step_3, save_steps=2)
+    assert (work / "checkpoints" / "checkpoint-2").exists() and not out.exists()
+    stats = train_encoder(pairs, embedder.model_name, out, work, small, epochs=1, max_seq_length=32, seed=1,
+                          progress=lambda *a: None, save_steps=2)
+    assert stats["resumed_from"].endswith("checkpoint-2") and stats["steps"] == 4
+    vec = SentenceTransformerEmbedder(str(out)).embed_queries(["a question"])
+    assert vec.shape == (1, embedder.dimension) and np.isfinite(vec).all()
