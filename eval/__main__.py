@@ -3,9 +3,13 @@
 - ``retrieval``: index a BEIR corpus through the real ingest worker (or use a running service with
   ``--url``) and score its queries per retrieval mode; writes report.json, report.html, runs/*.trec.
 - ``compare A B``: two reports side by side; exit 1 when ``--metric`` dropped by more than ``--max-drop``.
-- ``answers``: answer quality (contains gold, citations, EM/F1, abstention, latency) on the report split of
-  SQuAD 2.0 dev through POST /v1/answer; ``calibrate``: the abstention threshold on the disjoint calibration split.
+- ``answers``: answer quality (contains gold, citations, EM/F1, abstention, latency, ragas metrics; LLM-judged
+  ones with ``--judge-url``) on the report split of SQuAD 2.0 dev through POST /v1/answer; ``calibrate``: the
+  abstention threshold on the disjoint calibration split.
 - ``bench ingest|search|answer``: benchmarks that print figures and write JSON.
+- ``drift``: embedding drift between two samples (corpora, vector snapshots, the API's query sample, two
+  encoders); writes report.json and report.html; exit 1 on drift only with ``--fail-on-drift``.
+  ``drift export``: a snapshot of a collection's dense vectors (.npy) to compare later.
 
 Exit status: 0 success, 1 failure (or a regression in ``compare``), 2 usage error.
 """
@@ -77,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.add_argument("--max-drop", type=float, default=0.01, help="largest allowed drop, absolute (default: 0.01)")
     cmp_.add_argument("--mode", help="compare this mode only (default: every mode both reports hold)")
     _add_answer_commands(sub, which)
+    _add_drift_command(sub)
     args = parser.parse_args(argv)
+
+    if args.command == "drift":
+        return _drift(args)
 
     if args.command in ("answers", "calibrate"):
         return _answers(args)
@@ -128,6 +136,14 @@ def _add_answer_commands(sub, which) -> None:
     ans.add_argument("--limit", type=int, default=300, help="questions of each kind (0: all; default 300)")
     ans.add_argument("--out", type=Path, required=True, help="folder for results.jsonl, report.json, report.html")
     ans.add_argument("--score-only", action="store_true", help="score OUT/results.jsonl as it is (e.g. a partial run)")
+    rg = ans.add_argument_group("ragas", "offline ragas metrics always run (the eval extra); answer correctness and "
+                                "faithfulness need a judge: any OpenAI-compatible endpoint")
+    rg.add_argument("--no-ragas", action="store_true", help="skip the ragas metrics")
+    rg.add_argument("--judge-url", help="judge base URL including /v1 (default: EVAL_JUDGE_URL; none: no judged metrics)")
+    rg.add_argument("--judge-model", help="judge model name (default: EVAL_JUDGE_MODEL or 'default')")
+    rg.add_argument("--judge-api-key", help="judge API key (default: EVAL_JUDGE_API_KEY)")
+    rg.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per judge request (default 120)")
+    rg.add_argument("--judge-limit", type=int, default=0, help="judge only the first N answered questions (0: all)")
 
     cal = sub.add_parser("calibrate", help="pick RAG_ABSTAIN_THRESHOLD on the CALIBRATION split (extractive)")
     common(cal, "calibration")
@@ -141,6 +157,50 @@ def _add_answer_commands(sub, which) -> None:
     ba.add_argument("--llm-port", type=int, default=8772, help="port the local llama-server is started on")
     ba.add_argument("--extractive-only", action="store_true")
     ba.add_argument("--out", type=Path, default=Path("bench"))
+
+
+def _add_drift_command(sub) -> None:
+    dr = sub.add_parser("drift", help="embedding drift: MMD permutation test, centroid shift, variance, neighbour overlap",
+                        description="Compare a reference sample of embeddings with a current one and give a verdict "
+                                    "against the RAG_DRIFT_* thresholds. A source is a BEIR corpus (folder or .jsonl: "
+                                    "one random chunk per document, embedded), an .npy matrix (e.g. from `drift export`), "
+                                    "a saved query sample (.json/.npy) or the URL of a running service (its "
+                                    "/v1/admin/query-sample). `drift export --data-dir D --out X.npy` snapshots the "
+                                    "active collection's dense vectors instead.")
+    dr.add_argument("action", nargs="?", choices=["compare", "export"], default="compare",
+                    help="compare (default) or export a collection snapshot")
+    dr.add_argument("--reference", help="reference source (corpus folder/.jsonl, .npy, query-sample .json, or URL)")
+    dr.add_argument("--current", help="current source (same kinds)")
+    dr.add_argument("--split-half", action="store_true", help="compare two random halves (by document) of --reference")
+    dr.add_argument("--queries", help="the API's query sample (service URL or saved file) as the current side; "
+                                      "reference: --reference, else the sample's earlier half")
+    dr.add_argument("--encoders", nargs=2, metavar=("A", "B"),
+                    help="two encoders (folder, hub name, or 'default') on the same chunks of --dataset")
+    dr.add_argument("--dataset", help="with --encoders: a BEIR corpus folder whose chunks both encoders embed")
+    dr.add_argument("--encoder", help="encoder for corpus sources (default: RAG_ENCODER_MODEL or the bundled MiniLM)")
+    dr.add_argument("--max-samples", "--sample", type=int, dest="max_samples",
+                    help="rows per side, a seeded subsample (default RAG_DRIFT_MAX_SAMPLES)")
+    dr.add_argument("--permutations", type=int, default=200, help="MMD permutation-test permutations (default 200)")
+    dr.add_argument("--seed", type=int, default=0)
+    dr.add_argument("--k", type=int, default=10, help="neighbour overlap@k with --encoders (default 10)")
+    dr.add_argument("--no-classifier", action="store_true", help="skip the classifier two-sample test")
+    dr.add_argument("--fail-on-drift", action="store_true", help="exit 1 when the verdict is drift (a deploy gate)")
+    dr.add_argument("--out", help="compare: folder for report.json and report.html; export: the .npy file")
+    dr.add_argument("--data-dir", help="export: the service's data dir (default RAG_DATA_DIR)")
+    dr.add_argument("--collection", help="export: collection to read (default: the active one)")
+    dr.add_argument("--tenant", help="export: only this tenant's vectors (default: every tenant)")
+    dr.add_argument("--cache-dir", help="embedding cache per encoder version and text (default .eval-data/drift-cache)")
+    dr.add_argument("--no-cache", action="store_true", help="embed every text afresh, cache nothing")
+    dr.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _drift(args) -> int:
+    from eval.drift_run import run_drift, run_export
+
+    if args.permutations < 1 or args.k < 1:
+        print("error: --permutations and --k must be at least 1", file=sys.stderr)
+        return 2
+    return run_export(args) if args.action == "export" else run_drift(args)
 
 
 def _answers(args) -> int:

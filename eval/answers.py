@@ -358,17 +358,99 @@ def render_html(report: dict[str, Any]) -> str:
         f"<td class=q>{esc(r['answer'][:400])}</td><td>{esc(r.get('support_score'))}</td></tr>" for r in misses)
     return (f"<!doctype html><html><head><meta charset=utf-8><title>answer eval</title><style>{_CSS}</style></head><body>"
             f"<h1>Answer quality — {esc(report['meta'].get('dataset'))}</h1><table class=meta>{meta}</table>"
-            f"<h2>Summary</h2><table><tr><th class=l>metric</th><th>value</th></tr>{rows}</table>"
+            f"<h2>Summary</h2><table><tr><th class=l>metric</th><th>value</th></tr>{rows}</table>{_ragas_html(report)}"
             f"<h2>Misses (first 200)</h2><table><tr><th class=l>question</th><th class=l>gold</th><th class=l>answer</th>"
             f"<th>support</th></tr>{miss_rows}</table></body></html>")
 
 
-def write_answer_report(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def write_answer_report(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
+                        ragas: dict[str, Any] | None = None) -> dict[str, Any]:
     report = {"schema": REPORT_SCHEMA, "meta": meta, "summary": summarise(rows), "rows": rows}
+    if ragas is not None:
+        report["ragas"] = ragas
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.html").write_text(render_html(report))
     return report
+
+
+_RAGAS_ROWS = (
+    ("semantic similarity", "semantic_similarity"), ("string similarity (Levenshtein)", "string_similarity"),
+    ("context precision (non-LLM)", "context_precision"), ("context recall (non-LLM)", "context_recall"),
+    ("answer correctness (judge)", "answer_correctness"), ("faithfulness (judge)", "faithfulness"),
+)
+
+
+def ragas_section(args, pairs: Sequence[tuple[QAExample, dict[str, Any]]],
+                  rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """ragas metrics (eval/ragas_metrics.py) for the run; per-row scores go on ``rows`` as ``row["ragas"]``.
+    None with ``--no-ragas``; ``{"error": …}`` when the ``eval`` extra is not installed."""
+    if getattr(args, "no_ragas", False):
+        return None
+    from eval import ragas_metrics
+
+    try:
+        ragas_metrics.ragas_version()
+    except ImportError as exc:
+        print(f"warning: ragas metrics skipped ({exc}); install the extra: pip install -e '.[eval]'", file=sys.stderr)
+        return {"error": f"ragas not installed: {exc}"}
+    from rag.embedding import load_embedder
+    from rag.settings import load_settings
+
+    judge = ragas_metrics.JudgeConfig.from_args(args)
+    print("ragas metrics (offline" + (f"; judge {judge.model} at {judge.url}" if judge else "; no judge configured")
+          + ") …", flush=True)
+    embedder = load_embedder(load_settings(log_format="json", log_level="warning"))
+    section, per_row = ragas_metrics.evaluate_answers(pairs, embedder=embedder, judge=judge)
+    for row in rows:
+        if row.get("id") in per_row:
+            row["ragas"] = per_row[row["id"]]
+    return section
+
+
+def format_ragas(section: dict[str, Any] | None) -> str:
+    if section is None:
+        return "ragas: skipped (--no-ragas)"
+    if "error" in section:
+        return f"ragas: {section['error']}"
+    metrics = section["metrics"]
+    judge = section["judge_metrics"] if not section["judge"] else f"judge {section['judge']['model']}"
+    lines = [f"ragas {section['ragas_version']} on {section['population_size']} answered answerable questions "
+             f"(similarity encoder {section['similarity_encoder']}; {judge})"]
+    for label, key in _RAGAS_ROWS:
+        m = metrics.get(key)
+        if m is None:
+            continue
+        v = "-" if m["mean"] is None else f"{m['mean']:.3f}"
+        failed = f", {m['failed']} failed" if m["failed"] else ""
+        lines.append(f"  {label:32}{v:>8}   (n={m['scored']}{failed})")
+        for reason, count in list(m["failure_reasons"].items())[:2]:
+            lines.append(f"      {count} × {reason[:110]}")
+    return "\n".join(lines)
+
+
+def _ragas_html(report: dict[str, Any]) -> str:
+    section = report.get("ragas")
+    if not section:
+        return ""
+    esc = lambda x: html.escape(str(x), quote=True)  # noqa: E731
+    if "error" in section:
+        return f"<h2>ragas</h2><p>{esc(section['error'])}</p>"
+    rows = ""
+    for label, key in _RAGAS_ROWS:
+        m = section["metrics"].get(key)
+        if m is None:
+            continue
+        value = "-" if m["mean"] is None else f"{m['mean']:.3f}"
+        reasons = "; ".join(f"{c} × {r}" for r, c in m["failure_reasons"].items())
+        rows += (f"<tr><td class=l>{esc(label)}</td><td>{value}</td><td>{m['scored']}</td><td>{m['failed']}</td>"
+                 f"<td class=l>{esc(m['population'])}</td><td class=l>{esc(m['compares'])}"
+                 f"{'<br>' + esc(reasons) if reasons else ''}</td></tr>")
+    judge = section["judge"]
+    note = esc(section["judge_metrics"] if not judge else f"judge {judge['model']} at {judge['url']}")
+    return (f"<h2>ragas {esc(section['ragas_version'])}</h2><p>similarity encoder {esc(section['similarity_encoder'])}; "
+            f"{note}</p><table><tr><th class=l>metric</th><th>mean</th><th>scored</th><th>failed</th>"
+            f"<th class=l>population</th><th class=l>compares</th></tr>{rows}</table>")
 
 
 def _git_commit() -> str:
@@ -391,12 +473,14 @@ def run_answers(args) -> int:
             "git_commit": _git_commit(), "abstain_threshold_env": os.environ.get("RAG_ABSTAIN_THRESHOLD"),
             "llm_local_env": os.environ.get("RAG_LLM_LOCAL"), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.score_only:
-        rows = [score_one(by_id[r["id"]], r["response"]) if "error" not in r["response"] else
-                {"id": r["id"], "is_impossible": by_id[r["id"]].is_impossible, "error": r["response"]["error"]}
-                for r in map(json.loads, results_path.read_text().splitlines()) if r["id"] in by_id]
+        pairs = [(by_id[r["id"]], r["response"]) for r in map(json.loads, results_path.read_text().splitlines())
+                 if r["id"] in by_id]
+        rows = [score_one(ex, body) if "error" not in body else
+                {"id": ex.id, "is_impossible": ex.is_impossible, "error": body["error"]} for ex, body in pairs]
         meta["partial"] = f"{len(rows)} of {len(chosen)}"
-        report = write_answer_report(out, meta, rows)
+        report = write_answer_report(out, meta, rows, ragas_section(args, pairs, rows))
         print(format_summary(report["summary"]))
+        print(format_ragas(report.get("ragas")))
         return 0
     svc = Service(url=args.url) if args.url else start_service(args.data_dir, args.port, {})
     try:
@@ -425,8 +509,9 @@ def run_answers(args) -> int:
     rows = [score_one(ex, body) if "error" not in body else
             {"id": ex.id, "is_impossible": ex.is_impossible, "error": body["error"]} for ex, body in pairs]
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    report = write_answer_report(out, meta, rows)
+    report = write_answer_report(out, meta, rows, ragas_section(args, pairs, rows))
     print(format_summary(report["summary"]))
+    print(format_ragas(report.get("ragas")))
     print(f"wrote {out / 'report.json'}\nwrote {out / 'report.html'}")
     return 0
 
@@ -495,9 +580,10 @@ def run_calibrate(args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-async def _stream_once(client: httpx.AsyncClient, path: str, body: dict[str, Any], *, sse_openai: bool) -> dict[str, float | None]:
+async def _stream_once(client: httpx.AsyncClient, path: str, body: dict[str, Any], *, sse_openai: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     ttft = None
+    timings: dict[str, float] = {}
     async with client.stream("POST", path, json=body) as r:
         r.raise_for_status()
         event = None
@@ -510,16 +596,25 @@ async def _stream_once(client: httpx.AsyncClient, path: str, body: dict[str, Any
                 event = line[6:].strip()
                 if event == "token" and ttft is None:
                     ttft = (time.perf_counter() - t0) * 1000
-    return {"ttft_ms": ttft, "total_ms": (time.perf_counter() - t0) * 1000}
+            elif line.startswith("data:") and event == "done":
+                timings = json.loads(line[5:]).get("timings") or {}
+    return {"ttft_ms": ttft, "total_ms": (time.perf_counter() - t0) * 1000, "timings": timings}
 
 
 async def _bench_target(url: str, path: str, make_body, n: int, *, tenant: str, sse_openai: bool = False,
-                        stream: bool = True) -> list[dict[str, float | None]]:
+                        stream: bool = True) -> list[dict[str, Any]]:
     out = []
-    async with httpx.AsyncClient(base_url=url, timeout=180, headers={"X-Tenant": tenant}) as client:
+    headers = {"X-Tenant": tenant}
+    if sse_openai:
+        # llama-server may close a kept-alive connection after a stream; a fresh one per request is the fair floor.
+        headers["Connection"] = "close"
+    async with httpx.AsyncClient(base_url=url, timeout=180, headers=headers) as client:
         for i in range(n):
             if stream:
-                out.append(await _stream_once(client, path, make_body(i), sse_openai=sse_openai))
+                try:
+                    out.append(await _stream_once(client, path, make_body(i), sse_openai=sse_openai))
+                except httpx.HTTPError as exc:
+                    out.append({"ttft_ms": None, "total_ms": None, "error": repr(exc)})
             else:
                 t0 = time.perf_counter()
                 r = await client.post(path, json=make_body(i))
@@ -528,13 +623,27 @@ async def _bench_target(url: str, path: str, make_body, n: int, *, tenant: str, 
     return out
 
 
-def _row(target: str, samples: list[dict[str, float | None]]) -> dict[str, Any]:
+STAGES = ("retrieve_ms", "rerank_ms", "context_ms", "llm_ms")
+
+
+def _row(target: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
     ttft = [s["ttft_ms"] for s in samples if s["ttft_ms"] is not None]
-    total = [s["total_ms"] for s in samples]
+    total = [s["total_ms"] for s in samples if s["total_ms"] is not None]
     r = lambda x: None if x is None else round(x, 1)  # noqa: E731
-    return {"target": target, "requests": len(samples), "ttft_p50_ms": r(percentile(ttft, 50)),
-            "ttft_p95_ms": r(percentile(ttft, 95)), "total_p50_ms": r(percentile(total, 50)),
-            "total_p95_ms": r(percentile(total, 95))}
+    row = {"target": target, "requests": len(samples), "ttft_p50_ms": r(percentile(ttft, 50)),
+           "ttft_p95_ms": r(percentile(ttft, 95)), "total_p50_ms": r(percentile(total, 50)),
+           "total_p95_ms": r(percentile(total, 95)), "errors": sum(1 for s in samples if s.get("error"))}
+    errors = [s["error"] for s in samples if s.get("error")]
+    if errors:
+        row["first_error"] = errors[0]
+    timed = [s["timings"] for s in samples if s.get("timings")]
+    if timed:
+        # Share of the server-side time per stage, summed over requests (medians of each stage beside it).
+        sums = {k: sum(t.get(k, 0.0) for t in timed) for k in STAGES}
+        whole = sum(sums.values()) or 1.0
+        row["stage_share"] = {k.removesuffix("_ms"): round(v / whole, 3) for k, v in sums.items()}
+        row["stage_p50_ms"] = {k.removesuffix("_ms"): r(percentile([t.get(k, 0.0) for t in timed], 50)) for k in STAGES}
+    return row
 
 
 def run_bench_answer(args) -> dict[str, Any]:
@@ -557,9 +666,11 @@ def run_bench_answer(args) -> dict[str, Any]:
                 print(upload_corpus(svc.url, args.dataset, args.tenant), flush=True)
             body = lambda i: {"question": questions[i % n], "stream": True}  # noqa: E731
             asyncio.run(_bench_target(svc.url, "/v1/answer", lambda i: body(i + 1), warm, tenant=args.tenant))
-            print(f"{label}: /v1/search …", flush=True)
-            rows.append(_row(f"[{label}] POST /v1/search (retrieval floor)", asyncio.run(_bench_target(
-                svc.url, "/v1/search", lambda i: {"query": questions[i % n], "top_k": 8}, n, tenant=args.tenant, stream=False))))
+            for mode in ("dense", "hybrid"):
+                print(f"{label}: /v1/search {mode} …", flush=True)
+                rows.append(_row(f"[{label}] POST /v1/search {mode} (retrieval floor)", asyncio.run(_bench_target(
+                    svc.url, "/v1/search", lambda i, m=mode: {"query": questions[i % n], "top_k": 8, "mode": m}, n,
+                    tenant=args.tenant, stream=False))))
             print(f"{label}: /v1/answer stream …", flush=True)
             rows.append(_row(f"[{label}] POST /v1/answer stream", asyncio.run(_bench_target(
                 svc.url, "/v1/answer", body, n, tenant=args.tenant))))
@@ -577,5 +688,9 @@ def run_bench_answer(args) -> dict[str, Any]:
     for r in rows:
         print(f"{r['target']:62}{r['requests']:>5}{fmt(r['ttft_p50_ms']):>10}{fmt(r['ttft_p95_ms']):>8}"
               f"{fmt(r['total_p50_ms']):>11}{fmt(r['total_p95_ms']):>8}")
+    for r in rows:
+        if "stage_share" in r:
+            shares = ", ".join(f"{k} {v:.1%} (p50 {r['stage_p50_ms'][k]} ms)" for k, v in r["stage_share"].items())
+            print(f"time share {r['target']}: {shares}")
     return {"benchmark": "answer", "dataset": str(args.dataset), "requests": n, "rows": rows, "cpus": os.cpu_count(),
             "git_commit": _git_commit()}

@@ -203,8 +203,11 @@ def mine_hard_negatives(pairs: list[Pair], passages: Sequence[Passage], vectors:
     got = 0
     qvecs = embed_queries([p.query for p in pairs]) if pairs else np.zeros((0, vectors.shape[1]), np.float32)
     pos_docs = best_passage_per_document(passages)
-    for pair, qv in zip(pairs, qvecs):
-        scores = vectors @ qv
+    block_scores = np.zeros((0, len(passages)), np.float32)
+    for n, (pair, qv) in enumerate(zip(pairs, qvecs)):
+        if n % 256 == 0:  # one matrix product per block of queries instead of one per query
+            block_scores = qvecs[n:n + 256] @ vectors.T
+        scores = block_scores[n % 256]
         own = pos_docs.get((pair.tenant, pair.document_id), [])
         pos_score = float(scores[own].max()) if own else 1.0
         top = np.argpartition(-scores, min(rank_to, len(scores) - 1))[: rank_to + 1]

@@ -42,6 +42,7 @@ def train_encoder(pairs: Sequence[Pair], base_model: str, out_dir: Path, work_di
     set_seed(seed)
     torch.manual_seed(seed)
     model = SentenceTransformer(base_model, device=settings.encoder_device)
+    model.to(torch.float32)  # weights saved in half precision would train in it, and diverge
     model.max_seq_length = max_seq_length
     batch = settings.adapt_batch_size
     with_neg = all(p.negative for p in pairs)

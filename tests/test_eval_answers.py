@@ -140,3 +140,26 @@ def test_report_files(tmp_path):
     assert s["answered_but_says_unknown"] == {"answerable": 1, "unanswerable": 1}
     assert (tmp_path / "report.json").exists() and "<html>" in (tmp_path / "report.html").read_text()
     assert "answer contains gold" in format_summary(s)
+
+
+def test_report_carries_the_ragas_section(tmp_path):
+    from types import SimpleNamespace
+
+    from eval.answers import format_ragas, ragas_section, write_answer_report
+
+    m = lambda mean, scored, failed=0, reasons=None: {  # noqa: E731
+        "mean": mean, "scored": scored, "failed": failed, "population": "answered answerable questions",
+        "compares": "x", "failure_reasons": reasons or {}}
+    section = {"schema": "rag-eval/ragas/1", "ragas_version": "0.4.3", "population_size": 2, "similarity_encoder": "enc-1",
+               "judge": {"url": "http://judge/v1", "model": "j", "timeout_s": 5, "limit": 0}, "judge_metrics": "computed",
+               "metrics": {"semantic_similarity": m(0.5, 2), "context_recall": m(1.0, 2),
+                           "faithfulness": m(None, 0, 2, {"TimeoutError: no score within 5s": 2})}}
+    rows = [score_one(qa("a1"), {"answer": "France", "answerable": True, "citations": []})]
+    report = write_answer_report(tmp_path, {"dataset": "squad"}, rows, section)
+    assert report["ragas"]["metrics"]["context_recall"]["mean"] == 1.0
+    text = format_ragas(section)
+    assert "semantic similarity" in text and "0.500" in text and "2 × TimeoutError" in text
+    page = (tmp_path / "report.html").read_text()
+    assert "ragas 0.4.3" in page and "faithfulness (judge)" in page and "TimeoutError" in page
+    assert ragas_section(SimpleNamespace(no_ragas=True), [], rows) is None and "skipped" in format_ragas(None)
+    assert "not installed" in format_ragas({"error": "ragas not installed: x"})

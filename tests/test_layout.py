@@ -90,6 +90,22 @@ def test_nothing_imports_the_entry_point():
     assert not problems, "\n".join(problems)
 
 
+# ragas and its langchain stack are confined to one module (ARCHITECTURE.md, "eval/": ragas answer metrics).
+RAGAS_MODULE = Path("eval/ragas_metrics.py")
+RAGAS_STACK = {"ragas", "langchain", "langchain_core", "langchain_community", "langchain_openai", "instructor"}
+
+
+def test_only_the_ragas_module_imports_ragas():
+    problems = []
+    for path in _python_files(*PACKAGES):
+        rel = path.relative_to(ROOT)
+        for line, target in _imports(path):
+            if target.split(".")[0] in RAGAS_STACK and rel != RAGAS_MODULE:
+                problems.append(f"{rel}:{line} imports {target} (only {RAGAS_MODULE} may)")
+    assert not problems, "\n".join(problems)
+    assert any(t.split(".")[0] == "ragas" for _, t in _imports(ROOT / RAGAS_MODULE)), "the ragas module moved?"
+
+
 def test_the_import_walker_sees_what_it_must():
     # The rules above are only as good as the walker: check it on the shapes it has to catch.
     source = (
