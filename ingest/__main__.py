@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ad.add_argument("--max-pairs", type=int, help="generated pairs to sample (default RAG_ADAPT_MAX_PAIRS)")
     ad.add_argument("--tenant", help="adapt to one tenant's documents (default: all)")
     ad.add_argument("--no-promote", action="store_true", help="only train and gate")
+    ad.add_argument("--promote", action="store_true",
+                    help="promote when the gate passes even on generated (unlabelled) validation pairs")
     ad.add_argument("--force", action="store_true", help="promote even if the gate rejects the candidate")
     ad.add_argument("--url", help="the service's base URL (default: http://RAG_HOST:RAG_PORT)")
     ad.add_argument("--local", action="store_true", help="never use the API; open the store in this process")

@@ -65,7 +65,8 @@ def run_adapt(settings: Settings, args) -> int:
         pairs_file=str(args.pairs) if args.pairs else None, pairs_split=args.pairs_split,
         validation_file=str(args.validation) if args.validation else None, validation_split=args.validation_split,
         unsupervised=not args.labelled_only, synthetic_questions=args.synthetic, epochs=args.epochs,
-        max_pairs=args.max_pairs, tenant=args.tenant, promote=False if args.no_promote else None, force=args.force,
+        max_pairs=args.max_pairs, tenant=args.tenant,
+        promote=False if args.no_promote else (True if args.promote else None), force=args.force,
     )
     url = service_url(settings, args.url)
     if not args.local and service_is_up(url):
@@ -89,8 +90,7 @@ def run_adapt(settings: Settings, args) -> int:
     try:
         record = ad.adapt(settings, services.store, services.embedder, options)
         print_record(msgspec.to_builtins(record))
-        promote_it = settings.adapt_auto_promote if options.promote is None else options.promote
-        if promote_it and (record.validation.get("passed") or options.force):
+        if ad.should_promote(settings, record, options):
             print(f"promotion:  {json.dumps(ad.promote(settings, services.store, record.version, force=options.force))}")
     finally:
         services.close()

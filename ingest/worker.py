@@ -170,8 +170,7 @@ class IngestWorker:
                                   work_key=job.id)
                 outcome["record"] = msgspec.to_builtins(record)
                 self.registry.set_stage(job.id, "gated", outcome)
-                auto = self.settings.adapt_auto_promote if options.promote is None else options.promote
-                if auto and (record.validation.get("passed") or options.force):
+                if ad.should_promote(self.settings, record, options):
                     outcome["promotion"] = ad.promote(self.settings, self.store, record.version, force=options.force,
                                                       progress=progress)
             elif job.kind == "promote":

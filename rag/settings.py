@@ -85,7 +85,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     adapt_gate_metric: Literal["ndcg@10", "mrr@10", "recall@10"] = "ndcg@10"
     adapt_gate_margin: float = 0.005  # the candidate must beat the active encoder by this much
     adapt_teacher_model: str = ""  # a CrossEncoder folder/name: MarginMSE (GPL-style) instead of MNRL
-    adapt_auto_promote: bool = True  # promote (re-embed + switch) when the gate passes
+    adapt_auto_promote: bool = True  # promote (re-embed + switch) when the gate passes on labelled validation
+    # Also auto-promote on held-out generated pairs (titles, inverse cloze): off, because on SciFact they
+    # favoured a candidate that was worse on real queries (README, "Domain adaptation").
+    adapt_promote_unlabelled: bool = False
     encoder_poll_s: float = 1.0  # how often the API checks whether a promotion moved the active collection
     # Drift monitoring. The API keeps a uniform sample of this many query embeddings (vectors only,
     # never text) for `python -m eval drift --queries`; 0 turns it off and costs nothing.

@@ -254,3 +254,21 @@ def test_training_resumes_from_its_last_checkpoint_after_a_crash(settings, embed
     assert stats["resumed_from"].endswith("checkpoint-2") and stats["steps"] == 4
     vec = SentenceTransformerEmbedder(str(out)).embed_queries(["a question"])
     assert vec.shape == (1, embedder.dimension) and np.isfinite(vec).all()
+
+
+def test_auto_promotion_needs_a_labelled_gate(settings):
+    from ingest.adapt import AdaptOptions, should_promote
+    from rag.encoders import EncoderRecord
+
+    def record(passed: bool, labelled: bool) -> EncoderRecord:
+        return EncoderRecord(version="v2", path="x", base_model="m", validation={"passed": passed, "labelled": labelled})
+
+    default = AdaptOptions()
+    assert should_promote(settings, record(True, True), default)
+    assert not should_promote(settings, record(True, False), default)  # generated pairs only: wait for a promote
+    assert should_promote(settings, record(True, False), AdaptOptions(promote=True))
+    assert not should_promote(settings, record(False, True), default)
+    assert should_promote(settings, record(False, False), AdaptOptions(force=True))
+    assert not should_promote(settings, record(True, True), AdaptOptions(promote=False))
+    unlabelled_ok = msgspec.structs.replace(settings, adapt_promote_unlabelled=True)
+    assert should_promote(unlabelled_ok, record(True, False), default)
