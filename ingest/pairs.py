@@ -85,7 +85,9 @@ def load_passages(store: VectorStore, collection: str, *, tenant: str | None = N
     order = sorted(range(len(passages)), key=lambda i: (passages[i].tenant, passages[i].document_id,
                                                         passages[i].chunk_index))
     passages = [passages[i] for i in order]
-    mat = np.asarray([vectors[i] for i in order], dtype=np.float32).reshape(len(order), -1)
+    if not order:
+        return [], np.zeros((0, 0), dtype=np.float32)
+    mat = np.asarray([vectors[i] for i in order], dtype=np.float32)
     return passages, mat
 
 

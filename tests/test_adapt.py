@@ -186,6 +186,14 @@ def test_adapt_promote_rollback_switch_what_search_uses(app_client, corpus, embe
     assert _versions_in(store, collection_name(base)) == {base}
 
 
+def test_adapting_an_empty_corpus_fails_the_job_with_the_reason(app_client):
+    job = _run_job(app_client, "/v1/encoders/adapt", {})
+    assert job["status"] == "failed" and "corpus is empty" in job["error"]
+    assert app_client.post("/v1/encoders/adapt", json={"epochs": 0}).status_code == 400
+    r = app_client.post("/v1/encoders/promote", json={"version": "nope"})
+    assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+
+
 def test_gate_rejects_a_candidate_trained_on_shuffled_pairs(app_client, corpus, tmp_path: Path):
     client = app_client
     _upload(client, corpus)
