@@ -85,6 +85,7 @@ class Prepared(msgspec.Struct, kw_only=True):
     answerable: bool
     retrieval: dict[str, Any]
     timings: dict[str, float]
+    encoder_version: str = ""  # of the retriever that served this question (one encoder per request)
 
 
 def citations_for(context: Context, numbers: Sequence[int]) -> list[Citation]:
@@ -124,7 +125,8 @@ class AnswerPipeline:
         question = req.question.strip()
         t0 = time.perf_counter()
         depth = max(req.top_k, self.settings.rerank_depth)
-        hits = await self.retriever.asearch(question, tenant=tenant, top_k=depth, mode=req.mode, filter=req.filter)
+        retriever = self.retriever  # a promotion may swap it; this request keeps the one it started with
+        hits = await retriever.asearch(question, tenant=tenant, top_k=depth, mode=req.mode, filter=req.filter)
         retrieve_ms = (time.perf_counter() - t0) * 1000
         rr = await anyio.to_thread.run_sync(
             lambda: self.reranker.rerank(question, hits, depth=self.settings.rerank_depth,
@@ -144,7 +146,7 @@ class AnswerPipeline:
         }
         return Prepared(question=question, hits=top, context=context, extractive=extractive,
                         evidence=ranked[:EVIDENCE_SENTENCES], answerable=answerable, retrieval=retrieval,
-                        timings=timings)
+                        timings=timings, encoder_version=retriever.embedder.version)
 
     def _messages(self, prep: Prepared, history: list[dict[str, str]]) -> list[dict[str, str]]:
         by_n = {s.n: s for s in prep.context.sources}
@@ -180,7 +182,7 @@ class AnswerPipeline:
     async def answer(self, req: AnswerRequest, tenant: str) -> Answer:
         started = time.perf_counter()
         prep = await self.prepare(req, tenant)
-        common = {"encoder_version": self.embedder.version, "prompt": self.prompt_version,
+        common = {"encoder_version": prep.encoder_version, "prompt": self.prompt_version,
                   "retrieval": prep.retrieval, "context": self._context_info(prep), "timings": prep.timings}
         if not prep.answerable:
             return Answer(answer=self._no_answer(prep), citations=[], mode="extractive", answerable=False,
@@ -213,7 +215,7 @@ class AnswerPipeline:
         """Events: ("token", {"text"}) …, ("citations", [..]), ("done", {...}); or ("error", {...})."""
         started = time.perf_counter()
         prep = await self.prepare(req, tenant)
-        meta = {"encoder_version": self.embedder.version, "prompt": self.prompt_version,
+        meta = {"encoder_version": prep.encoder_version, "prompt": self.prompt_version,
                 "retrieval": prep.retrieval, "context": self._context_info(prep), "timings": prep.timings}
         if not prep.answerable:
             yield "token", {"text": self._no_answer(prep)}
