@@ -28,6 +28,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from rag.embedding import neighbour_overlap
+
 __all__ = [
     "REPORT_SCHEMA",
     "CentroidShift",
@@ -426,17 +428,6 @@ def nearest_similarity(x: np.ndarray, y: np.ndarray) -> tuple[NearestStats, np.n
                          novelty_cut=cut, novel_share=float(np.mean(cur_best < cut))), ref_best, cur_best)
 
 
-def _knn(e: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
-    u = _unit(_f32(e))
-    out = np.empty((len(u), k), dtype=np.int64)
-    for start in range(0, len(u), block):
-        s = u[start: start + block] @ u.T
-        rows = np.arange(len(s))
-        s[rows, start + rows] = -np.inf  # an item is not its own neighbour
-        out[start: start + block] = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    return out
-
-
 def neighbour_overlap_at_k(ref_emb: np.ndarray, cur_emb: np.ndarray, k: int = 10) -> np.ndarray:
     """Per item, the share of its ``k`` nearest neighbours (cosine, within its own space) that the
     reference and the current encoder agree on. Row i of both matrices must embed the same text."""
@@ -445,8 +436,7 @@ def neighbour_overlap_at_k(ref_emb: np.ndarray, cur_emb: np.ndarray, k: int = 10
         raise ValueError(f"neighbour overlap needs the same items in both spaces ({len(ref_emb)} vs {len(cur_emb)})")
     if len(ref_emb) <= k:
         raise ValueError(f"neighbour overlap@{k} needs more than {k} items, got {len(ref_emb)}")
-    a, b = _knn(ref_emb, k), _knn(cur_emb, k)
-    return np.array([len(set(ra.tolist()) & set(rb.tolist())) / k for ra, rb in zip(a, b, strict=True)])
+    return neighbour_overlap(ref_emb, cur_emb, k)
 
 
 def overlap_stats(ref_emb: np.ndarray, cur_emb: np.ndarray, k: int = 10) -> tuple[OverlapStats, np.ndarray]:

@@ -10,8 +10,8 @@ one encoder's vectors.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import random
 import shutil
 import time
@@ -25,10 +25,10 @@ import numpy as np
 import structlog
 
 from ingest.pairs import (
-    Pair, Passage, ict_pairs, labelled_pairs, load_passages, mine_hard_negatives, order_for_in_batch_negatives,
-    pairs_hash, passage_text, read_labelled, split_validation, title_pairs,
+    Pair, ict_pairs, labelled_pairs, load_passages, mine_hard_negatives, pairs_hash, passage_text, read_labelled,
+    split_validation, title_pairs,
 )
-from rag.embedding import SentenceTransformerEmbedder, model_version
+from rag.embedding import SentenceTransformerEmbedder, neighbour_overlap
 from rag.encoders import EncoderRecord, EncoderRegistry, version_of_collection
 from rag.errors import BadRequest, RagError
 from rag.index import collection_name
@@ -115,22 +115,6 @@ def validation_set(pairs: Sequence[Pair]) -> tuple[list[str], list[set[str]]]:
         rel[p.query].add(f"{p.tenant}\x00{p.document_id}")
     queries = sorted(rel)
     return queries, [rel[q] for q in queries]
-
-
-def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = EVAL_K, sample: int = 1000, seed: int = 13) -> float:
-    """Mean overlap of each item's k nearest neighbours in two embeddings of the same items (1 = same geometry)."""
-    n = len(a)
-    if n <= k:
-        return 1.0
-    idx = np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False)
-
-    def knn(x: np.ndarray) -> np.ndarray:
-        s = x[idx] @ x.T
-        s[np.arange(len(idx)), idx] = -np.inf
-        return np.argpartition(-s, k, axis=1)[:, :k]
-
-    na, nb = knn(a), knn(b)
-    return float(np.mean([len(set(r1) & set(r2)) / k for r1, r2 in zip(na, nb)]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,11 +209,11 @@ def adapt(settings: Settings, store: VectorStore, embedder: SentenceTransformerE
             return [h.id for h in hits]
 
         mined = mine_hard_negatives(train_pairs, passages, vectors, embedder.embed_queries, sparse_search, seed=seed)
-        train_pairs = [p for p in train_pairs if p.negative] if mined >= 0.8 * len(train_pairs) else train_pairs
-        if any(p.negative is None for p in train_pairs):
+        if mined >= 0.8 * len(train_pairs):  # the loss takes a negative for every pair or for none
+            train_pairs = [p for p in train_pairs if p.negative]
+        else:
             for p in train_pairs:
-                p.negative = None
-                p.negative_document_id = None
+                p.negative = p.negative_document_id = None
     counts: dict[str, int] = defaultdict(int)
     for p in train_pairs:
         counts[p.source] += 1
@@ -269,7 +253,8 @@ def adapt(settings: Settings, store: VectorStore, embedder: SentenceTransformerE
     metric = settings.adapt_gate_metric
     gain = after[metric] - before[metric]
     passed = gain >= settings.adapt_gate_margin
-    overlap = neighbour_overlap(vectors, cand_vectors)
+    sample = np.random.default_rng(seed).choice(len(passages), size=min(1000, len(passages)), replace=False)
+    overlap = float(neighbour_overlap(vectors, cand_vectors, EVAL_K, sample).mean()) if len(passages) > EVAL_K else 1.0
     record = EncoderRecord(
         version=version, path=str(folder / "model"), base_model=parent_rec.base_model, parent=parent,
         created_at=time.time(), status="candidate" if passed else "rejected",
@@ -336,8 +321,6 @@ def should_promote(settings: Settings, record: EncoderRecord, options: AdaptOpti
 def candidate_version(parent: str, data_hash: str, settings: Settings) -> str:
     """A readable, deterministic name: same parent, pairs and parameters → same version (so a retry resumes)."""
     base = parent.split("-ft")[0][:40]
-    import hashlib
-
     h = hashlib.sha256(f"{parent}|{data_hash}|{settings.adapt_epochs}|{settings.adapt_batch_size}|"
                        f"{settings.adapt_learning_rate}|{settings.adapt_max_seq_length}|{settings.adapt_seed}|"
                        f"{settings.adapt_teacher_model}".encode()).hexdigest()[:10]

@@ -129,13 +129,7 @@ class IngestWorker:
             bound.info("job_cancelled")
             return
         except (StoreError, TransientError, OSError) as exc:
-            # Transient: the job goes back to the queue until its attempts run out.
-            if job.attempts < self.settings.job_max_attempts:
-                self.registry.requeue_job(job.id, f"attempt {job.attempts} failed: {exc}")
-                bound.warning("job_retry", error=str(exc))
-            else:
-                self.registry.finish_job(job.id, "failed", f"gave up after {job.attempts} attempts: {exc}")
-                bound.error("job_failed", error=str(exc))
+            self._retry_or_fail(job, exc, bound)
             return
         status = "failed" if failed else "succeeded"
         error = f"{failed} of {total} documents failed" if failed else None
@@ -143,6 +137,15 @@ class IngestWorker:
         for item in job.items:
             remove_upload(item)
         bound.info("job_finished", status=status, documents=total, failed=failed, s=round(time.perf_counter() - started, 3))
+
+    def _retry_or_fail(self, job: Job, exc: Exception, bound) -> None:
+        """Transient: the job goes back to the queue until its attempts run out."""
+        if job.attempts < self.settings.job_max_attempts:
+            self.registry.requeue_job(job.id, f"attempt {job.attempts} failed: {exc}")
+            bound.warning("job_retry", error=str(exc))
+        else:
+            self.registry.finish_job(job.id, "failed", f"gave up after {job.attempts} attempts: {exc}")
+            bound.error("job_failed", error=str(exc))
 
     # ---- encoder jobs (adapt, promote, rollback) ----------------------------------------------
     def _run_encoder_job(self, job: Job) -> None:
@@ -186,11 +189,7 @@ class IngestWorker:
             bound.info("job_cancelled")
             return
         except (StoreError, TransientError, OSError) as exc:
-            if job.attempts < self.settings.job_max_attempts:
-                self.registry.requeue_job(job.id, f"attempt {job.attempts} failed: {exc}")
-                bound.warning("job_retry", error=str(exc))
-            else:
-                self.registry.finish_job(job.id, "failed", f"gave up after {job.attempts} attempts: {exc}")
+            self._retry_or_fail(job, exc, bound)
             return
         except (RagError, ValueError, msgspec.ValidationError) as exc:
             message = exc.message if isinstance(exc, RagError) else str(exc)

@@ -114,6 +114,27 @@ class SentenceTransformerEmbedder:
         return self._encode(texts, max(1, min(len(texts), self.batch_size)))
 
 
+def nearest_neighbours(x: np.ndarray, k: int, rows: np.ndarray | None = None, block: int = 1024) -> np.ndarray:
+    """Indices of the ``k`` nearest items (cosine) to each of ``rows`` (default: every item), itself excluded."""
+    u = np.asarray(x, dtype=np.float32)
+    u = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+    rows = np.arange(len(u)) if rows is None else np.asarray(rows)
+    out = np.empty((len(rows), k), dtype=np.int64)
+    for start in range(0, len(rows), block):
+        chunk = rows[start:start + block]
+        s = u[chunk] @ u.T
+        s[np.arange(len(chunk)), chunk] = -np.inf  # an item is not its own neighbour
+        out[start:start + block] = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    return out
+
+
+def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10, rows: np.ndarray | None = None) -> np.ndarray:
+    """Per item (of ``rows``), the share of its ``k`` nearest neighbours that two embeddings of the same
+    items agree on: 1 means the encoders see the same geometry. Row i of ``a`` and ``b`` is one text."""
+    na, nb = nearest_neighbours(a, k, rows), nearest_neighbours(b, k, rows)
+    return np.array([len(set(ra.tolist()) & set(rb.tolist())) / k for ra, rb in zip(na, nb, strict=True)])
+
+
 def load_embedder(settings, model: str | None = None) -> SentenceTransformerEmbedder:
     """Build ``model`` (default: the configured encoder) with the settings' batch size, device and threads."""
     return SentenceTransformerEmbedder(

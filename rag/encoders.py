@@ -14,7 +14,6 @@ the encoder whose vectors it searches.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -132,6 +131,3 @@ def describe(record: EncoderRecord, active_version: str | None) -> dict[str, Any
     out["collection"] = collection_name(record.version)
     return out
 
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())

@@ -61,6 +61,7 @@ class Services:
     retriever: Retriever | None = None
     answers: AnswerPipeline | None = None
     ready: bool = False
+    unfollowed: str = ""  # an active collection whose encoder is unknown here, checked once
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     @classmethod
@@ -98,8 +99,9 @@ class Services:
     def follow_active(self) -> bool:
         """Load the active collection's encoder when a promotion or rollback moved the pointer; True if switched."""
         active = self.store.get_active()
-        if not active or active == self.collection:
+        if not active or active in (self.collection, self.unfollowed):
             return False
+        self.unfollowed = active
         model = resolve_encoder_model(self.settings, self.store)
         if collection_name(model_version(model)) != active:
             return False  # the active collection's encoder is unknown here: keep serving what we have

@@ -22,7 +22,7 @@ class AdaptIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     validation_file: str | None = None
     validation_split: str = "dev"
     unsupervised: bool = True
-    synthetic_questions: int = msgspec.field(default=0)
+    synthetic_questions: int = 0
     epochs: int | None = None
     max_pairs: int | None = None
     max_seq_length: int | None = None
