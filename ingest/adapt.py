@@ -506,3 +506,30 @@ def rollback(settings: Settings, store: VectorStore, to: str | None = None,
     result = promote(settings, store, to, force=True, progress=progress)
     log.info("encoder_rolled_back", version=to, previous=active)
     return {**result, "rolled_back_from": active}
+
+
+def prune(settings: Settings, store: VectorStore, keep: Sequence[str] = ()) -> dict[str, Any]:
+    """Drop the collections of encoder versions that no longer serve.
+
+    The active version's collection stays, and so does its parent's, which a rollback switches to
+    (any version in ``keep`` too). A pruned version can still be promoted or rolled back to later: its
+    collection is then rebuilt from the active one, re-embedding every point instead of syncing.
+    Models and records stay in the registry.
+    """
+    registry = encoder_registry(settings)
+    _, active = active_version(store)
+    rec = registry.get(active)
+    protect = {active, *keep}
+    if rec is not None and rec.parent:
+        protect.add(rec.parent)
+    dropped: list[str] = []
+    points = 0
+    for name in store.list_collections():
+        version = version_of_collection(name)
+        if not version or version in protect:
+            continue
+        points += store.count(name)
+        store.drop_collection(name)
+        dropped.append(name)
+    log.info("encoder_collections_pruned", dropped=dropped, kept=sorted(protect), points=points)
+    return {"dropped": dropped, "points_dropped": points, "kept_versions": sorted(protect)}

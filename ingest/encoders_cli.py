@@ -1,4 +1,4 @@
-"""``python -m ingest adapt`` and ``python -m ingest encoders list|promote|rollback``.
+"""``python -m ingest adapt`` and ``python -m ingest encoders list|promote|rollback|prune``.
 
 Through the running service's API when one answers (its worker owns the store and runs the job),
 otherwise in this process under the store's lock.
@@ -128,10 +128,13 @@ def run_encoders(settings: Settings, args) -> int:
             print(f"{'*' if r['active'] else ' '} {r['version']:<48} {r['status']:<9} parent={r.get('parent')} {score}")
         return 0
     if remote:
-        path = "/v1/encoders/promote" if args.action == "promote" else "/v1/encoders/rollback"
-        job = _post(url, path, {"version": args.version, "force": getattr(args, "force", False)})
+        if args.action == "prune":
+            job = _post(url, "/v1/encoders/prune", {"keep": list(args.keep)})
+        else:
+            path = "/v1/encoders/promote" if args.action == "promote" else "/v1/encoders/rollback"
+            job = _post(url, path, {"version": args.version, "force": getattr(args, "force", False)})
         done = _wait_job(url, job["job_id"])
-        print(json.dumps(done["outcome"].get("promotion") or {}, indent=2))
+        print(json.dumps(done["outcome"].get("promotion") or done["outcome"].get("pruned") or {}, indent=2))
         if done["status"] != "succeeded":
             print(f"error: {done.get('error')}")
             return 1
@@ -143,6 +146,8 @@ def run_encoders(settings: Settings, args) -> int:
     try:
         if args.action == "promote":
             out = ad.promote(settings, store, args.version, force=args.force)
+        elif args.action == "prune":
+            out = ad.prune(settings, store, keep=list(args.keep))
         else:
             out = ad.rollback(settings, store, args.version)
     finally:

@@ -147,7 +147,7 @@ class IngestWorker:
             self.registry.finish_job(job.id, "failed", f"gave up after {job.attempts} attempts: {exc}")
             bound.error("job_failed", error=str(exc))
 
-    # ---- encoder jobs (adapt, promote, rollback) ----------------------------------------------
+    # ---- encoder jobs (adapt, promote, rollback, prune) -------------------------------------------
     def _run_encoder_job(self, job: Job) -> None:
         from ingest import adapt as ad
 
@@ -182,6 +182,8 @@ class IngestWorker:
             elif job.kind == "rollback":
                 outcome["promotion"] = ad.rollback(self.settings, self.store, job.params.get("version"),
                                                    progress=progress)
+            elif job.kind == "prune":
+                outcome["pruned"] = ad.prune(self.settings, self.store, keep=list(job.params.get("keep") or []))
             else:
                 raise BadRequest(f"unknown job kind {job.kind!r}")
         except JobCancelled:

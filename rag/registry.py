@@ -73,7 +73,7 @@ class Job(msgspec.Struct, kw_only=True):
     chunks: int = 0
     cancel_requested: bool = False
     results: list[DocumentResult] = msgspec.field(default_factory=list)
-    kind: str = "ingest"  # ingest | adapt | promote | rollback
+    kind: str = "ingest"  # ingest | adapt | promote | rollback | prune
     params: dict[str, Any] = msgspec.field(default_factory=dict)  # what a non-ingest job does
     outcome: dict[str, Any] = msgspec.field(default_factory=dict)  # what it produced (e.g. the encoder record)
     stage: str = ""  # where a long job is (e.g. "training 40%")

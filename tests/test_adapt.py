@@ -198,6 +198,24 @@ def test_adapt_promote_rollback_switch_what_search_uses(app_client, corpus, embe
     assert back["encoder_version"] == base and back["results"][0]["document_id"] == "extra-doc"
     assert _versions_in(store, collection_name(base)) == {base}
 
+    # Prune drops what no longer serves (the base is active and has no parent); the registry keeps the version,
+    # and promoting it again rebuilds its collection from the active one.
+    assert client.post("/v1/encoders/prune", json={"keep": ["nope"]}).status_code == 404
+    job = _run_job(client, "/v1/encoders/prune", {})
+    assert job["status"] == "succeeded", job
+    assert job["outcome"]["pruned"]["dropped"] == [collection_name(version)]
+    assert collection_name(version) not in store.list_collections()
+    assert client.post("/v1/search", json={"query": "zebrafish fin regeneration", "top_k": 1}).json()[
+        "results"][0]["document_id"] == "extra-doc"
+    assert _run_job(client, "/v1/encoders/prune", {})["outcome"]["pruned"]["dropped"] == []
+    job = _run_job(client, "/v1/encoders/promote", {"version": version, "force": True})
+    assert job["status"] == "succeeded", job
+    rebuilt = job["outcome"]["promotion"]
+    assert rebuilt["copied"] == rebuilt["points"] == rebuilt["embedded"] + rebuilt["reused_vectors"]
+    wait_for(lambda: client.services.embedder.version == version, timeout=60)
+    assert _versions_in(store, collection_name(version)) == {version}
+    assert store.count(collection_name(version)) == store.count(collection_name(base))
+
 
 def test_adapting_an_empty_corpus_fails_the_job_with_the_reason(app_client):
     job = _run_job(app_client, "/v1/encoders/adapt", {})

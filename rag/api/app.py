@@ -27,7 +27,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from rag.answer import AnswerPipeline
 from rag.api.admin import export_query_sample, query_sample
 from rag.api.answers import answer, chat_completions
-from rag.api.encoders import adapt_encoder, list_encoders, promote_encoder, rollback_encoder
+from rag.api.encoders import adapt_encoder, list_encoders, promote_encoder, prune_encoders, rollback_encoder
 from rag.api.schemas import JobRef, SearchHitOut, SearchIn, SearchOut, TextDocumentIn, UploadOut
 from rag.embedding import Embedder, load_embedder, model_version
 from rag.encoders import resolve_encoder_model
@@ -460,7 +460,7 @@ def create_app(settings: Settings, services: Services | None = None, background:
     return Litestar(
         route_handlers=[upload_documents, get_job, cancel_job, list_documents, get_document, delete_document,
                         search, answer, chat_completions, healthz, readyz, list_encoders, adapt_encoder,
-                        promote_encoder, rollback_encoder, query_sample, export_query_sample],
+                        promote_encoder, rollback_encoder, prune_encoders, query_sample, export_query_sample],
         lifespan=[lifespan],
         middleware=[RequestContextMiddleware()],
         exception_handlers={RagError: _rag_error, HTTPException: _http_error, Exception: _internal_error},

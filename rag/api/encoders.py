@@ -14,6 +14,10 @@ from rag.errors import BadRequest
 JOB_TENANT = "_encoders"
 
 
+class PruneIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    keep: list[str] = msgspec.field(default_factory=list)  # versions whose collections stay besides active and parent
+
+
 class SwitchIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     version: str | None = None
     force: bool = False
@@ -64,3 +68,12 @@ async def rollback_encoder(request: Request, data: SwitchIn) -> dict[str, Any]:
     if data.version:
         await anyio.to_thread.run_sync(lambda: _registry(request).require(data.version))
     return await _queue(request, "rollback", {"version": data.version})
+
+
+@post("/v1/encoders/prune", status_code=202,
+      summary="Queue a prune: drop the collections of versions other than the active one and its parent")
+async def prune_encoders(request: Request, data: PruneIn) -> dict[str, Any]:
+    registry = _registry(request)
+    for version in data.keep:
+        await anyio.to_thread.run_sync(lambda v=version: registry.require(v))
+    return await _queue(request, "prune", {"keep": data.keep})
