@@ -241,9 +241,8 @@ def _compare(args) -> int:
 
 def _retrieval(args) -> int:
     from eval.datasets import DatasetError
-    from rag.errors import RagError, SettingsError
-    from rag.logs import configure_logging
-    from rag.settings import load_settings
+    from rag.errors import RagError
+    from rag.settings import settings_for_cli
 
     if args.limit_queries < 0:
         print("error: --limit-queries must be >= 0", file=sys.stderr)
@@ -251,12 +250,9 @@ def _retrieval(args) -> int:
     overrides: dict[str, object] = {"log_format": "json", "log_level": "warning"}
     if args.encoder:
         overrides["encoder_model"] = args.encoder
-    try:
-        settings = load_settings(**overrides)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    settings = settings_for_cli(**overrides)
+    if settings is None:
         return 2
-    configure_logging(settings.log_format, settings.log_level)
     from eval.report import build_report, format_table, write_reports
     from eval.retrieval import EvalOptions, run_retrieval_eval
 

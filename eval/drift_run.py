@@ -437,17 +437,12 @@ def build_drift_report(args, settings: Settings, *, embedder=None) -> DriftRepor
 def run_drift(args) -> int:
     """The ``drift`` command: exit 0 (1 on drift with ``--fail-on-drift``; 2 on usage or data errors)."""
     from eval.drift_report import format_summary, write_drift_report
-    from rag.errors import SettingsError
-    from rag.logs import configure_logging
-    from rag.settings import load_settings
+    from rag.settings import settings_for_cli
 
     overrides: dict[str, object] = {"log_format": "json", "log_level": "warning"}
-    try:
-        settings = load_settings(**overrides)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    settings = settings_for_cli(**overrides)
+    if settings is None:
         return 2
-    configure_logging(settings.log_format, settings.log_level)
     if not args.out:
         print("error: --out DIR is required", file=sys.stderr)
         return 2
@@ -506,9 +501,7 @@ def export_snapshot(settings: Settings, out: Path, *, collection: str | None = N
 
 
 def run_export(args) -> int:
-    from rag.errors import SettingsError
-    from rag.logs import configure_logging
-    from rag.settings import load_settings
+    from rag.settings import settings_for_cli
 
     if not args.out or Path(args.out).suffix != ".npy":
         print("error: drift export needs --out FILE.npy", file=sys.stderr)
@@ -516,12 +509,9 @@ def run_export(args) -> int:
     overrides: dict[str, object] = {"log_format": "json", "log_level": "warning"}
     if args.data_dir:
         overrides["data_dir"] = Path(args.data_dir)
-    try:
-        settings = load_settings(**overrides)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    settings = settings_for_cli(**overrides)
+    if settings is None:
         return 2
-    configure_logging(settings.log_format, settings.log_level)
     try:
         meta = export_snapshot(settings, Path(args.out), collection=args.collection, tenant=args.tenant,
                                progress=not args.no_progress)

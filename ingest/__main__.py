@@ -65,16 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "encoders" and args.action == "promote" and not args.version:
         parser.error("encoders promote needs a VERSION")
 
-    from rag.errors import RagError, SettingsError
-    from rag.logs import configure_logging
-    from rag.settings import load_settings
+    from rag.errors import RagError
+    from rag.settings import settings_for_cli
 
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    settings = settings_for_cli()
+    if settings is None:
         return 2
-    configure_logging(settings.log_format, settings.log_level)
     try:
         if args.command == "worker":
             return run_worker(settings)

@@ -281,8 +281,8 @@ def adapt(settings: Settings, store: VectorStore, embedder: SentenceTransformerE
     epochs = options.epochs or settings.adapt_epochs
     selection = None
     data_hash = pairs_hash(train_pairs)
-    cv_work = settings.data_dir / "encoders" / ".work" / f"cv-{data_hash}-{work_key}"
     if options.cv_folds:
+        cv_work = settings.data_dir / "encoders" / ".work" / f"cv-{data_hash}-{work_key}"
         selection = cross_validate_epochs(train_pairs, passages, registry.model_path(parent), cv_work, settings,
                                           folds=options.cv_folds, grid=options.epoch_grid,
                                           max_seq_length=max_seq_length, seed=seed, progress=progress,

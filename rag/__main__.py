@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     llm.add_argument("--port", type=int, default=8081)
     args = parser.parse_args(argv)
 
-    from rag.errors import SettingsError
-    from rag.logs import configure_logging
-    from rag.settings import load_settings
+    from rag.settings import settings_for_cli
 
     if args.command == "llm":
         from rag.errors import RagError
@@ -52,12 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
 
     overrides = {k: v for k, v in {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}.items() if v}
-    try:
-        settings = load_settings(**overrides)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    settings = settings_for_cli(**overrides)
+    if settings is None:
         return 2
-    configure_logging(settings.log_format, settings.log_level)
     if args.command == "settings":
         import msgspec
 

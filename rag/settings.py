@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -196,3 +197,16 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
             if f"`$.{name}`" in msg:
                 raise SettingsError(f"{PREFIX}{name.upper()}={raw.get(name)!r}: {msg.split(' - at')[0]}") from exc
         raise SettingsError(msg) from exc
+
+
+def settings_for_cli(**overrides: object) -> Settings | None:
+    """Settings for a command-line entry point, with logging configured; None, after saying why, when invalid."""
+    try:
+        settings = load_settings(**overrides)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    from rag.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    return settings

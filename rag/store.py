@@ -842,40 +842,38 @@ class EdgeVectorStore:
         with _edge_errors(f"counting {collection!r}"):
             return shard.count(CountRequest(exact=True, filter=Filter(must=must) if must else None))
 
-    def iter_dense(
-        self, collection: str, *, tenant: str | None = None, live: bool | None = True, batch_size: int = 512
-    ) -> Iterator[tuple[list[str], list[list[float]]]]:
-        """Every matching point's dense vector, scrolled in batches (each its own short engine call)."""
-        from qdrant_edge import Filter, ScrollRequest
-
-        must = [_edge_eq(k, v) for k, v in (("tenant", tenant), ("live", live)) if v is not None]
-        flt = Filter(must=must) if must else None
-        shard = self._shard(collection)
-        offset = None
-        while True:
-            with _edge_errors(f"scrolling {collection!r}"):
-                records, offset = shard.scroll(ScrollRequest(offset=offset, limit=batch_size, filter=flt,
-                                                             with_payload=["document_id"], with_vector=[VECTOR_NAME]))
-            if records:
-                yield ([str((r.payload or {}).get("document_id", "")) for r in records],
-                       [list(r.vector[VECTOR_NAME]) for r in records])
-            if offset is None or not records:
-                return
-
-    def iter_points(self, collection: str, *, batch_size: int = 256) -> Iterator[list[PointRecord]]:
-        """Every point with payload and vectors, scrolled in batches (each its own short engine call)."""
+    def _scroll(self, collection: str, *, batch_size: int, flt: Any = None, with_payload: Any = True,
+                with_vector: Any = True) -> Iterator[list[Any]]:
+        """The engine's records in batches, each batch its own short engine call."""
         from qdrant_edge import ScrollRequest
 
         shard = self._shard(collection)
         offset = None
         while True:
             with _edge_errors(f"scrolling {collection!r}"):
-                records, offset = shard.scroll(ScrollRequest(offset=offset, limit=batch_size, with_payload=True,
-                                                             with_vector=True))
+                records, offset = shard.scroll(ScrollRequest(offset=offset, limit=batch_size, filter=flt,
+                                                             with_payload=with_payload, with_vector=with_vector))
             if records:
-                yield [_record_from(r.id, r.payload, r.vector) for r in records]
+                yield records
             if offset is None or not records:
                 return
+
+    def iter_dense(
+        self, collection: str, *, tenant: str | None = None, live: bool | None = True, batch_size: int = 512
+    ) -> Iterator[tuple[list[str], list[list[float]]]]:
+        """Every matching point's dense vector, scrolled in batches (each its own short engine call)."""
+        from qdrant_edge import Filter
+
+        must = [_edge_eq(k, v) for k, v in (("tenant", tenant), ("live", live)) if v is not None]
+        for records in self._scroll(collection, batch_size=batch_size, flt=Filter(must=must) if must else None,
+                                    with_payload=["document_id"], with_vector=[VECTOR_NAME]):
+            yield ([str((r.payload or {}).get("document_id", "")) for r in records],
+                   [list(r.vector[VECTOR_NAME]) for r in records])
+
+    def iter_points(self, collection: str, *, batch_size: int = 256) -> Iterator[list[PointRecord]]:
+        """Every point with payload and vectors, scrolled in batches (each its own short engine call)."""
+        for records in self._scroll(collection, batch_size=batch_size):
+            yield [_record_from(r.id, r.payload, r.vector) for r in records]
 
     def optimize(self, collection: str) -> bool:
         """Run the engine's optimizers (HNSW build, merges, vacuum) now; blocks the process meanwhile.
@@ -1231,6 +1229,19 @@ class QdrantServerStore:
             flt = models.Filter(must=must) if must else None
             return self.client.count(collection, count_filter=flt, exact=True).count
 
+    def _scroll(self, collection: str, *, batch_size: int, flt: Any = None, with_payload: Any = True,
+                with_vectors: Any = True) -> Iterator[list[Any]]:
+        """The server's records in batches."""
+        offset = None
+        while True:
+            with self._errors(f"scrolling {collection!r}", collection):
+                records, offset = self.client.scroll(collection, scroll_filter=flt, limit=batch_size, offset=offset,
+                                                     with_payload=with_payload, with_vectors=with_vectors)
+            if records:
+                yield records
+            if offset is None or not records:
+                return
+
     def iter_dense(
         self, collection: str, *, tenant: str | None = None, live: bool | None = True, batch_size: int = 512
     ) -> Iterator[tuple[list[str], list[list[float]]]]:
@@ -1238,29 +1249,15 @@ class QdrantServerStore:
         from qdrant_client import models
 
         must: list[Any] = [_server_eq(k, v) for k, v in (("tenant", tenant), ("live", live)) if v is not None]
-        flt = models.Filter(must=must) if must else None
-        offset = None
-        while True:
-            with self._errors(f"scrolling {collection!r}", collection):
-                records, offset = self.client.scroll(collection, scroll_filter=flt, limit=batch_size, offset=offset,
-                                                     with_payload=["document_id"], with_vectors=[VECTOR_NAME])
-            if records:
-                yield ([str((r.payload or {}).get("document_id", "")) for r in records],
-                       [list(r.vector[VECTOR_NAME]) for r in records])
-            if offset is None or not records:
-                return
+        for records in self._scroll(collection, batch_size=batch_size, flt=models.Filter(must=must) if must else None,
+                                    with_payload=["document_id"], with_vectors=[VECTOR_NAME]):
+            yield ([str((r.payload or {}).get("document_id", "")) for r in records],
+                   [list(r.vector[VECTOR_NAME]) for r in records])
 
     def iter_points(self, collection: str, *, batch_size: int = 256) -> Iterator[list[PointRecord]]:
         """Every point with payload and vectors, scrolled in batches."""
-        offset = None
-        while True:
-            with self._errors(f"scrolling {collection!r}", collection):
-                records, offset = self.client.scroll(collection, limit=batch_size, offset=offset, with_payload=True,
-                                                     with_vectors=True)
-            if records:
-                yield [_record_from(r.id, r.payload, r.vector) for r in records]
-            if offset is None or not records:
-                return
+        for records in self._scroll(collection, batch_size=batch_size):
+            yield [_record_from(r.id, r.payload, r.vector) for r in records]
 
     def optimize(self, collection: str) -> bool:
         """A no-op: the server's optimizers build indexes in the background. Returns False."""
