@@ -37,7 +37,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     port: int = 8000
     max_upload_bytes: int = 50 * 1024 * 1024
     max_files_per_upload: int = 100
-    max_text_chars: int = 5_000_000
+    max_text_chars: int = 5_000_000  # text of a JSON document, and text extracted from any uploaded file
+    # Hostile-input bounds (each applies on every upload path; exceeding one is a 413 or a failed document
+    # that names the setting).
+    max_decompressed_bytes: int = 200 * 1024 * 1024  # what a .docx (zip) may inflate to, all members together
+    max_pdf_pages: int = 2000
+    max_metadata_bytes: int = 16 * 1024  # a document's metadata as JSON; it is copied into every chunk
+    max_title_chars: int = 1000
+    max_json_depth: int = 32  # nesting of any JSON body, multipart metadata or JSONL line
     max_query_chars: int = 2000
     max_top_k: int = 100
     page_size_max: int = 500
@@ -73,6 +80,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     worker_poll_s: float = 0.5
     job_max_attempts: int = 3
     job_lease_s: float = 300.0
+    # /readyz turns 503 when the in-process worker has not beaten its heartbeat for this long; a dead
+    # worker thread is restarted by its supervisor.
+    worker_stale_s: float = 600.0  # an adaptation's corpus read or negative mining can go minutes without a beat
     # Domain adaptation (`python -m ingest adapt`, POST /v1/encoders/adapt)
     adapt_epochs: int = 1
     adapt_batch_size: int = 64  # the contrastive batch (in-batch negatives); cached: memory stays at the mini batch
@@ -114,6 +124,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (1 <= self.port <= 65535, "port", "must be a TCP port (1-65535)"),
             (self.max_upload_bytes >= 1, "max_upload_bytes", "must be positive"),
             (self.max_top_k >= 1, "max_top_k", "must be positive"),
+            (self.max_decompressed_bytes >= 1, "max_decompressed_bytes", "must be positive"),
+            (self.max_pdf_pages >= 1, "max_pdf_pages", "must be positive"),
+            (self.max_metadata_bytes >= 2, "max_metadata_bytes", "must be at least 2"),
+            (self.max_title_chars >= 1, "max_title_chars", "must be positive"),
+            (2 <= self.max_json_depth <= 256, "max_json_depth", "must be between 2 and 256"),
+            (self.worker_stale_s > 0, "worker_stale_s", "must be positive"),
             (self.job_max_attempts >= 1, "job_max_attempts", "must be at least 1"),
             (self.torch_threads >= 0, "torch_threads", "must be >= 0"),
             (self.rrf_k >= 1, "rrf_k", "must be at least 1"),

@@ -18,12 +18,15 @@ from rag.errors import DocumentError
 from rag.loaders import (
     SUPPORTED_SUFFIXES,
     LoadFailure,
+    LoadLimits,
     default_document_id,
     load,
     load_document,
     normalize_text,
 )
+from rag.settings import Settings
 from rag.types import Document
+from tests import hostile_files as hostile
 
 SCIFACT = Path("/work/shared/data/scifact/corpus.jsonl")
 
@@ -467,3 +470,279 @@ def test_load_document_raises_document_error() -> None:
         load_document("c.jsonl", b'{"_id": "1", "text": "a"}\n{"_id": "2", "text": "b"}\n')
     error = LoadFailure("x", "x.pdf", "encrypted PDF").to_error()
     assert isinstance(error, DocumentError) and error.status_code == 422
+
+
+# -- hostile files ----------------------------------------------------------------------------------
+
+
+def test_jsonl_deep_line_fails_alone() -> None:
+    results = list(load("deep.jsonl", hostile.jsonl_deep_line()))
+    assert [type(r).__name__ for r in results] == ["LoadFailure", "Document"]
+    assert results[0].reason == "line 1: JSON nests more than 32 levels deep (RAG_MAX_JSON_DEPTH)"
+    assert (results[1].id, results[1].text) == ("ok", "fine")
+
+
+def test_jsonl_hostile_invalid_utf8_line() -> None:
+    results = list(load("utf.jsonl", hostile.invalid_utf8_jsonl()))
+    assert [type(r).__name__ for r in results] == ["Document", "LoadFailure"]
+    assert results[0].id == "good"
+    assert results[1].reason == "line 2: not valid UTF-8 text"
+
+
+def test_docx_corrupt_deflate_fails() -> None:
+    reason = failure("bad.docx", hostile.docx_corrupt_deflate()).reason
+    assert reason.startswith("corrupt .docx ('word/document.xml': Error -3"), reason
+    assert "invalid block type" in reason
+
+
+def test_docx_unsupported_compression_method_fails() -> None:
+    reason = failure("aes.docx", hostile.docx_compression_99()).reason
+    assert reason.startswith("unsupported zip compression method 99 ("), reason
+
+
+def test_docx_bomb_fails_on_declared_size() -> None:
+    data = hostile.docx_bomb()
+    assert len(data) < 2_000_000  # the builder stays small
+    reason = failure("bomb.docx", data).reason
+    assert reason.startswith(".docx inflates to 1,07"), reason
+    assert reason.endswith("bytes; the limit is 209,715,200 (RAG_MAX_DECOMPRESSED_BYTES)")
+
+
+def test_docx_bomb_lying_about_its_size_fails() -> None:
+    # The headers declare 3,000 bytes (with a matching CRC); the member inflates to 1 GiB.
+    reason = failure("liar.docx", hostile.docx_bomb(declared_size=3000)).reason
+    assert reason == (
+        "corrupt .docx (member 'word/document.xml' inflates to more than its declared 3,000 bytes)"
+    )
+
+
+def test_docx_bombs_do_not_inflate_in_memory() -> None:
+    # A fresh process, so that the peak RSS is this load's and not an earlier test's.
+    code = (
+        "import resource, sys\n"
+        "import docx, pypdf\n"
+        "from rag.loaders import load\n"
+        "from tests import hostile_files as hostile\n"
+        "honest, liar = hostile.docx_bomb(), hostile.docx_bomb(declared_size=3000)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "for data in (honest, liar):\n"
+        "    (result,) = load('bomb.docx', data)\n"
+        "    assert type(result).__name__ == 'LoadFailure', result\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print((after - before) // 1024)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    grown_mib = int(proc.stdout.decode().split()[-1])
+    assert grown_mib < 100  # zipfile alone would take 1-2 GiB for these
+
+
+def test_docx_of_padding_within_limits_loads() -> None:
+    doc = ok("padded.docx", hostile.docx_bomb(inflated=2 << 20))
+    assert doc.text == "bomb"  # 2 MiB of spaces collapse away
+
+
+def test_docx_over_custom_decompressed_limit() -> None:
+    limits = LoadLimits(max_decompressed_bytes=1 << 20)
+    reason = failure("padded.docx", hostile.docx_bomb(inflated=2 << 20), limits=limits).reason
+    assert reason.startswith(".docx inflates to 2,")
+    assert reason.endswith("the limit is 1,048,576 (RAG_MAX_DECOMPRESSED_BYTES)")
+    assert isinstance(one("ok.docx", hostile.docx_valid(), limits=limits), Document)
+
+
+def test_pdf_unknown_filter_page_is_unreadable() -> None:
+    reason = failure("filter.pdf", hostile.pdf_unknown_filter()).reason
+    assert reason == "corrupt PDF (no page could be read, 1 failed: NotImplementedError)"
+    doc = ok("filter2.pdf", hostile.pdf_unknown_filter(good_pages=2))
+    assert doc.metadata == {"format": "pdf", "pages": 3, "unreadable_pages": [1]}
+    assert doc.text == "Hostile page text\n\nHostile page text"
+
+
+def test_pdf_with_too_many_pages_fails_before_extracting() -> None:
+    reason = failure("many.pdf", hostile.pdf_many_pages()).reason
+    assert reason == "PDF has 10,000 pages; the limit is 2,000 (RAG_MAX_PDF_PAGES)"
+    # 2**40 pages in about 2 KB: refused without flattening the page tree
+    huge = failure("huge.pdf", hostile.pdf_many_pages(2**40)).reason
+    assert huge.endswith("pages; the limit is 2,000 (RAG_MAX_PDF_PAGES)")
+
+
+def test_pdf_page_limit_boundary() -> None:
+    limits = LoadLimits(max_pages=5)
+    doc = ok("five.pdf", hostile.pdf_many_pages(5), limits=limits)
+    assert doc.metadata["pages"] == 5
+    reason = failure("six.pdf", hostile.pdf_many_pages(6), limits=limits).reason
+    assert reason == "PDF has 6 pages; the limit is 5 (RAG_MAX_PDF_PAGES)"
+
+
+# -- limits -----------------------------------------------------------------------------------------
+
+
+def test_load_limits_defaults_and_from_settings() -> None:
+    assert LoadLimits() == LoadLimits.from_settings(Settings())
+    settings = Settings(
+        max_text_chars=11, max_decompressed_bytes=12, max_pdf_pages=13,
+        max_json_depth=14, max_metadata_bytes=15, max_title_chars=16,
+    )  # fmt: skip
+    assert LoadLimits.from_settings(settings) == LoadLimits(
+        max_chars=11, max_decompressed_bytes=12, max_pages=13,
+        max_json_depth=14, max_metadata_bytes=15, max_title_chars=16,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="max_pages"):
+        LoadLimits(max_pages=0)
+
+
+@pytest.mark.parametrize(
+    ("filename", "data"),
+    [
+        ("long.txt", b"x" * 101),
+        ("long.md", b"# T\n\n" + b"y" * 100),
+        ("long.html", b"<p>" + b"z" * 101 + b"</p>"),
+    ],
+)
+def test_text_over_max_chars_fails(filename: str, data: bytes) -> None:
+    limits = LoadLimits(max_chars=100)
+    reason = failure(filename, data, limits=limits).reason
+    assert reason.endswith("characters; the limit is 100 (RAG_MAX_TEXT_CHARS)"), reason
+    assert ok("fits.txt", b"x" * 100, limits=limits).text == "x" * 100
+
+
+def test_text_limit_message() -> None:
+    reason = failure("long.txt", b"x" * 101, limits=LoadLimits(max_chars=100)).reason
+    assert reason == "text is 101 characters; the limit is 100 (RAG_MAX_TEXT_CHARS)"
+
+
+def test_pdf_and_docx_stop_extracting_past_max_chars() -> None:
+    limits = LoadLimits(max_chars=30)
+    pdf = make_pdf(["First page says hello.", "Second page says goodbye."])
+    assert failure("long.pdf", pdf, limits=limits).reason == (
+        "text is more than 30 characters; the limit is 30 (RAG_MAX_TEXT_CHARS)"
+    )
+    assert failure("long.docx", make_docx(), limits=limits).reason == (
+        "text is more than 30 characters; the limit is 30 (RAG_MAX_TEXT_CHARS)"
+    )
+    assert ok("fits.pdf", make_pdf(["First page says hello."]), limits=limits)
+
+
+def test_pdf_content_counts_against_decompressed_limit() -> None:
+    pdf = hostile.pdf_many_pages(20)  # one ~50-byte content stream, parsed once per page
+    reason = failure("pages.pdf", pdf, limits=LoadLimits(max_decompressed_bytes=500)).reason
+    assert reason == (
+        "PDF page content inflates to more than 500 bytes; the limit is 500 "
+        "(RAG_MAX_DECOMPRESSED_BYTES)"
+    )
+    assert ok("pages.pdf", pdf, limits=LoadLimits(max_decompressed_bytes=5000)).metadata["pages"] == 20
+
+
+def test_jsonl_line_limits_fail_alone() -> None:
+    limits = LoadLimits(max_chars=20, max_title_chars=10, max_metadata_bytes=40, max_json_depth=3)
+    lines = [
+        {"_id": "ok", "title": "Short", "text": "fits", "metadata": {"a": [1]}},
+        {"_id": "text", "text": "t" * 21},
+        {"_id": "title", "title": "T" * 11, "text": "x"},
+        {"_id": "meta", "text": "x", "metadata": {"k": "v" * 40}},
+        {"_id": "deep", "text": "x", "metadata": {"a": {"b": [1]}}},
+    ]
+    data = b"\n".join(json.dumps(line).encode() for line in lines)
+    results = list(load("c.jsonl", data, limits=limits))
+    assert [type(r).__name__ for r in results] == ["Document"] + ["LoadFailure"] * 4
+    assert [r.document_id for r in results[1:]] == ["text", "title", "meta", None]
+    reasons = [r.reason for r in results[1:]]
+    assert reasons[0] == "line 2: text is 21 characters; the limit is 20 (RAG_MAX_TEXT_CHARS)"
+    assert reasons[1] == "line 3: title is 11 characters; the limit is 10 (RAG_MAX_TITLE_CHARS)"
+    assert reasons[2].startswith("line 4: metadata is ")
+    assert reasons[2].endswith("bytes as JSON; the limit is 40 (RAG_MAX_METADATA_BYTES)")
+    assert reasons[3] == "line 5: JSON nests more than 3 levels deep (RAG_MAX_JSON_DEPTH)"
+
+
+def test_jsonl_merged_metadata_counts_against_limit() -> None:
+    limits = LoadLimits(max_metadata_bytes=40)
+    data = b'{"_id": "a", "text": "x", "metadata": {"own": "0123456789"}}\n'
+    assert ok("c.jsonl", data, limits=limits)
+    reason = failure("c.jsonl", data, metadata={"tenant": "0123456789"}, limits=limits).reason
+    assert reason.endswith("(RAG_MAX_METADATA_BYTES)")
+
+
+def test_metadata_argument_over_limits_fails() -> None:
+    limits = LoadLimits(max_metadata_bytes=30, max_json_depth=3)
+    big = failure("a.txt", b"hi", metadata={"k": "v" * 30}, limits=limits)
+    assert big.reason == "metadata is 38 bytes as JSON; the limit is 30 (RAG_MAX_METADATA_BYTES)"
+    assert big.document_id == "a.txt"
+    deep = failure("a.txt", b"hi", metadata={"a": {"b": {"c": {}}}}, limits=limits).reason
+    assert deep == "metadata: JSON nests more than 3 levels deep (RAG_MAX_JSON_DEPTH)"
+    odd = failure("a.txt", b"hi", metadata={1: object()}).reason
+    assert odd.startswith("metadata cannot be stored as JSON")
+    for_jsonl = failure("c.jsonl", b'{"_id": "a", "text": "x"}', metadata={"k": "v" * 30}, limits=limits)
+    assert for_jsonl.reason.endswith("(RAG_MAX_METADATA_BYTES)")
+    assert ok("a.txt", b"hi", metadata={"a": {"b": 1}}, limits=limits).metadata["a"] == {"b": 1}
+
+
+def test_title_argument_over_limit_fails_but_own_title_is_cut() -> None:
+    limits = LoadLimits(max_title_chars=10)
+    reason = failure("a.txt", b"hi", title="T" * 11, limits=limits).reason
+    assert reason == "title is 11 characters; the limit is 10 (RAG_MAX_TITLE_CHARS)"
+    assert ok("a.txt", b"hi", title="  T  " * 5, limits=limits).title == "T T T T T"
+    # the document's own title was not chosen by the uploader: it is cut, not refused
+    assert ok("a.md", b"# " + b"H" * 50 + b"\n\nbody", limits=limits).title == "H" * 10
+    # a .jsonl file ignores the title argument, so its length does not matter there
+    assert ok("c.jsonl", b'{"_id": "a", "text": "x"}', title="T" * 11, limits=limits).id == "a"
+
+
+# -- the last line of defence: a parser crash never escapes ------------------------------------------
+
+
+@pytest.mark.parametrize("crash", [RecursionError, MemoryError, RuntimeError])
+def test_parser_crash_becomes_a_failure_and_is_logged(monkeypatch, crash) -> None:
+    from structlog.testing import capture_logs
+
+    def broken(*args, **kwargs):  # a fault injected at the library edge (python-docx)
+        raise crash("secret document text")
+
+    data = make_docx()
+    monkeypatch.setattr(docx, "Document", broken)
+    with capture_logs() as logs:
+        result = failure("crash.docx", data)
+    assert result.reason == f"could not parse .docx ({crash.__name__})"
+    assert result.document_id == "crash.docx"
+    (entry,) = [e for e in logs if e["event"] == "document_parse_crashed"]
+    assert entry["error"] == crash.__name__ and entry["log_level"] == "warning"
+    assert entry["source"] == "crash.docx" and entry["suffix"] == ".docx"
+    assert "secret" not in repr(entry)
+
+
+def test_pdf_library_crash_becomes_a_failure(monkeypatch) -> None:
+    import pypdf
+
+    def broken(*args, **kwargs):  # a fault injected at the library edge (pypdf)
+        raise MemoryError
+
+    data = make_pdf(["x"])
+    monkeypatch.setattr(pypdf, "PdfReader", broken)
+    assert failure("crash.pdf", data).reason == "could not parse .pdf (MemoryError)"
+
+
+def test_jsonl_line_crash_fails_that_line_only(monkeypatch) -> None:
+    import msgspec
+
+    real = msgspec.json.Decoder
+
+    class Crashing:  # a fault injected at the library edge (msgspec), on one line only
+        def __init__(self) -> None:
+            self.inner = real()
+
+        def decode(self, line: bytes):
+            if b"boom" in line:
+                raise RecursionError("boom")
+            return self.inner.decode(line)
+
+    monkeypatch.setattr(msgspec.json, "Decoder", Crashing)
+    data = b'{"_id": "a", "text": "x"}\n{"_id": "b", "text": "boom"}\n{"_id": "c", "text": "y"}\n'
+    results = list(load("c.jsonl", data))
+    assert [type(r).__name__ for r in results] == ["Document", "LoadFailure", "Document"]
+    assert results[1].reason == "line 2: could not parse .jsonl (RecursionError)"
+
+
+def test_wrong_argument_types_do_not_raise() -> None:
+    result = one("a.txt", None)  # type: ignore[arg-type]
+    assert isinstance(result, LoadFailure)
+    assert result.reason == "could not parse .txt (AttributeError)"
