@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
+import stat
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -34,6 +36,8 @@ log = structlog.get_logger("ingest.pairs")
 
 ICT_KEEP_SENTENCE = 0.1
 MIN_QUERY_WORDS = 4
+# A labelled file (pairs JSONL, BEIR queries or qrels) is read whole; larger than this is refused.
+MAX_LABELLED_FILE_BYTES = 256 * 1024 * 1024
 
 
 class Passage(msgspec.Struct, kw_only=True):
@@ -126,6 +130,34 @@ def best_passage_per_document(passages: Sequence[Passage]) -> dict[tuple[str, st
     return by_doc
 
 
+def read_regular_text(path: Path, limit: int = MAX_LABELLED_FILE_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most ``limit`` bytes.
+
+    The path comes from a caller: a FIFO would block the reading worker forever, a device never
+    ends, so anything but a regular file is refused (checked on the opened file, so that a path
+    swapped after a first look gains nothing).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as exc:
+        raise BadRequest(f"{path}: no such file") from exc
+    except OSError as exc:
+        raise BadRequest(f"{path}: cannot be opened ({exc.strerror})") from exc
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise BadRequest(f"{path} is not a regular file")
+        if info.st_size > limit:
+            raise BadRequest(f"{path} is {info.st_size} bytes; a labelled file may have at most {limit}")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew after the size check
+        raise BadRequest(f"{path} has more than {limit} bytes; a labelled file may have at most {limit}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"{path} is not UTF-8 text (byte {exc.start})") from exc
+
+
 def read_labelled(path: Path, split: str = "train") -> list[tuple[str, str]]:
     """(query, document id) pairs from a JSONL file, or from a BEIR folder's queries and qrels/<split>.tsv."""
     path = Path(path)
@@ -136,14 +168,14 @@ def read_labelled(path: Path, split: str = "train") -> list[tuple[str, str]]:
         qrels = path / "qrels" / f"{split}.tsv"
         if not qfile.exists() or not qrels.exists():
             raise BadRequest(f"{path} is not a BEIR folder with queries.jsonl and qrels/{split}.tsv")
-        for n, line in enumerate(qfile.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_regular_text(qfile).splitlines(), 1):
             if line.strip():
                 try:
                     row = json.loads(line)
                     queries[str(row["_id"])] = str(row["text"])
                 except (ValueError, KeyError) as exc:
                     raise BadRequest(f"{qfile}:{n}: not a query line ({exc})") from exc
-        for n, line in enumerate(qrels.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_regular_text(qrels).splitlines(), 1):
             cols = line.strip().split("\t")
             if len(cols) < 3 or cols[0] in ("query-id", "query_id"):
                 continue
@@ -154,7 +186,7 @@ def read_labelled(path: Path, split: str = "train") -> list[tuple[str, str]]:
             if score > 0 and cols[0] in queries:
                 out.append((queries[cols[0]], cols[1]))
         return out
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_regular_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -5,6 +5,12 @@ include its content hash, then published in one step that also removes the previ
 A worker killed at any point leaves either the old or the new generation visible, never half of
 one; the job's lease runs out (or the embedded service requeues it at start) and the retry
 overwrites the same point ids instead of duplicating them.
+
+Resilience: nothing an upload contains stops the worker. An exception while loading or indexing
+one document fails that document (its reason in the job's report) and the job goes on; one that
+escapes a job fails the job; the poll loop catches whatever escapes ``run_once``. Store, transient
+and OS errors stay on the retry path (the infrastructure, not the document). A heartbeat lets the
+service report a wedged or dead worker (``/readyz``) and restart a dead one (ingest/service.py).
 """
 
 from __future__ import annotations
@@ -16,17 +22,16 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import structlog
 
 from rag.chunking import chunk
-import msgspec
-
 from rag.embedding import Embedder, SentenceTransformerEmbedder, model_version
 from rag.encoders import resolve_encoder_model
 from rag.errors import BadRequest, RagError, StoreError, TransientError
 from rag.index import ensure_collection_for
-from rag.loaders import LoadFailure, load
-from rag.registry import DocumentRecord, DocumentResult, Job, SqliteRegistry, remove_upload
+from rag.loaders import LoadFailure, LoadLimits, load
+from rag.registry import DocumentRecord, DocumentResult, Job, JobItem, SqliteRegistry
 from rag.settings import Settings
 from rag.sparse import SparseEncoder
 from rag.store import VectorStore, point_id
@@ -38,10 +43,29 @@ log = structlog.get_logger("ingest.worker")
 # Documents are embedded in groups of about this many chunks: large enough that the encoder's
 # length-sorted batching stays efficient, small enough that progress and cancellation are prompt.
 GROUP_CHUNKS = 512
+# The lease is renewed at most this often between documents; cancellation is read at every document.
+RENEW_EVERY_S = 1.0
+# After an unexpected error in the poll loop (e.g. the registry's disk), wait this long before polling again.
+LOOP_BACKOFF_S = 1.0
+DELETED_PENDING = "deleted while the upload was pending"
+# Infrastructure failures: the job is retried (requeued) instead of its documents being failed.
+INFRASTRUCTURE = (StoreError, TransientError, OSError)
 
 
 class JobCancelled(Exception):
     pass
+
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, cut short: a reason a job report can carry."""
+    try:
+        text = str(exc).strip()
+    except Exception:  # noqa: BLE001 - an exception whose __str__ fails still needs a reason
+        text = ""
+    message = text.splitlines()[0] if text else ""
+    if len(message) > limit:
+        message = message[:limit] + "…"
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def content_hash(doc: Document, signature: str) -> str:
@@ -77,12 +101,17 @@ class IngestWorker:
         # The default encoder is the one the query side builds too (rag.search.Retriever).
         self.sparse = sparse if sparse is not None else SparseEncoder()
         self.encoding = get_encoding(settings.tokenizer_encoding)
+        self.limits = LoadLimits.from_settings(settings)
         # The sparse configuration is part of what a document's stored vectors depend on: changing
         # it re-indexes documents on their next upload instead of calling them unchanged.
         self.signature = self._signature(embedder)
         self.collection = ensure_collection_for(store, embedder)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Monotonic time of the last sign of life (each loop turn, document and group); see ``alive``.
+        self.heartbeat = time.monotonic()
+        self.current_job: str | None = None  # the job this worker holds, for a supervisor to requeue
+        self._renewed = 0.0
 
     def _signature(self, embedder: Embedder) -> str:
         s = self.settings
@@ -91,6 +120,7 @@ class IngestWorker:
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         """Run the poll loop in a background thread (the embedded service's mode)."""
+        self.beat()
         self._thread = threading.Thread(target=self.run_forever, name="ingest-worker", daemon=True)
         self._thread.start()
 
@@ -99,19 +129,56 @@ class IngestWorker:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
+    def alive(self, stale_s: float) -> bool:
+        """The thread runs and has shown a sign of life within ``stale_s`` seconds."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and time.monotonic() - self.heartbeat <= stale_s
+
     def run_forever(self) -> None:
         log.info("worker_started", encoder_version=self.embedder.version, collection=self.collection)
-        while not self._stop.is_set():
-            if not self.run_once():
-                self._stop.wait(self.settings.worker_poll_s)
+        try:
+            while not self._stop.is_set():
+                self.beat()
+                try:
+                    busy = self.run_once()
+                except Exception:  # noqa: BLE001 - nothing may end the loop; the job, if any, is already failed
+                    log.exception("worker_loop_error")
+                    self._stop.wait(LOOP_BACKOFF_S)
+                    continue
+                if not busy:
+                    self._stop.wait(self.settings.worker_poll_s)
+        except BaseException as exc:
+            # SystemExit, KeyboardInterrupt and the like end the thread; the supervisor restarts it.
+            log.error("worker_died", error=describe(exc), job_id=self.current_job, exc_info=True)
+            raise
         log.info("worker_stopped")
 
     def run_once(self) -> bool:
         """Claim and run one job; returns False when the queue was empty."""
-        job = self.registry.claim_job(self.settings.job_lease_s)
+        job = self.registry.claim_job(self.settings.job_lease_s, max_attempts=self.settings.job_max_attempts)
         if job is None:
             return False
-        self.run_job(job)
+        self.current_job = job.id
+        self._renewed = time.monotonic()
+        try:
+            self.run_job(job)
+        except Exception as exc:  # noqa: BLE001 - a bug, or an upload nobody foresaw, fails the job, not the worker
+            log.exception("job_crashed", job_id=job.id, tenant=job.tenant)
+            self.current_job = None
+            self.registry.finish_job(job.id, "failed", f"internal error: {describe(exc)}")
+        # Not cleared when a BaseException ends the thread: the supervisor requeues the job it held.
+        self.current_job = None
         return True
 
     # ---- one job ----------------------------------------------------------------------------
@@ -128,24 +195,34 @@ class IngestWorker:
             self.registry.finish_job(job.id, "cancelled", "cancelled on request")
             bound.info("job_cancelled")
             return
-        except (StoreError, TransientError, OSError) as exc:
+        except INFRASTRUCTURE as exc:
             self._retry_or_fail(job, exc, bound)
             return
         status = "failed" if failed else "succeeded"
         error = f"{failed} of {total} documents failed" if failed else None
-        self.registry.finish_job(job.id, status, error)
-        for item in job.items:
-            remove_upload(item)
+        self.registry.finish_job(job.id, status, error)  # also removes the job's uploaded files
         bound.info("job_finished", status=status, documents=total, failed=failed, s=round(time.perf_counter() - started, 3))
 
     def _retry_or_fail(self, job: Job, exc: Exception, bound) -> None:
         """Transient: the job goes back to the queue until its attempts run out."""
         if job.attempts < self.settings.job_max_attempts:
-            self.registry.requeue_job(job.id, f"attempt {job.attempts} failed: {exc}")
-            bound.warning("job_retry", error=str(exc))
+            self.registry.requeue_job(job.id, f"attempt {job.attempts} failed: {describe(exc)}")
+            bound.warning("job_retry", error=describe(exc))
         else:
-            self.registry.finish_job(job.id, "failed", f"gave up after {job.attempts} attempts: {exc}")
-            bound.error("job_failed", error=str(exc))
+            self.registry.finish_job(job.id, "failed", f"gave up after {job.attempts} attempts: {describe(exc)}")
+            bound.error("job_failed", error=describe(exc))
+
+    def _checkpoint(self, job: Job, *, renew: bool = False) -> None:
+        """Between two steps of a job: beat, and stop if the job was cancelled (renewing the lease now and then)."""
+        self.beat()
+        now = time.monotonic()
+        if renew or now - self._renewed >= RENEW_EVERY_S:
+            self._renewed = now
+            cancelled = self.registry.renew_lease(job.id, self.settings.job_lease_s)
+        else:
+            cancelled = self.registry.cancel_requested(job.id)
+        if cancelled:
+            raise JobCancelled
 
     # ---- encoder jobs (adapt, promote, rollback, prune) -------------------------------------------
     def _run_encoder_job(self, job: Job) -> None:
@@ -156,6 +233,7 @@ class IngestWorker:
         last = [0.0]
 
         def on_progress(stage: str, fraction: float) -> None:
+            self.beat()
             now = time.monotonic()
             if now - last[0] < 2.0 and fraction < 1.0:
                 return
@@ -190,7 +268,7 @@ class IngestWorker:
             self.registry.finish_job(job.id, "cancelled", "cancelled on request")
             bound.info("job_cancelled")
             return
-        except (StoreError, TransientError, OSError) as exc:
+        except INFRASTRUCTURE as exc:
             self._retry_or_fail(job, exc, bound)
             return
         except (RagError, ValueError, msgspec.ValidationError) as exc:
@@ -201,7 +279,7 @@ class IngestWorker:
             return
         except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not kill the worker thread
             bound.exception("job_crashed")
-            self.registry.finish_job(job.id, "failed", f"internal error: {type(exc).__name__}: {exc}")
+            self.registry.finish_job(job.id, "failed", f"internal error: {describe(exc)}")
             return
         finally:
             if outcome.get("promotion", {}).get("switched"):
@@ -230,14 +308,14 @@ class IngestWorker:
 
         def flush_group() -> None:
             nonlocal group, group_chunks, pending, failed
-            results = pending + (self._index_group(job.tenant, group) if group else [])
+            self._checkpoint(job, renew=True)  # a cancelled job embeds nothing more
+            results = pending + (self._index_group(job, group) if group else [])
             failed += sum(r.status == "failed" for r in results)
             self.registry.record_results(job.id, results, total=total)
             group, group_chunks, pending = [], 0, []
-            if self.registry.renew_lease(job.id, self.settings.job_lease_s):
-                raise JobCancelled
 
         for item in job.items:
+            self._checkpoint(job)
             try:
                 data = Path(item.path).read_bytes()
             except FileNotFoundError:
@@ -245,12 +323,13 @@ class IngestWorker:
                 pending.append(DocumentResult(document_id=item.document_id, status="failed", source=item.filename,
                                               error="uploaded file is missing from the data directory"))
                 continue
-            for parsed in load(item.filename, data, document_id=item.document_id, title=item.title, metadata=item.metadata):
+            for parsed in self._load(item, data):
                 total += 1
                 if isinstance(parsed, LoadFailure):
                     pending.append(DocumentResult(document_id=parsed.document_id, status="failed",
                                                   source=parsed.source, error=parsed.reason))
                     continue
+                self._checkpoint(job)
                 group.append(parsed)
                 # A rough size estimate (4 chars a token) is enough to bound the group.
                 group_chunks += 1 + len(parsed.text) // (4 * self.settings.chunk_tokens)
@@ -259,32 +338,92 @@ class IngestWorker:
         flush_group()
         return total, failed
 
-    def _index_group(self, tenant: str, docs: list[Document]) -> list[DocumentResult]:
+    def _load(self, item: JobItem, data: bytes) -> Iterator[Document | LoadFailure]:
+        """The loader's documents; an exception from it (even mid-way through a JSONL) becomes one failure
+        for the rest of that file, never the job's end."""
+        documents = load(item.filename, data, document_id=item.document_id, title=item.title,
+                         metadata=item.metadata, limits=self.limits)
+        while True:
+            try:
+                parsed = next(documents)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - whatever a parser raises on hostile bytes fails the file
+                log.warning("document_load_crashed", source=item.filename, error=describe(exc), exc_info=True)
+                yield LoadFailure(item.document_id, item.filename, f"could not load: {describe(exc)}")
+                return
+            yield parsed
+
+    def _index_group(self, job: Job, docs: list[Document]) -> list[DocumentResult]:
         """Index a group of parsed documents; unchanged ones are skipped, each failure stays its own."""
+        tenant = job.tenant
         # The last upload of an id in one job wins (a JSONL file may repeat an _id).
         by_id: dict[str, Document] = {}
         for d in docs:
             by_id[d.id] = d
         known = self.registry.get_documents(tenant, list(by_id))
+        deleted = self.registry.deleted_since(tenant, list(by_id), job.created_at)
         results: list[DocumentResult] = []
         todo: list[tuple[Document, str, list[Chunk]]] = []
         for doc in by_id.values():
-            digest = content_hash(doc, self.signature)
-            old = known.get(doc.id)
-            if old is not None and old.status == "indexed" and old.content_hash == digest:
-                results.append(DocumentResult(document_id=doc.id, status="unchanged", chunks=old.chunk_count, source=doc.source))
+            if doc.id in deleted:
+                results.append(DocumentResult(document_id=doc.id, status="failed", source=doc.source,
+                                              error=DELETED_PENDING))
                 continue
-            chunks = chunk(doc, self.settings.chunk_tokens, self.settings.chunk_overlap, self.encoding)
+            try:
+                digest = content_hash(doc, self.signature)
+                old = known.get(doc.id)
+                if old is not None and old.status == "indexed" and old.content_hash == digest:
+                    results.append(DocumentResult(document_id=doc.id, status="unchanged", chunks=old.chunk_count,
+                                                  source=doc.source))
+                    continue
+                chunks = chunk(doc, self.settings.chunk_tokens, self.settings.chunk_overlap, self.encoding)
+            except Exception as exc:  # noqa: BLE001 - one document's text must not fail its group
+                log.warning("document_index_crashed", tenant=tenant, document_id=doc.id, error=describe(exc),
+                            exc_info=True)
+                results.append(DocumentResult(document_id=doc.id, status="failed", source=doc.source,
+                                              error=f"could not index: {describe(exc)}"))
+                continue
             if not chunks:
                 results.append(DocumentResult(document_id=doc.id, status="failed", source=doc.source, error="empty document"))
                 continue
             todo.append((doc, digest, chunks))
         if not todo:
             return results
+        try:
+            results += self._write(job, todo, known)
+        except INFRASTRUCTURE:
+            raise
+        except Exception as exc:  # noqa: BLE001 - find the documents that cause it: each alone
+            if len(todo) == 1:
+                results.append(self._index_failure(tenant, todo[0][0], exc))
+                return results
+            log.warning("group_failed_retrying_alone", tenant=tenant, documents=len(todo), error=describe(exc))
+            for one in todo:
+                self._checkpoint(job)
+                try:
+                    results += self._write(job, [one], known)
+                except INFRASTRUCTURE:
+                    raise
+                except Exception as exc_one:  # noqa: BLE001 - this document, and only it, fails
+                    results.append(self._index_failure(tenant, one[0], exc_one))
+        return results
+
+    def _index_failure(self, tenant: str, doc: Document, exc: Exception) -> DocumentResult:
+        log.warning("document_index_crashed", tenant=tenant, document_id=doc.id, error=describe(exc), exc_info=True)
+        return DocumentResult(document_id=doc.id, status="failed", source=doc.source,
+                              error=f"could not index: {describe(exc)}")
+
+    def _write(self, job: Job, todo: list[tuple[Document, str, list[Chunk]]],
+               known: dict[str, DocumentRecord]) -> list[DocumentResult]:
+        """Embed, upsert (invisible), publish and register ``todo``; a document deleted meanwhile is not published."""
+        tenant = job.tenant
         texts = [embedding_text(doc, c) for doc, _, chunks in todo for c in chunks]
+        self.beat()
         t0 = time.perf_counter()
         vectors = self.embedder.embed_documents(texts)
         embed_s = time.perf_counter() - t0
+        self.beat()
         t0 = time.perf_counter()
         sparse = self.sparse.encode_documents(texts)
         sparse_s = time.perf_counter() - t0
@@ -301,19 +440,36 @@ class IngestWorker:
                 }))
                 row += 1
         self._with_retries(lambda: self.store.upsert(self.collection, points))
-        self._with_retries(lambda: self.store.publish_many(self.collection, tenant, [(d.id, h) for d, h, _ in todo]))
+        self.beat()
+        # A delete of one of these documents since the job was created wins: it is not published.
+        deleted = self.registry.deleted_since(tenant, [d.id for d, _, _ in todo], job.created_at)
+        publish = [(d, h, cs) for d, h, cs in todo if d.id not in deleted]
+        if publish:
+            self._with_retries(lambda: self.store.publish_many(self.collection, tenant,
+                                                               [(d.id, h) for d, h, _ in publish]))
         records = []
-        for doc, digest, chunks in todo:
+        for doc, digest, chunks in publish:
             old = known.get(doc.id)
             records.append(DocumentRecord(
                 tenant=tenant, id=doc.id, title=doc.title, source=doc.source, content_hash=digest,
                 chunk_count=len(chunks), encoder_version=self.embedder.version, status="indexed",
                 metadata=doc.metadata, created_at=old.created_at if old else 0.0,
             ))
-            results.append(DocumentResult(document_id=doc.id, status="indexed", chunks=len(chunks), source=doc.source))
-        self.registry.upsert_documents(records)
-        log.info("group_indexed", tenant=tenant, documents=len(todo), chunks=len(points), embed_s=round(embed_s, 3),
-                 sparse_s=round(sparse_s, 4))
+        # The registry row is written in one transaction with the deletion check: a delete that came
+        # between the check above and here still wins, and the chunks just published go again.
+        deleted |= self.registry.upsert_documents_unless_deleted(records, job.created_at)
+        for doc_id in sorted(deleted):
+            self._with_retries(lambda doc_id=doc_id: self.store.delete_document(self.collection, tenant, doc_id))
+        results = []
+        for doc, digest, chunks in todo:
+            if doc.id in deleted:
+                results.append(DocumentResult(document_id=doc.id, status="failed", source=doc.source,
+                                              error=DELETED_PENDING))
+            else:
+                results.append(DocumentResult(document_id=doc.id, status="indexed", chunks=len(chunks),
+                                              source=doc.source))
+        log.info("group_indexed", tenant=tenant, documents=len(publish), chunks=len(points), deleted=len(deleted),
+                 embed_s=round(embed_s, 3), sparse_s=round(sparse_s, 4))
         return results
 
     def _with_retries(self, op: Callable[[], object], attempts: int = 3) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import msgspec
+import structlog
+
+log = structlog.get_logger("rag.registry")
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
@@ -82,8 +86,9 @@ class Job(msgspec.Struct, kw_only=True):
 class Registry(Protocol):
     def create_job(self, tenant: str, items: Sequence[JobItem]) -> Job: ...
     def get_job(self, job_id: str) -> Job | None: ...
-    def claim_job(self, lease_s: float) -> Job | None: ...
+    def claim_job(self, lease_s: float, max_attempts: int | None = None) -> Job | None: ...
     def renew_lease(self, job_id: str, lease_s: float) -> bool: ...
+    def cancel_requested(self, job_id: str) -> bool: ...
     def record_results(self, job_id: str, results: Sequence[DocumentResult], *, total: int) -> None: ...
     def finish_job(self, job_id: str, status: JobStatus, error: str | None = None) -> None: ...
     def requeue_job(self, job_id: str, error: str) -> None: ...
@@ -94,6 +99,9 @@ class Registry(Protocol):
     def list_documents(self, tenant: str, *, limit: int, offset: int) -> tuple[list[DocumentRecord], int]: ...
     def upsert_documents(self, records: Sequence[DocumentRecord]) -> None: ...
     def delete_document(self, tenant: str, document_id: str) -> bool: ...
+    def mark_deleted(self, tenant: str, document_id: str) -> int: ...
+    def deleted_since(self, tenant: str, ids: Sequence[str], since: float) -> set[str]: ...
+    def upsert_documents_unless_deleted(self, records: Sequence[DocumentRecord], since: float) -> set[str]: ...
     def close(self) -> None: ...
 
 
@@ -118,7 +126,17 @@ CREATE TABLE IF NOT EXISTS job_results (
     chunks INTEGER NOT NULL, error TEXT, source TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
 );
+-- When a document was last deleted: an upload created before that must not bring it back
+-- ("the delete wins"); marks older than every pending job are pruned.
+CREATE TABLE IF NOT EXISTS deletions (
+    tenant TEXT NOT NULL, document_id TEXT NOT NULL, deleted_at REAL NOT NULL,
+    PRIMARY KEY (tenant, document_id)
+);
 """
+
+GAVE_UP = "gave up after {n} attempts: the worker stopped during the job each time"
+# An upload's saved files lie in a folder of their own, named by a random hex id (see the API).
+_BATCH_DIR = re.compile(r"^[0-9a-f]{32}$")
 
 _DOC_COLUMNS = (
     "tenant, id, title, source, content_hash, chunk_count, encoder_version, status, error, metadata, "
@@ -232,10 +250,24 @@ class SqliteRegistry:
         row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._job(db, row) if row else None
 
-    def claim_job(self, lease_s: float) -> Job | None:
-        """Take the oldest queued job, or a running one whose worker's lease ran out (it died)."""
+    def claim_job(self, lease_s: float, max_attempts: int | None = None) -> Job | None:
+        """Take the oldest queued job, or a running one whose worker's lease ran out (it died).
+
+        A job already claimed ``max_attempts`` times is failed here instead, and the next one is
+        taken: its earlier workers stopped during it (a poison upload, or a crash loop), so one more
+        try would most likely stop this worker too.
+        """
         now = time.time()
+        gave_up: list[list[JobItem]] = []
         with self._tx() as db:
+            job = self._claim(db, now, lease_s, max_attempts, gave_up)
+        for items in gave_up:  # after the commit: a job's files go only once it is final
+            discard_uploads(items)
+        return job
+
+    def _claim(self, db: sqlite3.Connection, now: float, lease_s: float, max_attempts: int | None,
+               gave_up: list[list[JobItem]]) -> Job | None:
+        while True:
             row = db.execute(
                 "SELECT * FROM jobs WHERE status = 'queued' OR (status = 'running' AND lease_until < ?) "
                 "ORDER BY created_at LIMIT 1",
@@ -243,16 +275,35 @@ class SqliteRegistry:
             ).fetchone()
             if row is None:
                 return None
+            if row["cancel_requested"]:
+                # Its worker stopped before it saw the cancel: the cancel still wins.
+                status, error = "cancelled", "cancelled on request"
+            elif max_attempts is not None and row["attempts"] >= max_attempts:
+                status, error = "failed", GAVE_UP.format(n=row["attempts"])
+                if row["error"]:
+                    error += f" (last error: {row['error']})"
+            else:
+                break
             db.execute(
-                "UPDATE jobs SET status = 'running', lease_until = ?, attempts = attempts + 1, "
-                "started_at = COALESCE(started_at, ?) WHERE id = ?",
-                (now + lease_s, now, row["id"]),
+                "UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_until = NULL WHERE id = ?",
+                (status, error, now, row["id"]),
             )
-            # A retried job starts its report afresh; what it already indexed is found unchanged.
-            db.execute("DELETE FROM job_results WHERE job_id = ?", (row["id"],))
-            db.execute("UPDATE jobs SET total = 0, done = 0, failed = 0, chunks = 0 WHERE id = ?", (row["id"],))
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
-            return self._job(db, row)
+            gave_up.append(msgspec.json.decode(row["items"], type=list[JobItem]))
+        db.execute(
+            "UPDATE jobs SET status = 'running', lease_until = ?, attempts = attempts + 1, "
+            "started_at = COALESCE(started_at, ?) WHERE id = ?",
+            (now + lease_s, now, row["id"]),
+        )
+        # A retried job starts its report afresh; what it already indexed is found unchanged.
+        db.execute("DELETE FROM job_results WHERE job_id = ?", (row["id"],))
+        db.execute("UPDATE jobs SET total = 0, done = 0, failed = 0, chunks = 0 WHERE id = ?", (row["id"],))
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+        return self._job(db, row)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether cancelling a running job was requested (a read, cheap enough to ask between documents)."""
+        row = self._conn().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row["cancel_requested"])
 
     def renew_lease(self, job_id: str, lease_s: float) -> bool:
         """Extend a running job's lease; returns whether cancellation was requested."""
@@ -286,23 +337,33 @@ class SqliteRegistry:
                 "UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_until = NULL WHERE id = ?",
                 (status, error, time.time(), job_id),
             )
+            row = db.execute("SELECT items FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if status in FINAL_JOB_STATES and row is not None:
+            discard_uploads(msgspec.json.decode(row["items"], type=list[JobItem]))
 
     def requeue_job(self, job_id: str, error: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE jobs SET status = 'queued', error = ?, lease_until = NULL WHERE id = ?", (error, job_id))
 
     def request_cancel(self, job_id: str) -> Job | None:
-        """Cancel a queued job at once; a running one stops at its next batch boundary."""
+        """Cancel a queued job at once; a running one stops at its next document."""
         with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ? AND status = 'queued'",
+            cur = db.execute(
+                "UPDATE jobs SET status = 'cancelled', error = 'cancelled on request', finished_at = ? "
+                "WHERE id = ? AND status = 'queued'",
                 (time.time(), job_id),
             )
             db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", (job_id,))
-        return self.get_job(job_id)
+        job = self.get_job(job_id)
+        if cur.rowcount and job is not None:
+            discard_uploads(job.items)
+        return job
 
     def requeue_running(self) -> int:
-        """At start of the only worker process: jobs a killed worker left running go back to the queue."""
+        """At start of the only worker process: jobs a killed worker left running go back to the queue.
+
+        A job that stops its worker every time does not loop: ``claim_job(max_attempts=...)`` fails it.
+        """
         with self._tx() as db:
             cur = db.execute("UPDATE jobs SET status = 'queued', lease_until = NULL WHERE status = 'running'")
             return cur.rowcount
@@ -337,27 +398,101 @@ class SqliteRegistry:
         return [_doc(r) for r in rows], total
 
     def upsert_documents(self, records: Iterable[DocumentRecord]) -> None:
-        now = time.time()
         with self._tx() as db:
-            db.executemany(
-                f"INSERT INTO documents ({_DOC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (tenant, id) DO UPDATE SET title = excluded.title, source = excluded.source, "
-                "content_hash = excluded.content_hash, chunk_count = excluded.chunk_count, "
-                "encoder_version = excluded.encoder_version, status = excluded.status, error = excluded.error, "
-                "metadata = excluded.metadata, updated_at = excluded.updated_at",
-                [
-                    (
-                        r.tenant, r.id, r.title, r.source, r.content_hash, r.chunk_count, r.encoder_version,
-                        r.status, r.error, json.dumps(r.metadata), r.created_at or now, now,
-                    )
-                    for r in records
-                ],
-            )
+            self._upsert(db, list(records))
+
+    def upsert_documents_unless_deleted(self, records: Sequence[DocumentRecord], since: float) -> set[str]:
+        """``upsert_documents``, in one transaction with the deletion check: ids deleted after ``since`` (the
+        job's creation) are not written, and are returned so that the caller removes their chunks again."""
+        records = list(records)
+        with self._tx() as db:
+            skipped: set[tuple[str, str]] = set()
+            for tenant in {r.tenant for r in records}:
+                ids = [r.id for r in records if r.tenant == tenant]
+                skipped.update((tenant, d) for d in self._deleted_since(db, tenant, ids, since))
+            self._upsert(db, [r for r in records if (r.tenant, r.id) not in skipped])
+        return {d for _, d in skipped}
+
+    @staticmethod
+    def _upsert(db: sqlite3.Connection, records: Sequence[DocumentRecord]) -> None:
+        now = time.time()
+        db.executemany(
+            f"INSERT INTO documents ({_DOC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (tenant, id) DO UPDATE SET title = excluded.title, source = excluded.source, "
+            "content_hash = excluded.content_hash, chunk_count = excluded.chunk_count, "
+            "encoder_version = excluded.encoder_version, status = excluded.status, error = excluded.error, "
+            "metadata = excluded.metadata, updated_at = excluded.updated_at",
+            [
+                (
+                    r.tenant, r.id, r.title, r.source, r.content_hash, r.chunk_count, r.encoder_version,
+                    r.status, r.error, json.dumps(r.metadata), r.created_at or now, now,
+                )
+                for r in records
+            ],
+        )
 
     def delete_document(self, tenant: str, document_id: str) -> bool:
         with self._tx() as db:
             cur = db.execute("DELETE FROM documents WHERE tenant = ? AND id = ?", (tenant, document_id))
             return cur.rowcount > 0
+
+    def mark_deleted(self, tenant: str, document_id: str) -> int:
+        """Record that a document is being deleted (before its chunks and row go); returns the jobs it cancelled.
+
+        The delete wins over every upload of the id created before it: a queued job that writes only
+        this document is cancelled, a running one is asked to stop, and a worker that still reaches
+        the document (a JSONL line, or a publish racing this call) finds the mark and drops it.
+        """
+        now = time.time()
+        cancelled: list[list[JobItem]] = []
+        asked = 0
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO deletions (tenant, document_id, deleted_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (tenant, document_id) DO UPDATE SET deleted_at = excluded.deleted_at",
+                (tenant, document_id, now),
+            )
+            rows = db.execute(
+                "SELECT id, status, items FROM jobs WHERE tenant = ? AND kind = 'ingest' "
+                "AND status IN ('queued', 'running')",
+                (tenant,),
+            ).fetchall()
+            for row in rows:
+                items = msgspec.json.decode(row["items"], type=list[JobItem])
+                if not items or any(i.document_id != document_id for i in items):
+                    continue  # it writes other documents too (or a JSONL's): the mark fails just this one
+                if row["status"] == "queued":
+                    db.execute(
+                        "UPDATE jobs SET status = 'cancelled', error = ?, finished_at = ? WHERE id = ?",
+                        ("cancelled: the document was deleted", now, row["id"]),
+                    )
+                    cancelled.append(items)
+                else:
+                    db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (row["id"],))
+                    asked += 1
+            # A mark only matters to jobs created before it; once none of them is pending it can go.
+            oldest = db.execute("SELECT MIN(created_at) FROM jobs WHERE status IN ('queued', 'running')").fetchone()[0]
+            db.execute("DELETE FROM deletions WHERE deleted_at < ?", (now if oldest is None else oldest,))
+        for items in cancelled:
+            discard_uploads(items)
+        return len(cancelled) + asked
+
+    def deleted_since(self, tenant: str, ids: Sequence[str], since: float) -> set[str]:
+        """Those of ``ids`` deleted after ``since`` (a job's creation): that job must not publish them."""
+        return self._deleted_since(self._conn(), tenant, ids, since)
+
+    @staticmethod
+    def _deleted_since(db: sqlite3.Connection, tenant: str, ids: Sequence[str], since: float) -> set[str]:
+        out: set[str] = set()
+        ids = list(ids)
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            marks = ",".join("?" * len(part))
+            out.update(r[0] for r in db.execute(
+                f"SELECT document_id FROM deletions WHERE tenant = ? AND deleted_at > ? AND document_id IN ({marks})",
+                (tenant, since, *part),
+            ))
+        return out
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -372,3 +507,24 @@ def remove_upload(item: JobItem) -> None:
         os.unlink(item.path)
     except FileNotFoundError:
         pass
+
+
+def discard_uploads(items: Iterable[JobItem]) -> None:
+    """A finished job's uploaded files, and then their upload folder if that is empty (other jobs of the
+    same upload may still hold files in it). Never raises: a leftover file must not fail a finished job."""
+    folders: set[Path] = set()
+    for item in items:
+        try:
+            remove_upload(item)
+        except OSError as exc:
+            log.warning("upload_not_removed", path=item.path, error=str(exc))
+            continue
+        folders.add(Path(item.path).parent)
+    for folder in folders:
+        # Only an upload's own folder (a random hex name), never a folder that a path merely lies in.
+        if not _BATCH_DIR.match(folder.name):
+            continue
+        try:
+            folder.rmdir()
+        except OSError:  # not empty yet (another job's file), or already gone
+            pass
