@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "settings":
         import msgspec
 
-        print(msgspec.json.format(msgspec.json.encode(settings)).decode())
+        # Paths are not JSON; secrets are shown only as set or not (they must never reach a log or a terminal).
+        shown = {k: ("***" if v and k.endswith("api_key") else v) for k, v in msgspec.structs.asdict(settings).items()}
+        print(msgspec.json.format(msgspec.json.encode(shown, enc_hook=str)).decode())
         return 0
 
     import uvicorn

@@ -15,6 +15,7 @@ the encoder whose vectors it searches.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -44,6 +45,9 @@ class EncoderRecord(msgspec.Struct, kw_only=True):
     note: str = ""
 
 
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
 def version_of_collection(name: str | None) -> str | None:
     if name and name.startswith(COLLECTION_PREFIX):
         return name[len(COLLECTION_PREFIX):]
@@ -57,8 +61,11 @@ class EncoderRegistry:
         self.root = Path(root)
 
     def folder(self, version: str) -> Path:
-        if not version or "/" in version or version.startswith("."):
-            raise BadRequest(f"bad encoder version {version!r}")
+        # A version names a folder: bounded (file systems refuse names over 255 bytes) and path-free.
+        if not _VERSION_RE.match(version or ""):
+            shown = version if len(version or "") <= 64 else version[:64] + "…"
+            raise BadRequest(f"bad encoder version {shown!r}: 1-128 of [A-Za-z0-9._-], not starting with '.'",
+                             code="invalid_version")
         return self.root / version
 
     def list(self) -> list[EncoderRecord]:

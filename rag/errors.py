@@ -38,6 +38,16 @@ class PayloadTooLarge(RagError):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(RagError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class Conflict(RagError):
+    status_code = 409
+    code = "conflict"
+
+
 class DocumentError(RagError):
     """A document cannot be parsed or indexed: its job item fails with this reason."""
 

@@ -317,17 +317,41 @@ def _parse_range(field: str, value: Mapping[Any, Any], expected: type | None) ->
         )
     bounds: dict[str, float] = {}
     for key, bound in value.items():
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
-            raise BadRequest(f"filter field {field!r}: range bound {key} must be a finite number, not {bound!r}")
-        bounds[key] = bound
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not _finite(bound):
+            raise BadRequest(f"filter field {field!r}: range bound {key} must be a finite number, not {bound!r}",
+                             code="invalid_filter")
+        bounds[key] = float(bound) if isinstance(bound, int) and not _INT64[0] <= bound <= _INT64[1] else bound
     return FieldRange(field, **bounds)
+
+
+def _finite(number: int | float) -> bool:
+    """A bound a float64 comparison can use: ints of any size are fine up to float64's range."""
+    if isinstance(number, int):
+        return -_MAX_BOUND <= number <= _MAX_BOUND
+    return math.isfinite(number)
 
 
 def _is_scalar(value: object) -> bool:
     return isinstance(value, (str, int, bool))
 
 
+# Qdrant stores integers as int64; a larger one fails deep inside the engine instead of as a 400.
+_INT64 = (-(2**63), 2**63 - 1)
+# Qdrant ranges are float64 comparisons; a bound beyond this has no meaning a stored value could meet.
+_MAX_BOUND = 1.7976931348623157e308
+MAX_FILTER_STRING = 1024
+
+
+def _check_value(field: str, value: object) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+        raise BadRequest(f"filter field {field!r}: {value} is outside the 64-bit integer range", code="invalid_filter")
+    if isinstance(value, str) and len(value) > MAX_FILTER_STRING:
+        raise BadRequest(f"filter field {field!r}: a value is longer than {MAX_FILTER_STRING} characters",
+                         code="invalid_filter")
+
+
 def _check_type(field: str, value: object, expected: type | None) -> None:
+    _check_value(field, value)
     if expected is None:
         return
     # bool is an int in Python; chunk_index = true must not silently mean chunk 1.

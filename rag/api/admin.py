@@ -10,6 +10,7 @@ from typing import Any
 
 from litestar import Request, get, post
 
+from rag.api.errors import error_responses
 from rag.errors import NotFound
 from rag.query_sample import QuerySample, QuerySampleOut
 
@@ -25,13 +26,13 @@ def _sample(request: Request) -> QuerySample:
     return sample
 
 
-@get("/v1/admin/query-sample", sync_to_thread=True, summary="The sample of query embeddings (vectors only)")
+@get("/v1/admin/query-sample", sync_to_thread=True, responses=error_responses(404), summary="The sample of query embeddings (vectors only)")
 def query_sample(request: Request) -> QuerySampleOut:
     """Rows in arrival order with their arrival number and time; 404 ``query_sample_disabled`` when off."""
     return _sample(request).snapshot()
 
 
-@post("/v1/admin/query-sample/export", sync_to_thread=True, status_code=200,
+@post("/v1/admin/query-sample/export", sync_to_thread=True, status_code=200, responses=error_responses(404),
       summary="Write the query sample to <data_dir>/query-sample.npy (+ .json)")
 def export_query_sample(request: Request) -> dict[str, Any]:
     sample = _sample(request)

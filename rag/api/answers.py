@@ -14,8 +14,10 @@ import structlog
 from litestar import Request, Response, post
 from litestar.response import Stream
 
+from rag.api.errors import error_responses
 from rag.answer import AnswerPipeline, AnswerRequest
 from rag.errors import BadRequest, RagError
+from rag.store import parse_filter
 
 log = structlog.get_logger("rag.api.answers")
 
@@ -41,8 +43,11 @@ def _pipeline(request: Request) -> AnswerPipeline:
     return request.app.state.services.answers
 
 
-def _check(request: Request, question: str, top_k: int) -> None:
+def _check(request: Request, question: str, top_k: int, filter: dict[str, Any] | None) -> None:
+    """Everything that can be wrong with a request, checked before a stream starts: once the 200 and the first
+    event have gone out, a bad filter could only end the stream, not become a 400."""
     settings = request.app.state.services.settings
+    parse_filter(filter)
     if not question.strip():
         raise BadRequest("question must not be empty", code="empty_question")
     if len(question) > settings.max_query_chars:
@@ -56,14 +61,15 @@ def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-@post("/v1/answer", status_code=200, summary="Answer a question from the documents, with citations")
+@post("/v1/answer", status_code=200, summary="Answer a question from the documents, with citations",
+      responses=error_responses(415))
 async def answer(request: Request, data: AnswerRequest) -> Response:
     """JSON ``{answer, citations, mode, answerable, usage, encoder_version, prompt}``; with
     ``stream: true``, Server-Sent Events: ``token`` …, ``citations``, then ``done`` (or ``error``)."""
     from rag.api.app import tenant_of
 
     tenant = tenant_of(request)
-    _check(request, data.question, data.top_k)
+    _check(request, data.question, data.top_k, data.filter)
     pipeline = _pipeline(request)
     if not data.stream:
         result = await pipeline.answer(data, tenant)
@@ -87,7 +93,8 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
     return content or ""
 
 
-@post("/v1/chat/completions", status_code=200, summary="OpenAI-compatible chat over the documents")
+@post("/v1/chat/completions", status_code=200, summary="OpenAI-compatible chat over the documents",
+      responses=error_responses(415))
 async def chat_completions(request: Request, data: ChatRequest) -> Response:
     """The last user message is the question; earlier turns are history. Citations travel in the
     extra ``citations`` field of the response (or of the final stream chunk)."""
@@ -102,7 +109,7 @@ async def chat_completions(request: Request, data: ChatRequest) -> Response:
     history = [{"role": m.role, "content": _text(m.content)} for m in data.messages[:last] if m.role in ("user", "assistant")]
     if data.mode not in (None, "dense", "sparse", "hybrid"):
         raise BadRequest("mode must be dense, sparse or hybrid", code="invalid_mode")
-    _check(request, question, data.top_k)
+    _check(request, question, data.top_k, data.filter)
     req = AnswerRequest(question=question, top_k=data.top_k, filter=data.filter, mode=data.mode, history=history)
     pipeline = _pipeline(request)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import anyio.to_thread
 import msgspec
 from litestar import Request, get, post
 
+from rag.api.errors import error_responses
 from rag.encoders import AdaptOptions, EncoderRegistry, check_options, describe, version_of_collection
 from rag.errors import BadRequest
 
 JOB_TENANT = "_encoders"
 
 
+# An encoder version names a folder and a collection: bounded, and only characters safe in both.
+Version = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
 class PruneIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    keep: list[str] = msgspec.field(default_factory=list)  # versions whose collections stay besides active and parent
+    # versions whose collections stay besides active and parent
+    keep: Annotated[list[Version], msgspec.Meta(max_length=100)] = msgspec.field(default_factory=list)
 
 
 class SwitchIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    version: str | None = None
+    version: Version | None = None
     force: bool = False
 
 
@@ -31,7 +37,7 @@ def _registry(request: Request) -> EncoderRegistry:
     return EncoderRegistry(_services(request).settings.data_dir / "encoders")
 
 
-@get("/v1/encoders", summary="Encoder versions: the active one, candidates, their gate scores and drift")
+@get("/v1/encoders", responses=error_responses(), summary="Encoder versions: the active one, candidates, their gate scores and drift")
 async def list_encoders(request: Request) -> dict[str, Any]:
     svc = _services(request)
     active = version_of_collection(await anyio.to_thread.run_sync(svc.store.get_active))
@@ -49,13 +55,13 @@ async def _queue(request: Request, kind: str, params: dict[str, Any]) -> dict[st
     return {"job_id": job.id, "kind": kind, "status": job.status, "status_url": f"/v1/jobs/{job.id}"}
 
 
-@post("/v1/encoders/adapt", status_code=202, summary="Queue an adaptation: pairs → fine-tune → gate (→ promote)")
+@post("/v1/encoders/adapt", status_code=202, responses=error_responses(404, 415), summary="Queue an adaptation: pairs → fine-tune → gate (→ promote)")
 async def adapt_encoder(request: Request, data: AdaptOptions) -> dict[str, Any]:
     check_options(data)
     return await _queue(request, "adapt", msgspec.to_builtins(data))
 
 
-@post("/v1/encoders/promote", status_code=202, summary="Queue a promotion: re-embed into the version's collection, then switch")
+@post("/v1/encoders/promote", status_code=202, responses=error_responses(404, 415), summary="Queue a promotion: re-embed into the version's collection, then switch")
 async def promote_encoder(request: Request, data: SwitchIn) -> dict[str, Any]:
     if not data.version:
         raise BadRequest("version is required")
@@ -63,14 +69,14 @@ async def promote_encoder(request: Request, data: SwitchIn) -> dict[str, Any]:
     return await _queue(request, "promote", {"version": data.version, "force": data.force})
 
 
-@post("/v1/encoders/rollback", status_code=202, summary="Queue a rollback to the active version's parent (or a named one)")
+@post("/v1/encoders/rollback", status_code=202, responses=error_responses(404, 415), summary="Queue a rollback to the active version's parent (or a named one)")
 async def rollback_encoder(request: Request, data: SwitchIn) -> dict[str, Any]:
     if data.version:
         await anyio.to_thread.run_sync(lambda: _registry(request).require(data.version))
     return await _queue(request, "rollback", {"version": data.version})
 
 
-@post("/v1/encoders/prune", status_code=202,
+@post("/v1/encoders/prune", status_code=202, responses=error_responses(404, 415),
       summary="Queue a prune: drop the collections of versions other than the active one and its parent")
 async def prune_encoders(request: Request, data: PruneIn) -> dict[str, Any]:
     registry = _registry(request)

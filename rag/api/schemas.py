@@ -12,7 +12,7 @@ DocumentId = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r
 class TextDocumentIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     text: str
     id: DocumentId | None = None
-    title: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
+    title: str | None = None  # bounded by RAG_MAX_TITLE_CHARS (a 413, as on the multipart path)
     metadata: dict[str, Any] | None = None
 
 
