@@ -1,0 +1,466 @@
+"""The embedded backend: qdrant-edge, one shard per collection, owned by exactly one process.
+
+What differs from the server lives here: the engine's condition, vector and request types, its
+calls, its error translation, the file lock that keeps a second process out, the store-wide write
+lock, and the active pointer as a file. The algorithms are :class:`rag.store.base.QdrantLikeStore`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rag.errors import NotFound, RagError, StoreError, StoreLockedError
+from rag.store.base import Branch, QdrantLikeStore, SearchPlan
+from rag.store.filters import FieldRange
+from rag.store.protocol import (
+    BOOL_INDEXES,
+    KEYWORD_INDEXES,
+    SPARSE_VECTOR_NAME,
+    VECTOR_NAME,
+    check_collection_name,
+)
+from rag.types import PointRecord, SparseVector
+
+__all__ = ["EdgeVectorStore"]
+
+
+def _edge_value(value: str | int | bool) -> Any:
+    """A match value the edge bindings keep as the right JSON type.
+
+    qdrant-edge 0.9.0 converts a Python value by trying str, then int, then bool; ``True`` is an
+    int in Python, so ``MatchValue(True)`` silently becomes ``MatchValue(1)`` and never matches a
+    stored ``true``. numpy's bool is not an int, so it reaches the bool branch intact.
+    """
+    if isinstance(value, bool):
+        import numpy as np
+
+        return np.bool_(value)
+    return value
+
+
+class EdgeVectorStore(QdrantLikeStore):
+    """The embedded Qdrant engine (qdrant-edge): one shard directory per collection under ``root``.
+
+    Layout: ``root/.lock`` (held for the object's lifetime), ``root/active`` (the active pointer),
+    ``root/collections/<name>/`` (one shard each).
+
+    Threads: searches run from API worker threads while the ingest worker writes from another one.
+    The engine locks internally and concurrent query/update calls were verified to work, but the
+    bindings hold the GIL for the whole of each call; multi-step writes (publish, delete, drop) take
+    one store-wide write lock so they do not interleave, and searches never wait for that lock.
+
+    Indexing: the engine never builds HNSW by itself; :meth:`optimize` does, and blocks every
+    Python thread of the process while it runs (about 7 s for 20k x 384-d here). The store therefore
+    never calls it on its own: call it after a bulk load when a pause is acceptable (batch CLI,
+    re-embedding a new collection before switching to it). Without it, search is brute force, which
+    is exact and ~1.4 ms for 20k x 384-d points on this machine.
+    """
+
+    # Below this many points (deleted ones included) searches are exact: brute force costs about
+    # 1.4 ms at 20k x 384-d here, and HNSW recall on small or uniform data is poor at the default ef
+    # (OFFLINE.md). Above it, an HNSW index built by optimize() is trusted; Qdrant's planner still
+    # scores exactly when the filtered set is small.
+    EXACT_SEARCH_MAX_POINTS = 20_000
+
+    def __init__(self, root: Path | str, *, exact_search_max_points: int | None = None) -> None:
+        """Take the exclusive lock on ``root/.lock``, or raise :class:`StoreLockedError` at once."""
+        self.root = Path(root)
+        self.lock_path = self.root / ".lock"
+        self._exact_max = self.EXACT_SEARCH_MAX_POINTS if exact_search_max_points is None else exact_search_max_points
+        self._lock_fd = self._acquire_lock()
+        # Lock order: _write_lock before _shards_lock. Searches take only _shards_lock, briefly.
+        self._write_lock = threading.RLock()
+        self._shards_lock = threading.RLock()
+        self._shards: dict[str, Any] = {}
+        self._closed = False
+        try:
+            self._collections_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self._release_lock()
+            raise StoreError(f"cannot create {self._collections_dir}: {exc}") from exc
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _acquire_lock(self) -> int:
+        # The lock comes before any engine call: a second EdgeShard.load on a shard another process
+        # holds fails, and that failed attempt breaks the holder's next flush (OFFLINE.md).
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot open the store lock {self.lock_path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise StoreLockedError(
+                f"the embedded Qdrant store at {self.root} is in use by process {holder} "
+                f"(lock file {self.lock_path}); use the running service's HTTP API, "
+                f"or stop that process first"
+            ) from exc
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot lock {self.lock_path}: {exc}") from exc
+        # The pid is only informative (for the message above); the flock is what excludes.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def _release_lock(self) -> None:
+        # The file stays: unlinking it would let a newcomer lock a fresh inode while another
+        # process still waits on the old one.
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def close(self) -> None:
+        """Flush and close every shard, then release the lock. Safe to call twice."""
+        with self._write_lock, self._shards_lock:
+            if self._closed:
+                return
+            self._closed = True
+            errors: list[str] = []
+            for name, shard in self._shards.items():
+                try:
+                    shard.flush()
+                    shard.close()
+                except Exception as exc:  # the engine raises bare Exception; close the rest anyway
+                    errors.append(f"{name}: {exc}")
+            self._shards.clear()
+            self._release_lock()
+        if errors:
+            raise StoreError(f"closing the embedded store at {self.root} failed: {'; '.join(errors)}")
+
+    def __enter__(self) -> EdgeVectorStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- shards ------------------------------------------------------------------------------
+
+    @property
+    def _collections_dir(self) -> Path:
+        return self.root / "collections"
+
+    @property
+    def _active_path(self) -> Path:
+        return self.root / "active"
+
+    def _shard_path(self, name: str) -> Path:
+        return self._collections_dir / name
+
+    @staticmethod
+    def _is_shard(path: Path) -> bool:
+        # edge_config.json is written by EdgeShard.create; a directory without it is not a shard.
+        return (path / "edge_config.json").is_file()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the embedded store at {self.root} is closed")
+
+    def _shard(self, name: str) -> Any:
+        """The open shard of collection ``name``, loaded on first use; NotFound if it does not exist."""
+        shard = self._shards.get(name)
+        if shard is not None:
+            return shard
+        check_collection_name(name)
+        with self._shards_lock:
+            self._check_open()
+            shard = self._shards.get(name)
+            if shard is None:
+                path = self._shard_path(name)
+                if not self._is_shard(path):
+                    raise NotFound(f"collection {name!r} does not exist")
+                from qdrant_edge import EdgeShard
+
+                with _edge_errors(f"loading collection {name!r}"):
+                    shard = EdgeShard.load(str(path))
+                self._shards[name] = shard
+            return shard
+
+    def ensure_collection(self, name: str, dimension: int) -> None:
+        """Create the shard (cosine ``"dense"``, IDF-weighted sparse ``"bm25"``, payload indexes) unless it exists.
+
+        A shard made before sparse vectors existed cannot gain one (the engine fixes a shard's vector
+        layout at creation): it raises :class:`StoreError`; re-index into a new collection.
+        """
+        from qdrant_edge import (
+            BoolIndexParams,
+            Distance,
+            EdgeConfig,
+            EdgeShard,
+            EdgeSparseVectorParams,
+            EdgeVectorParams,
+            KeywordIndexParams,
+            Modifier,
+            UpdateOperation,
+        )
+
+        self._check_new_collection(name, dimension)
+        with self._write_lock, self._shards_lock:
+            self._check_open()
+            path = self._shard_path(name)
+            if self._is_shard(path):
+                existing = _edge_dimension(path)
+                if existing is not None and existing != dimension:
+                    raise StoreError(
+                        f"collection {name!r} holds {existing}-d vectors, not {dimension}-d; "
+                        f"use a new collection for a different encoder"
+                    )
+                if _edge_sparse_modifier(path) not in (None, "idf"):
+                    raise StoreError(
+                        f"collection {name!r} has no IDF-weighted sparse vector {SPARSE_VECTOR_NAME!r} "
+                        f"(it predates hybrid search); re-index its documents into a new collection"
+                    )
+                shard = self._shard(name)
+            else:
+                config = EdgeConfig(
+                    vectors={VECTOR_NAME: EdgeVectorParams(size=dimension, distance=Distance.Cosine)},
+                    sparse_vectors={SPARSE_VECTOR_NAME: EdgeSparseVectorParams(modifier=Modifier.Idf)},
+                )
+                with _edge_errors(f"creating collection {name!r}"):
+                    shard = EdgeShard.create(str(path), config)
+                self._shards[name] = shard
+            # Creating an existing index is a no-op, so this also repairs a shard made before an index existed.
+            with _edge_errors(f"indexing collection {name!r}"):
+                for field in KEYWORD_INDEXES:
+                    params = KeywordIndexParams(is_tenant=True) if field == "tenant" else KeywordIndexParams()
+                    shard.update(UpdateOperation.create_field_index(field, params))
+                for field in BOOL_INDEXES:
+                    shard.update(UpdateOperation.create_field_index(field, BoolIndexParams()))
+                shard.flush()
+
+    def list_collections(self) -> list[str]:
+        """Names of every collection (shard directories), sorted."""
+        self._check_open()
+        try:
+            return sorted(p.name for p in self._collections_dir.iterdir() if self._is_shard(p))
+        except OSError as exc:
+            raise StoreError(f"cannot list {self._collections_dir}: {exc}") from exc
+
+    def get_active(self) -> str | None:
+        """The collection named by the pointer file, or None when none was set."""
+        self._check_open()
+        try:
+            name = self._active_path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {self._active_path}: {exc}") from exc
+        return name or None
+
+    def set_active(self, name: str) -> None:
+        """Point ``root/active`` at ``name``: written to a temp file, fsynced, then renamed over."""
+        check_collection_name(name)
+        with self._write_lock:
+            self._check_open()
+            if not self._is_shard(self._shard_path(name)):
+                raise NotFound(f"collection {name!r} does not exist")
+            self._write_pointer(name)
+
+    def _write_pointer(self, name: str | None) -> None:
+        try:
+            if name is None:
+                self._active_path.unlink(missing_ok=True)
+            else:
+                # os.replace is atomic: a reader sees the old name or the new one, never a torn file.
+                tmp = self.root / f".active.{os.getpid()}.{threading.get_ident()}.tmp"
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    fh.write(name + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self._active_path)
+            dir_fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the rename itself must survive a crash
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise StoreError(f"cannot write the active pointer {self._active_path}: {exc}") from exc
+
+    def drop_collection(self, name: str) -> None:
+        """Close and delete the shard; the active pointer is cleared if it named it (as a server alias is)."""
+        check_collection_name(name)
+        with self._write_lock, self._shards_lock:
+            self._check_open()
+            shard = self._shards.pop(name, None)
+            if shard is not None:
+                with _edge_errors(f"closing collection {name!r}"):
+                    shard.close()
+            path = self._shard_path(name)
+            if self.get_active() == name:
+                self._write_pointer(None)
+            try:
+                shutil.rmtree(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"cannot delete {path}: {exc}") from exc
+
+    # -- primitives for QdrantLikeStore (upsert, publish, search, count, scroll live there) ---------
+
+    def _writing(self) -> contextlib.AbstractContextManager[Any]:
+        # Multi-step writes take the store-wide write lock; searches never do (see the class docstring).
+        return self._write_lock
+
+    def _errors(self, action: str, collection: str | None = None) -> contextlib.AbstractContextManager[None]:
+        # A missing collection is already NotFound from _shard; the engine's own errors become StoreError.
+        return _edge_errors(action)
+
+    def _collection(self, name: str) -> Any:
+        return self._shard(name)
+
+    def _eq(self, key: str, value: str | int | bool) -> Any:
+        from qdrant_edge import FieldCondition, MatchValue
+
+        return FieldCondition(key, match=MatchValue(_edge_value(value)))
+
+    def _match_any(self, key: str, values: list[str] | list[int]) -> Any:
+        from qdrant_edge import FieldCondition, MatchAny
+
+        return FieldCondition(key, match=MatchAny(values))
+
+    def _range(self, cond: FieldRange) -> Any:
+        from qdrant_edge import FieldCondition, RangeFloat
+
+        return FieldCondition(cond.key, range=RangeFloat(gt=cond.gt, gte=cond.gte, lt=cond.lt, lte=cond.lte))
+
+    def _filter(self, **clauses: list[Any]) -> Any:
+        from qdrant_edge import Filter
+
+        return Filter(**clauses)
+
+    def _sparse(self, vector: SparseVector) -> Any:
+        from qdrant_edge import SparseVector as EdgeSparse
+
+        return EdgeSparse(vector.indices, vector.values)
+
+    def _point(self, point: PointRecord, vectors: dict[str, Any]) -> Any:
+        from qdrant_edge import Point
+
+        return Point(point.id, vectors, point.payload)
+
+    def _upsert_raw(self, handle: Any, points: list[Any]) -> None:
+        from qdrant_edge import UpdateOperation
+
+        handle.update(UpdateOperation.upsert_points(points))
+
+    def _set_payload_raw(self, handle: Any, flt: Any, payload: dict[str, Any]) -> None:
+        from qdrant_edge import UpdateOperation
+
+        handle.update(UpdateOperation.set_payload_by_filter(flt, payload))
+
+    def _delete_raw(self, handle: Any, flt: Any) -> None:
+        from qdrant_edge import UpdateOperation
+
+        handle.update(UpdateOperation.delete_points_by_filter(flt))
+
+    def _count_raw(self, handle: Any, flt: Any) -> int:
+        from qdrant_edge import CountRequest
+
+        return handle.count(CountRequest(exact=True, filter=flt))
+
+    def _scroll_raw(self, handle: Any, flt: Any, offset: Any, limit: int, with_payload: Any,
+                    with_vector: Any) -> tuple[list[Any], Any]:
+        from qdrant_edge import ScrollRequest
+
+        return handle.scroll(ScrollRequest(offset=offset, limit=limit, filter=flt, with_payload=with_payload,
+                                           with_vector=with_vector))
+
+    def _flush(self, handle: Any) -> None:
+        handle.flush()
+
+    def _dense_branch(self, handle: Any, vector: list[float]) -> Branch:
+        from qdrant_edge import Query, SearchParams
+
+        exact = handle.info().points_count <= self._exact_max  # see EXACT_SEARCH_MAX_POINTS
+        return Branch(Query.Nearest(vector, using=VECTOR_NAME), VECTOR_NAME, SearchParams(exact=exact))
+
+    def _sparse_branch(self, vector: SparseVector, scope: list[Any]) -> Branch:
+        from qdrant_edge import Filter, IdfParams, Query, SearchParams
+
+        return Branch(Query.Nearest(self._sparse(vector), using=SPARSE_VECTOR_NAME), SPARSE_VECTOR_NAME,
+                      SearchParams(idf=IdfParams(corpus=Filter(must=scope))))
+
+    def _query_raw(self, handle: Any, branch: Branch, flt: Any, limit: int) -> list[Any]:
+        from qdrant_edge import QueryRequest
+
+        return handle.query(QueryRequest(limit=limit, query=branch.query, filter=flt, with_payload=True,
+                                         params=branch.params))
+
+    def _fused_query_raw(self, handle: Any, branches: list[Branch], flt: Any, plan: SearchPlan) -> list[Any]:
+        from qdrant_edge import Fusion, Prefetch, QueryRequest
+
+        return handle.query(QueryRequest(
+            limit=plan.limit,
+            prefetches=[Prefetch(limit=plan.prefetch, query=b.query, filter=flt, params=b.params) for b in branches],
+            query=Fusion.Rrf(k=plan.rrf_k, weights=plan.weights),
+            filter=flt,
+            with_payload=True,
+        ))
+
+    def optimize(self, collection: str) -> bool:
+        """Run the engine's optimizers (HNSW build, merges, vacuum) now; blocks the process meanwhile.
+
+        Returns True if any segment changed. The engine only builds HNSW for segments above its
+        indexing threshold (roughly 10k 384-d vectors), so small collections stay brute force.
+        """
+        with self._write_lock:
+            shard = self._shard(collection)
+            with _edge_errors(f"optimizing {collection!r}"):
+                changed = bool(shard.optimize())
+                shard.flush()
+        return changed
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
+
+
+def _edge_dimension(path: Path) -> int | None:
+    # The bindings expose no config getter; edge_config.json is the shard's own record of it.
+    # Unreadable means unknown: the engine then rejects wrong-sized vectors itself.
+    try:
+        config = json.loads((path / "edge_config.json").read_text(encoding="utf-8"))
+        return int(config["vectors"][VECTOR_NAME]["size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _edge_sparse_modifier(path: Path) -> str | None:
+    """The sparse vector's modifier ("idf"), "" if the shard has no such vector, None if unreadable."""
+    try:
+        config = json.loads((path / "edge_config.json").read_text(encoding="utf-8"))
+        sparse = config.get("sparse_vectors") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(sparse, dict) or SPARSE_VECTOR_NAME not in sparse:
+        return ""
+    params = sparse[SPARSE_VECTOR_NAME]
+    return str(params.get("modifier") or "").lower() if isinstance(params, dict) else ""
+
+
+@contextlib.contextmanager
+def _edge_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except RagError:
+        raise
+    except Exception as exc:  # the bindings raise plain Exception for every engine error
+        raise StoreError(f"embedded Qdrant failed {action}: {exc}") from exc
