@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from eval.drift import DriftReport
-from eval.report import _COLORS, _CSS, _esc
+from eval.report import COLORS as _COLORS, CSS as _CSS, esc as _esc  # the shared look of eval reports
 
 __all__ = ["format_summary", "render_drift_html", "write_drift_report"]
 

@@ -1,14 +1,8 @@
-"""Ranking metrics with the definitions of trec_eval / pytrec_eval, as BEIR reports them.
+"""Retrieval evaluation over many queries: means, bootstrap intervals and metric-vs-k curves.
 
-Definitions (per query; ``rel(d)`` is the qrels grade, absent means 0; relevant means ``rel > 0``):
-
-- ``ndcg@k``: ``DCG@k / IDCG@k`` with gain ``rel(d)`` (linear, not ``2^rel - 1``) and discount
-  ``log2(rank + 1)``; the ideal ranking is the query's qrels sorted by grade, cut at ``k``.
-  Judged documents with grade <= 0 add nothing. This is trec_eval's ``ndcg_cut`` and BEIR's nDCG.
-- ``recall@k``: relevant documents in the top ``k`` / all relevant documents of the query.
-- ``precision@k`` (``p@k``): relevant documents in the top ``k`` / ``k`` (also when fewer than
-  ``k`` were retrieved, as trec_eval's ``P_k``).
-- ``mrr@k``: ``1 / rank`` of the first relevant document within the top ``k``, else 0.
+The per-query metrics (nDCG, recall, precision, MRR, with trec_eval's definitions and tie order)
+live in :mod:`rag.ir_metrics`, shared with the encoder gate of an adaptation; they are re-exported
+here as the harness's public surface.
 
 Ties: a run gives each document a score; documents are ranked by score descending and equal
 scores by document id descending (byte order), which is exactly how trec_eval orders a run,
@@ -28,6 +22,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rag.ir_metrics import (
+    FAMILIES,
+    METRIC_FUNCTIONS,
+    Qrels,
+    Run,
+    metric_at,
+    mrr_at_k,
+    ndcg_at_k,
+    parse_metric,
+    precision_at_k,
+    rank,
+    recall_at_k,
+)
+
 __all__ = [
     "CURVE_KS",
     "DEFAULT_METRICS",
@@ -46,70 +54,6 @@ __all__ = [
 
 DEFAULT_METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10", "p@1", "p@5", "p@10")
 CURVE_KS = (1, 3, 5, 10, 20, 50, 100)
-_FAMILIES = ("ndcg", "recall", "mrr", "p")
-
-Run = Mapping[str, float] | Sequence[tuple[str, float]]
-Qrels = Mapping[str, int]
-
-
-def rank(run: Run) -> list[str]:
-    """Document ids best first: score descending, ties by document id descending (trec_eval's order)."""
-    items = list(run.items()) if isinstance(run, Mapping) else list(run)
-    # Two stable sorts: the secondary key first.
-    items.sort(key=lambda item: item[0], reverse=True)
-    items.sort(key=lambda item: item[1], reverse=True)
-    return [doc for doc, _ in items]
-
-
-def _check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, not {k!r}")
-
-
-def ndcg_at_k(ranking: Sequence[str], qrels: Qrels, k: int) -> float:
-    _check_k(k)
-    dcg = sum(max(qrels.get(d, 0), 0) / math.log2(i + 2) for i, d in enumerate(ranking[:k]))
-    ideal = sorted((g for g in qrels.values() if g > 0), reverse=True)[:k]
-    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
-    return dcg / idcg if idcg > 0 else 0.0
-
-
-def recall_at_k(ranking: Sequence[str], qrels: Qrels, k: int) -> float:
-    _check_k(k)
-    relevant = sum(1 for g in qrels.values() if g > 0)
-    if not relevant:
-        return 0.0
-    return sum(1 for d in ranking[:k] if qrels.get(d, 0) > 0) / relevant
-
-
-def precision_at_k(ranking: Sequence[str], qrels: Qrels, k: int) -> float:
-    _check_k(k)
-    return sum(1 for d in ranking[:k] if qrels.get(d, 0) > 0) / k
-
-
-def mrr_at_k(ranking: Sequence[str], qrels: Qrels, k: int) -> float:
-    _check_k(k)
-    for i, d in enumerate(ranking[:k]):
-        if qrels.get(d, 0) > 0:
-            return 1.0 / (i + 1)
-    return 0.0
-
-
-_FUNCS = {"ndcg": ndcg_at_k, "recall": recall_at_k, "p": precision_at_k, "mrr": mrr_at_k}
-
-
-def parse_metric(name: str) -> tuple[str, int]:
-    """``"ndcg@10"`` -> ``("ndcg", 10)``; accepts ``precision@k`` and ``P@k`` for ``p@k``."""
-    family, sep, k_text = name.strip().lower().partition("@")
-    family = {"precision": "p", "recip_rank": "mrr"}.get(family, family)
-    if not sep or family not in _FAMILIES or not k_text.isdigit() or int(k_text) < 1:
-        raise ValueError(f"unknown metric {name!r}: use ndcg@k, recall@k, mrr@k or p@k (k a positive integer)")
-    return family, int(k_text)
-
-
-def metric_at(name: str, ranking: Sequence[str], qrels: Qrels) -> float:
-    family, k = parse_metric(name)
-    return _FUNCS[family](ranking, qrels, k)
 
 
 def bootstrap_ci(
@@ -164,7 +108,7 @@ def evaluate(
         parse_metric(n)
     ks = sorted(set(curve_ks))
     per_query: dict[str, dict[str, float]] = {}
-    curve_values: dict[str, dict[int, list[float]]] = {f: {k: [] for k in ks} for f in _FAMILIES}
+    curve_values: dict[str, dict[int, list[float]]] = {f: {k: [] for k in ks} for f in FAMILIES}
     skipped: list[str] = []
     no_relevant: list[str] = []
     no_results: list[str] = []
@@ -179,9 +123,9 @@ def evaluate(
         if not any(g > 0 for g in judged.values()):
             no_relevant.append(qid)
         per_query[qid] = {n: metric_at(n, ranking, judged) for n in names}
-        for family in _FAMILIES:
+        for family in FAMILIES:
             for k in ks:
-                curve_values[family][k].append(_FUNCS[family](ranking, judged, k))
+                curve_values[family][k].append(METRIC_FUNCTIONS[family](ranking, judged, k))
     means: dict[str, float] = {}
     cis: dict[str, tuple[float, float]] = {}
     for n in names:

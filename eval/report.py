@@ -15,10 +15,13 @@ from typing import Any
 from eval.metrics import CURVE_KS, DEFAULT_METRICS, paired_bootstrap_ci, parse_metric
 
 __all__ = [
+    "COLORS",
+    "CSS",
     "REPORT_SCHEMA",
     "CompareError",
     "build_report",
     "compare_reports",
+    "esc",
     "format_table",
     "git_info",
     "load_report",
@@ -148,8 +151,9 @@ def format_table(report: dict[str, Any], metrics: tuple[str, ...] = DEFAULT_METR
 # HTML (inline CSS and SVG, nothing fetched)
 # ---------------------------------------------------------------------------------------------
 
-_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
-_CSS = """
+# One look for every eval report (retrieval, answers, drift): they share these three helpers.
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}
@@ -160,7 +164,8 @@ th{background:#f5f5f5}td.l,th.l{text-align:left}.ci{color:#777;font-size:12px}
 """
 
 
-def _esc(x: Any) -> str:
+def esc(x: Any) -> str:
+    """``x`` as text safe inside HTML, attribute values included."""
     return html.escape(str(x), quote=True)
 
 
@@ -171,8 +176,8 @@ def _histogram_svg(values: list[float], title: str, color: str, bins: int = 10) 
         counts[min(bins - 1, max(0, int(v * bins)))] += 1
     top = max(counts) or 1
     bw = (w - pad_l - 10) / bins
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{_esc(title)}">',
-             f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{_esc(title)}</text>']
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{esc(title)}">',
+             f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{esc(title)}</text>']
     plot_h = h - pad_b - pad_t
     for i, c in enumerate(counts):
         bh = plot_h * c / top
@@ -209,8 +214,8 @@ def _curve_svg(series: dict[str, dict[int, float]], title: str) -> str:
     def py(v: float) -> float:
         return pad_t + plot_h * (1 - v)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{_esc(title)}">',
-             f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{_esc(title)}</text>']
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{esc(title)}">',
+             f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{esc(title)}</text>']
     for t in (0, 0.25, 0.5, 0.75, 1.0):
         parts.append(f'<line x1="{pad_l}" y1="{py(t):.1f}" x2="{w - pad_r}" y2="{py(t):.1f}" stroke="#eee"/>'
                      f'<text x="{pad_l - 4}" y="{py(t) + 3:.1f}" text-anchor="end" font-size="10">{t:g}</text>')
@@ -218,15 +223,15 @@ def _curve_svg(series: dict[str, dict[int, float]], title: str) -> str:
         parts.append(f'<text x="{px(k):.1f}" y="{pad_t + plot_h + 14}" text-anchor="middle" font-size="10">{k}</text>')
     parts.append(f'<text x="{pad_l + plot_w / 2}" y="{h - 14}" text-anchor="middle" font-size="11">k</text>')
     for i, (mode, by_k) in enumerate(series.items()):
-        color = _COLORS[i % len(_COLORS)]
+        color = COLORS[i % len(COLORS)]
         pts = [(px(k), py(v)) for k, v in sorted(by_k.items()) if v is not None]
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
                      + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>')
         for (x, y), (k, v) in zip(pts, sorted(by_k.items()), strict=False):
-            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"><title>{_esc(mode)} @{k}: {v:.4f}'
+            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"><title>{esc(mode)} @{k}: {v:.4f}'
                          '</title></circle>')
         parts.append(f'<rect x="{pad_l + 8 + i * 80}" y="{h - 10}" width="10" height="3" fill="{color}"/>'
-                     f'<text x="{pad_l + 22 + i * 80}" y="{h - 6}" font-size="10">{_esc(mode)}</text>')
+                     f'<text x="{pad_l + 22 + i * 80}" y="{h - 6}" font-size="10">{esc(mode)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -236,49 +241,14 @@ def render_html(report: dict[str, Any]) -> str:
     modes = report["modes"]
     metrics = list(next(iter(modes.values()))["metrics"]) if modes else list(DEFAULT_METRICS)
     out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-           f"<title>Retrieval eval: {_esc(ds['name'])} / {_esc(ds['split'])}</title><style>{_CSS}</style></head><body>",
-           f"<h1>Retrieval evaluation — {_esc(ds['name'])} ({_esc(ds['split'])})</h1>"]
-    git = report.get("git") or {}
-    index = report.get("index") or {}
-    settings = report.get("settings") or {}
-    meta = [
-        ("created", report["created_at"]), ("target", report["target"]), ("encoder", report["encoder_version"]),
-        ("git commit", f"{git.get('commit')}{' (dirty)' if git.get('dirty') else ''}"),
-        ("dataset hash", ds["hash"]), ("queries run", f"{ds['queries_run']} of {ds['queries_in_split']}"),
-        ("chunking", f"{settings.get('chunk_tokens', '?')} tokens, overlap {settings.get('chunk_overlap', '?')}, "
-                     f"{settings.get('tokenizer_encoding', '?')}"),
-        ("index", f"{index.get('documents', '?')} documents, {index.get('chunks', '?')} chunks, "
-                  f"{index.get('failed_documents', 0)} failed, {'reused' if index.get('reused') else 'built'} "
-                  f"in {index.get('data_dir', '?')}" if index else "the service's"),
-        ("ranking", f"top {report['options']['top_chunks']} chunks → documents by best chunk, first "
-                    f"{report['options']['top_docs']} kept; ties: {report['options']['ties']}"),
-    ]
-    out.append("<table class='meta'>" + "".join(f"<tr><th class='l'>{_esc(k)}</th><td>{_esc(v)}</td></tr>"
-                                                 for k, v in meta) + "</table>")
-
-    out.append("<h2>Summary (mean over queries, 95% bootstrap CI)</h2><table><tr><th class='l'>mode</th>"
-               + "".join(f"<th>{_esc(m)}</th>" for m in metrics) + "<th>queries</th><th>p50 / p95 ms</th></tr>")
-    for mode, m in modes.items():
-        cells = []
-        for name in metrics:
-            v = m["metrics"].get(name)
-            lo, hi = m["ci95"].get(name, [None, None])
-            cells.append(f"<td>{v:.4f}<br><span class='ci'>[{lo:.3f}, {hi:.3f}]</span></td>" if v is not None
-                         else "<td>-</td>")
-        lat = m.get("latency_ms") or {}
-        out.append(f"<tr><td class='l'>{_esc(mode)}</td>{''.join(cells)}<td>{m['queries_evaluated']}</td>"
-                   f"<td>{lat.get('p50_ms', '-')} / {lat.get('p95_ms', '-')}</td></tr>")
-    out.append("</table>")
-    notes = []
-    for mode, m in modes.items():
-        if m["queries_skipped_no_qrels"]:
-            notes.append(f"{mode}: {len(m['queries_skipped_no_qrels'])} queries skipped (no qrels)")
-        if m["queries_no_relevant"]:
-            notes.append(f"{mode}: {len(m['queries_no_relevant'])} queries have no relevant document (score 0)")
-        if m["queries_no_results"]:
-            notes.append(f"{mode}: {len(m['queries_no_results'])} queries retrieved nothing")
+           f"<title>Retrieval eval: {esc(ds['name'])} / {esc(ds['split'])}</title><style>{CSS}</style></head><body>",
+           f"<h1>Retrieval evaluation — {esc(ds['name'])} ({esc(ds['split'])})</h1>"]
+    out.append("<table class='meta'>" + "".join(f"<tr><th class='l'>{esc(k)}</th><td>{esc(v)}</td></tr>"
+                                                 for k, v in _meta_rows(report)) + "</table>")
+    out += _summary_html(modes, metrics)
+    notes = _notes(modes)
     if notes:
-        out.append("<p class='small'>" + "<br>".join(_esc(n) for n in notes) + "</p>")
+        out.append("<p class='small'>" + "<br>".join(esc(n) for n in notes) + "</p>")
 
     out.append("<h2>Metric vs k</h2><div class='grid'>")
     names = {"ndcg": "nDCG@k", "recall": "recall@k", "p": "precision@k", "mrr": "MRR@k"}
@@ -292,13 +262,69 @@ def render_html(report: dict[str, Any]) -> str:
         values = [q["metrics"].get("ndcg@10") for q in m["per_query"] if q["metrics"].get("ndcg@10") is not None]
         zero = sum(1 for v in values if v == 0)
         out.append(_histogram_svg(values, f"{mode}: nDCG@10 ({len(values)} queries, {zero} at 0)",
-                                  _COLORS[i % len(_COLORS)]))
+                                  COLORS[i % len(COLORS)]))
     out.append("</div>")
+    out += _per_query_html(modes)
+    out.append("<p class='small'>Metrics follow trec_eval / pytrec_eval (BEIR): nDCG with linear graded gains and "
+               "log2(rank+1) discount, recall = relevant retrieved / all relevant, P@k over k, MRR cut at k. "
+               f"Curves at k = {', '.join(map(str, CURVE_KS))}.</p>")
+    out.append("</body></html>")
+    return "\n".join(out)
 
-    out.append("<h2>Per query</h2><details><summary>table of every query (rows with nDCG@10 = 0 in any mode are "
-               "shaded)</summary><table><tr><th class='l'>query</th><th class='l'>text</th><th>relevant</th>")
+
+def _meta_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
+    ds = report["dataset"]
+    git = report.get("git") or {}
+    index = report.get("index") or {}
+    settings = report.get("settings") or {}
+    return [
+        ("created", report["created_at"]), ("target", report["target"]), ("encoder", report["encoder_version"]),
+        ("git commit", f"{git.get('commit')}{' (dirty)' if git.get('dirty') else ''}"),
+        ("dataset hash", ds["hash"]), ("queries run", f"{ds['queries_run']} of {ds['queries_in_split']}"),
+        ("chunking", f"{settings.get('chunk_tokens', '?')} tokens, overlap {settings.get('chunk_overlap', '?')}, "
+                     f"{settings.get('tokenizer_encoding', '?')}"),
+        ("index", f"{index.get('documents', '?')} documents, {index.get('chunks', '?')} chunks, "
+                  f"{index.get('failed_documents', 0)} failed, {'reused' if index.get('reused') else 'built'} "
+                  f"in {index.get('data_dir', '?')}" if index else "the service's"),
+        ("ranking", f"top {report['options']['top_chunks']} chunks → documents by best chunk, first "
+                    f"{report['options']['top_docs']} kept; ties: {report['options']['ties']}"),
+    ]
+
+
+def _summary_html(modes: dict[str, Any], metrics: list[str]) -> list[str]:
+    out = ["<h2>Summary (mean over queries, 95% bootstrap CI)</h2><table><tr><th class='l'>mode</th>"
+           + "".join(f"<th>{esc(m)}</th>" for m in metrics) + "<th>queries</th><th>p50 / p95 ms</th></tr>"]
+    for mode, m in modes.items():
+        cells = []
+        for name in metrics:
+            v = m["metrics"].get(name)
+            lo, hi = m["ci95"].get(name, [None, None])
+            cells.append(f"<td>{v:.4f}<br><span class='ci'>[{lo:.3f}, {hi:.3f}]</span></td>" if v is not None
+                         else "<td>-</td>")
+        lat = m.get("latency_ms") or {}
+        out.append(f"<tr><td class='l'>{esc(mode)}</td>{''.join(cells)}<td>{m['queries_evaluated']}</td>"
+                   f"<td>{lat.get('p50_ms', '-')} / {lat.get('p95_ms', '-')}</td></tr>")
+    out.append("</table>")
+    return out
+
+
+def _notes(modes: dict[str, Any]) -> list[str]:
+    notes = []
+    for mode, m in modes.items():
+        if m["queries_skipped_no_qrels"]:
+            notes.append(f"{mode}: {len(m['queries_skipped_no_qrels'])} queries skipped (no qrels)")
+        if m["queries_no_relevant"]:
+            notes.append(f"{mode}: {len(m['queries_no_relevant'])} queries have no relevant document (score 0)")
+        if m["queries_no_results"]:
+            notes.append(f"{mode}: {len(m['queries_no_results'])} queries retrieved nothing")
+    return notes
+
+
+def _per_query_html(modes: dict[str, Any]) -> list[str]:
+    out = ["<h2>Per query</h2><details><summary>table of every query (rows with nDCG@10 = 0 in any mode are "
+           "shaded)</summary><table><tr><th class='l'>query</th><th class='l'>text</th><th>relevant</th>"]
     for mode in modes:
-        out.append(f"<th>{_esc(mode)}<br>nDCG@10</th><th>{_esc(mode)}<br>R@100</th><th>{_esc(mode)}<br>1st rel</th>")
+        out.append(f"<th>{esc(mode)}<br>nDCG@10</th><th>{esc(mode)}<br>R@100</th><th>{esc(mode)}<br>1st rel</th>")
     out.append("</tr>")
     by_mode = {mode: {q["id"]: q for q in m["per_query"]} for mode, m in modes.items()}
     first_mode = next(iter(modes), None)
@@ -311,15 +337,11 @@ def render_html(report: dict[str, Any]) -> str:
             nd, rc = mm.get("ndcg@10"), mm.get("recall@100")
             cells += (f"<td>{'-' if nd is None else f'{nd:.3f}'}</td><td>{'-' if rc is None else f'{rc:.2f}'}</td>"
                       f"<td>{r.get('first_relevant_rank') or '-'}</td>")
-        out.append(f"<tr{' class=zero' if shade else ''}><td class='l'><code>{_esc(q['id'])}</code></td>"
-                   f"<td class='q'>{_esc(q['query'])}</td><td>{len([g for g in q['relevant'].values() if g > 0])}</td>"
+        out.append(f"<tr{' class=zero' if shade else ''}><td class='l'><code>{esc(q['id'])}</code></td>"
+                   f"<td class='q'>{esc(q['query'])}</td><td>{len([g for g in q['relevant'].values() if g > 0])}</td>"
                    f"{cells}</tr>")
     out.append("</table></details>")
-    out.append("<p class='small'>Metrics follow trec_eval / pytrec_eval (BEIR): nDCG with linear graded gains and "
-               "log2(rank+1) discount, recall = relevant retrieved / all relevant, P@k over k, MRR cut at k. "
-               f"Curves at k = {', '.join(map(str, CURVE_KS))}.</p>")
-    out.append("</body></html>")
-    return "\n".join(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,20 +394,7 @@ def compare_reports(
         raise CompareError(str(exc)) from None
     if not (max_drop >= 0 and math.isfinite(max_drop)):
         raise CompareError(f"--max-drop must be a finite number >= 0, not {max_drop}")
-    common = [m for m in a["modes"] if m in b["modes"]]
-    if mode is not None:
-        missing = [p for p, r in (("A", a), ("B", b)) if mode not in r["modes"]]
-        if missing:
-            raise CompareError(f"mode {mode!r} is not in report {' and '.join(missing)} "
-                               f"(A has {sorted(a['modes'])}, B has {sorted(b['modes'])})")
-        common = [mode]
-    if not common:
-        raise CompareError(f"the reports share no mode (A has {sorted(a['modes'])}, B has {sorted(b['modes'])})")
-    for m in common:
-        for label, r in (("A", a), ("B", b)):
-            if _metric_value(r["modes"][m], metric) is None:
-                raise CompareError(f"metric {metric} is not in report {label} for mode {m!r}")
-
+    common = _compared_modes(a, b, metric, mode)
     lines = [f"A (baseline):  {a['_path']}  encoder={a.get('encoder_version')}  "
              f"commit={str((a.get('git') or {}).get('commit'))[:12]}",
              f"B (candidate): {b['_path']}  encoder={b.get('encoder_version')}  "
@@ -422,3 +431,21 @@ def compare_reports(
     lines.append(f"{verdict}: {metric} {'dropped' if regressed else 'did not drop'} by more than {max_drop:g} "
                  f"in {'mode ' + mode if mode else 'modes ' + ', '.join(common)}")
     return "\n".join(lines), regressed
+
+
+def _compared_modes(a: dict[str, Any], b: dict[str, Any], metric: str, mode: str | None) -> list[str]:
+    """The modes both reports hold (or just ``mode``), each with ``metric``; else :class:`CompareError`."""
+    common = [m for m in a["modes"] if m in b["modes"]]
+    if mode is not None:
+        missing = [p for p, r in (("A", a), ("B", b)) if mode not in r["modes"]]
+        if missing:
+            raise CompareError(f"mode {mode!r} is not in report {' and '.join(missing)} "
+                               f"(A has {sorted(a['modes'])}, B has {sorted(b['modes'])})")
+        common = [mode]
+    if not common:
+        raise CompareError(f"the reports share no mode (A has {sorted(a['modes'])}, B has {sorted(b['modes'])})")
+    for m in common:
+        for label, r in (("A", a), ("B", b)):
+            if _metric_value(r["modes"][m], metric) is None:
+                raise CompareError(f"metric {metric} is not in report {label} for mode {m!r}")
+    return common

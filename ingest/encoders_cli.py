@@ -63,9 +63,11 @@ def print_record(rec: dict[str, Any]) -> None:
 
 
 def run_adapt(settings: Settings, args) -> int:
-    from ingest import adapt as ad
+    from ingest.adapt import adapt, should_promote
+    from ingest.promotion import promote
+    from rag.encoders import AdaptOptions
 
-    options = ad.AdaptOptions(
+    options = AdaptOptions(
         pairs_file=str(args.pairs) if args.pairs else None, pairs_split=args.pairs_split,
         validation_file=str(args.validation) if args.validation else None, validation_split=args.validation_split,
         unsupervised=not args.labelled_only, synthetic_questions=args.synthetic, epochs=args.epochs,
@@ -89,14 +91,14 @@ def run_adapt(settings: Settings, args) -> int:
     if args.url:
         print(f"error: no service answers at {url}")
         return 1
-    from rag.api.app import Services
+    from rag.services import Services
 
     services = Services.build(settings)
     try:
-        record = ad.adapt(settings, services.store, services.embedder, options)
+        record = adapt(settings, services.store, services.embedder, options)
         print_record(msgspec.to_builtins(record))
-        if ad.should_promote(settings, record, options):
-            print(f"promotion:  {json.dumps(ad.promote(settings, services.store, record.version, force=options.force))}")
+        if should_promote(settings, record, options):
+            print(f"promotion:  {json.dumps(promote(settings, services.store, record.version, force=options.force))}")
     finally:
         services.close()
     return 0 if record.validation.get("passed") else 3
@@ -119,7 +121,7 @@ def run_encoders(settings: Settings, args) -> int:
                 active = version_of_collection(store.get_active())
             finally:
                 store.close()
-            records = [describe(r, active) for r in EncoderRegistry(settings.data_dir / "encoders").list()]
+            records = [describe(r, active) for r in EncoderRegistry(settings.encoders_dir).list()]
         print(f"active: {active}")
         for r in records:
             v = r.get("validation") or {}
@@ -139,17 +141,17 @@ def run_encoders(settings: Settings, args) -> int:
             print(f"error: {done.get('error')}")
             return 1
         return 0
-    from ingest import adapt as ad
+    from ingest import promotion
     from rag.store import open_store
 
     store = open_store(settings)
     try:
         if args.action == "promote":
-            out = ad.promote(settings, store, args.version, force=args.force)
+            out = promotion.promote(settings, store, args.version, force=args.force)
         elif args.action == "prune":
-            out = ad.prune(settings, store, keep=list(args.keep))
+            out = promotion.prune(settings, store, keep=list(args.keep))
         else:
-            out = ad.rollback(settings, store, args.version)
+            out = promotion.rollback(settings, store, args.version)
     finally:
         store.close()
     print(json.dumps(out, indent=2))

@@ -125,7 +125,7 @@ def resolve_encoder_model(settings, store) -> str:
     """
     version = version_of_collection(store.get_active())
     if version:
-        registry = EncoderRegistry(settings.data_dir / "encoders")
+        registry = EncoderRegistry(settings.encoders_dir)
         rec = registry.get(version)
         if rec is not None:
             return registry.model_path(version)

@@ -181,6 +181,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     def uploads_dir(self) -> Path:
         return self.data_dir / "uploads"
 
+    @property
+    def encoders_dir(self) -> Path:
+        return self.data_dir / "encoders"
+
 
 def _decode(type_: type, obj: object) -> object:
     # msgspec does not turn strings into Paths on its own.

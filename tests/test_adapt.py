@@ -115,7 +115,7 @@ def test_validation_split_holds_out_whole_documents():
 def test_cross_validation_folds_never_share_a_document():
     from itertools import combinations
 
-    from ingest.adapt import document_folds
+    from ingest.gate import document_folds
 
     pairs = [Pair(query=f"q{i}", positive="p", document_id=f"d{i % 7}", source="labelled") for i in range(30)]
     pairs.append(Pair(query="a title", positive="p", document_id="d1", source="title"))  # generated: always trained on
@@ -164,7 +164,7 @@ def test_adapt_promote_rollback_switch_what_search_uses(app_client, corpus, embe
     assert rec["validation"]["queries"] > 0 and "ndcg@10" in rec["validation"]["active"]
     assert 0.0 <= rec["drift"]["neighbour_overlap@10"] <= 1.0
     # The version folder holds a loadable encoder that reports its own version.
-    registry = EncoderRegistry(client.services.settings.data_dir / "encoders")
+    registry = EncoderRegistry(client.services.settings.encoders_dir)
     loaded = SentenceTransformerEmbedder(registry.model_path(version))
     assert loaded.version == version and loaded.dimension == embedder.dimension
     listing = client.get("/v1/encoders").json()
@@ -257,7 +257,7 @@ def test_searches_keep_answering_while_the_corpus_is_re_embedded(app_client, cor
     _upload(client, corpus)
     job = _run_job(client, "/v1/encoders/adapt", {"promote": False})
     version = job["outcome"]["record"]["version"]
-    folder = EncoderRegistry(client.services.settings.data_dir / "encoders").folder(version)
+    folder = EncoderRegistry(client.services.settings.encoders_dir).folder(version)
     (folder / "corpus-vectors.npy").unlink()  # no cached vectors: promotion re-embeds every point
     r = client.post("/v1/encoders/promote", json={"version": version, "force": True})
     job_id = r.json()["job_id"]
@@ -299,7 +299,7 @@ def test_training_resumes_from_its_last_checkpoint_after_a_crash(settings, embed
 
 
 def test_cross_validation_chooses_epochs_on_held_out_documents(settings, embedder, corpus, tmp_path: Path):
-    from ingest.adapt import cross_validate_epochs
+    from ingest.gate import cross_validate_epochs
 
     # Bodies without their titles, so title queries are not found by string overlap alone.
     passages = [Passage(id=d["_id"], tenant="", document_id=d["_id"], chunk_index=0, title="", text=d["text"][:600])

@@ -1,10 +1,11 @@
-"""Scoring and calibration helpers of ``eval.answers`` on hand-made cases (no service, no model)."""
+"""Scoring and calibration helpers of the answer evaluation (``eval.answer_scoring``) and its reports
+(``eval.answer_report``) on hand-made cases (no service, no model)."""
 
 from __future__ import annotations
 
 import pytest
 
-from eval.answers import (
+from eval.answer_scoring import (
     auc,
     citation_precision,
     citations_contain,
@@ -127,7 +128,7 @@ def test_roc_table_and_auc():
 
 
 def test_report_files(tmp_path):
-    from eval.answers import format_summary, write_answer_report
+    from eval.answer_report import format_summary, write_answer_report
 
     said = {"answer": "I don't know. [1]", "answerable": True, "mode": "generative",
             "citations": [{"n": 1, "document_id": "d", "text": "x"}], "retrieval": {"support_score": 0.5},
@@ -145,7 +146,8 @@ def test_report_files(tmp_path):
 def test_report_carries_the_ragas_section(tmp_path):
     from types import SimpleNamespace
 
-    from eval.answers import format_ragas, ragas_section, write_answer_report
+    from eval.answer_report import format_ragas, write_answer_report
+    from eval.answers import ragas_section
 
     m = lambda mean, scored, failed=0, reasons=None: {  # noqa: E731
         "mean": mean, "scored": scored, "failed": failed, "population": "answered answerable questions",
