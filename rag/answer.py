@@ -30,11 +30,23 @@ from rag.types import ScoredPoint
 log = structlog.get_logger("rag.answer")
 
 _CITE = re.compile(r"\[(\d{1,3})\]")
-_DONT_KNOW = re.compile(r"\b(i don'?t know|i do not know|not (?:mentioned|stated|provided) in the sources)\b", re.I)
+# A reply that says it does not know, in the words the system prompt asks for or a model's own:
+# the one definition, used by the pipeline below and by the answer evaluation (eval/answer_scoring.py).
+_DONT_KNOW = re.compile(
+    r"\b(i don'?t know|i do not know|not (?:mentioned|stated|provided) in the (?:sources|text|context))\b", re.I)
 HISTORY_MESSAGES = 4  # earlier turns kept for a follow-up question (the model's context is small)
 # The LLM sees only the best-supported sentences, not whole chunks: a 135M model loses its way in a
 # long context, while the sentence ranking already finds the answer's sentence most of the time.
 EVIDENCE_SENTENCES = 3
+
+
+# The fallback_reason of an answer whose LLM reply said it does not know (see AnswerPipeline.finish).
+REFUSED = "the LLM said it does not know"
+
+
+def says_unknown(text: str) -> bool:
+    """True when ``text`` says it does not know (``I don't know``, ``not stated in the sources/text/context``)."""
+    return _DONT_KNOW.search(text) is not None
 
 
 class Citation(msgspec.Struct, kw_only=True):
@@ -72,6 +84,16 @@ class Answer(msgspec.Struct, kw_only=True):
     latency_ms: float = 0.0
     # Where the time went: retrieve, rerank, context (assembly + sentence ranking), llm (first token and total).
     timings: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+class Outcome(msgspec.Struct, kw_only=True, frozen=True):
+    """How a request ends, whichever path asked (see :meth:`AnswerPipeline.finish`)."""
+
+    text: str
+    citations: list[Citation]
+    mode: Literal["generative", "extractive"]
+    answerable: bool = True
+    fallback_reason: str | None = None
 
 
 class Prepared(msgspec.Struct, kw_only=True):
@@ -159,74 +181,85 @@ class AnswerPipeline:
         turns = [m for m in history if m.get("role") in ("user", "assistant") and m.get("content")][-HISTORY_MESSAGES:]
         return [messages[0], *turns, *messages[1:]]
 
-    def _context_info(self, prep: Prepared) -> dict[str, Any]:
-        return {"tokens": prep.context.tokens, "sources": len(prep.context.sources), "truncated": prep.context.truncated,
-                "left_out": [msgspec.to_builtins(x) for x in prep.context.left_out]}
+    def _meta(self, prep: Prepared) -> dict[str, Any]:
+        """What every answer reports besides its text, on both paths (traceability: encoder and prompt)."""
+        ctx = prep.context
+        context = {"tokens": ctx.tokens, "sources": len(ctx.sources), "truncated": ctx.truncated,
+                   "left_out": [msgspec.to_builtins(x) for x in ctx.left_out]}
+        return {"encoder_version": prep.encoder_version, "prompt": self.prompt_version, "retrieval": prep.retrieval,
+                "context": context, "timings": prep.timings}
 
     def _no_answer(self, prep: Prepared) -> str:
         return self.prompts.no_answer.render(question=prep.question)
 
-    def _finish(self, prep: Prepared, generated: str) -> tuple[str, list[Citation]]:
-        """Ground a generated answer: keep its valid citations and quote the supporting sentence."""
-        text = generated.strip()
-        quote = prep.extractive.sentences[0] if prep.extractive.sentences else None
-        if quote is not None and quote.text not in text:
-            text = f'{text}\n\n"{quote.text}" [{quote.n}]' if text else f"{quote.text} [{quote.n}]"
-        numbers = cited_numbers(text, prep.context)
-        return text, citations_for(prep.context, numbers)
+    def finish(self, prep: Prepared, generated: str | None, *, streamed: bool,
+               fallback_reason: str = "no LLM configured") -> Outcome:
+        """How a request ends: the one finishing policy of :meth:`answer` (JSON) and :meth:`stream` (SSE).
 
-    def _extractive(self, prep: Prepared) -> tuple[str, list[Citation]]:
+        ``generated`` is the LLM's whole reply, or None when there is none (no LLM configured, or it
+        failed before its first token: ``fallback_reason`` says which). The rules, in order:
+
+        1. Retrieval found no support above ``abstain_threshold``: the "no answer" text, answerable false.
+        2. No reply: the extractive answer (the best-supported sentences), with ``fallback_reason``.
+        3. A reply that says it does not know (:func:`says_unknown`): retrieval did find support above
+           the threshold (else rule 1), and a tiny model's refusal is less trustworthy than those
+           sentences, so the extractive answer is the answer (mode extractive, answerable true,
+           fallback_reason ``REFUSED``). JSON replaces the refusal with it. The stream path cannot:
+           its tokens are with the client already and a sent SSE event cannot be taken back, so it
+           *appends* the extractive answer after a blank line; citations, mode, answerable and
+           fallback_reason are the same as on the JSON path.
+        4. Otherwise a generative answer, grounded: its valid citations kept and the supporting
+           sentence quoted after it when it does not contain it (appended, so both paths can).
+
+        With ``streamed`` the outcome's text always starts with ``generated`` unchanged, so the stream
+        sends only ``text[len(generated):]`` more and its ``done.answer`` equals the tokens it sent.
+        """
+        if not prep.answerable:
+            return Outcome(text=self._no_answer(prep), citations=[], mode="extractive", answerable=False)
         ex = prep.extractive
-        return ex.text, citations_for(prep.context, [s.n for s in ex.sentences])
+        if generated is None or says_unknown(generated):
+            reason = fallback_reason if generated is None else REFUSED
+            text = ex.text if generated is None or not streamed else _append(generated, ex.text)
+            return Outcome(text=text, citations=citations_for(prep.context, [s.n for s in ex.sentences]),
+                           mode="extractive", fallback_reason=reason)
+        text = generated if streamed else generated.strip()
+        quote = ex.sentences[0] if ex.sentences else None
+        if quote is not None and quote.text not in text:
+            cite = f"[{quote.n}]"
+            text = _append(text, f'"{quote.text}" {cite}') if text.strip() else f"{text}{quote.text} {cite}"
+        return Outcome(text=text, citations=citations_for(prep.context, cited_numbers(text, prep.context)),
+                       mode="generative")
 
     async def answer(self, req: AnswerRequest, tenant: str) -> Answer:
         started = time.perf_counter()
         prep = await self.prepare(req, tenant)
-        common = {"encoder_version": prep.encoder_version, "prompt": self.prompt_version,
-                  "retrieval": prep.retrieval, "context": self._context_info(prep), "timings": prep.timings}
-        if not prep.answerable:
-            return Answer(answer=self._no_answer(prep), citations=[], mode="extractive", answerable=False,
-                          usage={}, latency_ms=_ms(started), **common)
-        fallback = "no LLM configured"
-        if self.llm is not None:
+        generated, usage, model, why = None, {}, None, "no LLM configured"
+        if prep.answerable and self.llm is not None:
             t_llm = time.perf_counter()
             try:
                 done = await self.llm.complete(self._messages(prep, req.history))
             except LLMError as exc:
-                fallback = f"LLM failed: {exc.message}"
+                why = f"LLM failed: {exc.message}"
                 log.warning("answer_llm_fallback", error=exc.message)
             else:
                 prep.timings["llm_ms"] = _ms(t_llm)
-                if _DONT_KNOW.search(done.text):
-                    # Retrieval found support above the threshold; a tiny model's refusal is less
-                    # trustworthy than the best-supported sentences, which are returned instead.
-                    fallback = "the LLM said it does not know"
-                    text, cites = self._extractive(prep)
-                    return Answer(answer=text, citations=cites, mode="extractive", answerable=True, usage=done.usage,
-                                  model=done.model, fallback_reason=fallback, latency_ms=_ms(started), **common)
-                text, cites = self._finish(prep, done.text)
-                return Answer(answer=text, citations=cites, mode="generative", answerable=True, usage=done.usage,
-                              model=done.model, latency_ms=_ms(started), **common)
-        text, cites = self._extractive(prep)
-        return Answer(answer=text, citations=cites, mode="extractive", answerable=True, usage={},
-                      fallback_reason=fallback, latency_ms=_ms(started), **common)
+                generated, usage, model = done.text, done.usage, done.model
+        out = self.finish(prep, generated, streamed=False, fallback_reason=why)
+        return Answer(answer=out.text, citations=out.citations, mode=out.mode, answerable=out.answerable,
+                      usage=usage, model=model, fallback_reason=out.fallback_reason, latency_ms=_ms(started),
+                      **self._meta(prep))
 
     async def stream(self, req: AnswerRequest, tenant: str) -> AsyncIterator[tuple[str, Any]]:
-        """Events: ("token", {"text"}) …, ("citations", [..]), ("done", {...}); or ("error", {...})."""
+        """Events: ("token", {"text"}) …, ("citations", [..]), ("done", {...}); or ("error", {...}).
+
+        The tokens, joined, are the whole answer (``done.answer``); how it ends is :meth:`finish`'s
+        policy, the same as :meth:`answer`'s except that sent tokens are never taken back.
+        """
         started = time.perf_counter()
         prep = await self.prepare(req, tenant)
-        meta = {"encoder_version": prep.encoder_version, "prompt": self.prompt_version,
-                "retrieval": prep.retrieval, "context": self._context_info(prep), "timings": prep.timings}
-        if not prep.answerable:
-            yield "token", {"text": self._no_answer(prep)}
-            yield "citations", []
-            yield "done", {"mode": "extractive", "answerable": False, "usage": {}, "latency_ms": _ms(started), **meta}
-            return
-        fallback = "no LLM configured"
-        if self.llm is not None:
+        generated, usage, model, why = None, {}, None, "no LLM configured"
+        if prep.answerable and self.llm is not None:
             pieces: list[str] = []
-            usage: dict[str, int] = {}
-            model = None
             t_llm = time.perf_counter()
             try:
                 async for ev in self.llm.stream(self._messages(prep, req.history)):
@@ -237,31 +270,30 @@ class AnswerPipeline:
                         yield "token", {"text": ev.text}
                     else:
                         usage, model = ev.usage or {}, ev.model
-            except LLMStreamInterrupted as exc:
-                log.warning("answer_stream_interrupted", error=exc.message, tokens=len(pieces))
-                yield "error", {"code": exc.code, "message": exc.message}
-                return
             except LLMError as exc:
-                if pieces:  # defensive: any failure after tokens went out is an error event
+                if pieces or isinstance(exc, LLMStreamInterrupted):
+                    # Part of an answer is with the client and cannot be finished or replaced.
+                    log.warning("answer_stream_interrupted", error=exc.message, tokens=len(pieces))
                     yield "error", {"code": exc.code, "message": exc.message}
                     return
-                fallback = f"LLM failed: {exc.message}"
+                why = f"LLM failed: {exc.message}"
                 log.warning("answer_llm_fallback", error=exc.message)
             else:
                 prep.timings["llm_ms"] = _ms(t_llm)
                 generated = "".join(pieces)
-                text, cites = self._finish(prep, generated)
-                if text != generated.strip():
-                    yield "token", {"text": text[len(generated.strip()):] if text.startswith(generated.strip()) else "\n\n" + text}
-                yield "citations", [msgspec.to_builtins(c) for c in cites]
-                yield "done", {"mode": "generative", "answerable": True, "usage": usage, "model": model,
-                               "answer": text, "latency_ms": _ms(started), **meta}
-                return
-        text, cites = self._extractive(prep)
-        yield "token", {"text": text}
-        yield "citations", [msgspec.to_builtins(c) for c in cites]
-        yield "done", {"mode": "extractive", "answerable": True, "usage": {}, "answer": text,
-                       "fallback_reason": fallback, "latency_ms": _ms(started), **meta}
+        out = self.finish(prep, generated, streamed=True, fallback_reason=why)
+        rest = out.text[len(generated or ""):]  # finish(streamed=True) only appends to what was sent
+        if rest:
+            yield "token", {"text": rest}
+        yield "citations", [msgspec.to_builtins(c) for c in out.citations]
+        yield "done", {"mode": out.mode, "answerable": out.answerable, "usage": usage, "model": model,
+                       "answer": out.text, "fallback_reason": out.fallback_reason, "latency_ms": _ms(started),
+                       **self._meta(prep)}
+
+
+def _append(text: str, more: str) -> str:
+    """``more`` after ``text`` with a blank line between; ``text`` itself never changes (it may be sent already)."""
+    return f"{text}\n\n{more}" if text.strip() else f"{text}{more}"
 
 
 def _ms(started: float) -> float:

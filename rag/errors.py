@@ -76,3 +76,29 @@ class TransientError(RagError):
 
     status_code = 503
     code = "transient_failure"
+
+
+# The LLM client's failures (rag/llm.py raises them and re-exports the names). ``except LLMError``
+# catches every LLM failure; the answer pipeline turns one before the first token into an extractive
+# answer, and one after it into an SSE ``error`` event.
+
+
+class LLMError(RagError):
+    """The LLM endpoint refused the request (4xx) or answered something that is not a chat completion."""
+
+    status_code = 502
+    code = "llm_error"
+
+
+class LLMUnavailable(LLMError):
+    """The LLM endpoint could not be reached, or stayed overloaded or slow through every retry or past the deadline."""
+
+    status_code = 503
+    code = "llm_unavailable"
+
+
+class LLMStreamInterrupted(LLMError):
+    """An LLM stream stopped (connection cut, deadline) after tokens had been delivered to the caller."""
+
+    status_code = 502
+    code = "llm_stream_interrupted"

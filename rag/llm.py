@@ -3,7 +3,8 @@
 llama.cpp's ``llama-server``, vLLM, Ollama and OpenAI all serve ``POST {base_url}/chat/completions``
 (``base_url`` includes ``/v1``). :class:`OpenAICompatibleLLM` adds what a service needs around it:
 retries with backoff on transient failures (only before the first token reaches the caller), a total
-deadline per call so nothing can hang, and one error per failure mode:
+deadline per call so nothing can hang, and one error per failure mode (defined in :mod:`rag.errors`,
+the one error tree, and re-exported here):
 
 - :class:`LLMUnavailable` (503): connect errors, timeouts, 429 and 5xx, once retries or time run out;
 - :class:`LLMError` (502): the endpoint refused the request (4xx) or answered something unreadable;
@@ -11,6 +12,11 @@ deadline per call so nothing can hang, and one error per failure mode:
 
 ``LLMUnavailable`` and ``LLMStreamInterrupted`` subclass ``LLMError``, so ``except LLMError`` catches
 every LLM failure.
+
+How the code is laid out (httpx's ``BaseClient`` idea): :class:`_Call` holds one call's retry rules and
+state and does no I/O (what is retried, the backoff, the deadline, which error ends the call);
+:meth:`OpenAICompatibleLLM._retrying` is the one retry loop; ``complete`` and ``stream`` differ only in
+the attempt they hand it (one POST read whole, or one POST read as server-sent events).
 """
 
 from __future__ import annotations
@@ -19,15 +25,17 @@ import email.utils
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, TypeVar, Unpack, runtime_checkable
 
 import anyio
 import httpx
 import msgspec
 
-from rag.errors import RagError, SettingsError
+from rag.errors import LLMError, LLMStreamInterrupted, LLMUnavailable, SettingsError
 from rag.logs import get_logger
 
 if TYPE_CHECKING:
@@ -36,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LLM",
     "Completion",
+    "GenerationOptions",
     "LLMError",
     "LLMStreamInterrupted",
     "LLMUnavailable",
@@ -47,27 +56,22 @@ log = get_logger(__name__)
 
 _ERROR_TEXT_CHARS = 300
 _RETRY_STATUSES = frozenset({429})  # plus every 5xx
+_T = TypeVar("_T")
 
 
-class LLMError(RagError):
-    """The endpoint refused the request or answered something that is not a chat completion."""
+class GenerationOptions(TypedDict, total=False):
+    """Per-call overrides of the client's defaults, the same for ``complete`` and ``stream``.
 
-    status_code = 502
-    code = "llm_error"
+    One declaration for the protocol, the client and the request payload: an option added here
+    reaches all of them.
+    """
 
-
-class LLMUnavailable(LLMError):
-    """The endpoint could not be reached or stayed overloaded/slow through every retry."""
-
-    status_code = 503
-    code = "llm_unavailable"
+    max_tokens: int | None
+    temperature: float | None
+    stop: Sequence[str] | None
 
 
-class LLMStreamInterrupted(LLMError):
-    """A stream stopped (connection cut, deadline) after tokens had been delivered to the caller."""
-
-    status_code = 502
-    code = "llm_stream_interrupted"
+_OPTION_NAMES = GenerationOptions.__optional_keys__ | GenerationOptions.__required_keys__
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,23 +100,9 @@ class LLM(Protocol):
 
     model: str
 
-    async def complete(
-        self,
-        messages: list[dict],
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        stop: Sequence[str] | None = None,
-    ) -> Completion: ...
+    async def complete(self, messages: list[dict], **options: Unpack[GenerationOptions]) -> Completion: ...
 
-    def stream(
-        self,
-        messages: list[dict],
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        stop: Sequence[str] | None = None,
-    ) -> AsyncIterator[StreamEvent]: ...
+    def stream(self, messages: list[dict], **options: Unpack[GenerationOptions]) -> AsyncIterator[StreamEvent]: ...
 
     async def health(self) -> bool: ...
 
@@ -130,6 +120,92 @@ class _Retryable(Exception):
 
 # Transport failures worth a retry; UnsupportedProtocol, InvalidURL and the like are configuration errors.
 _TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+# Every failure of an attempt that another attempt may cure (statuses: see ``_check_status``).
+_RETRYABLE = (_Retryable, *_TRANSIENT)
+
+
+class _Call:
+    """One call's retry rules and state; no I/O.
+
+    Everything ``complete`` and ``stream`` share lives here once: which failures are retried, the
+    backoff between attempts, the total deadline, and the error a call ends with. Create it inside the
+    running call (the deadline starts then).
+    """
+
+    def __init__(self, llm: OpenAICompatibleLLM, *, stream: bool) -> None:
+        self.llm = llm
+        self.stream = stream
+        self.started = time.perf_counter()
+        self.deadline = anyio.current_time() + llm.timeout_s
+        self.attempt = 0
+        self.last = "no attempt made"
+
+    def left(self) -> float:
+        """Seconds to the deadline: the bound of one await (an anyio scope must never span a ``yield``)."""
+        return max(0.0, self.deadline - anyio.current_time())
+
+    @staticmethod
+    def reason(exc: Exception) -> tuple[str, float | None]:
+        """What a retryable failure (one of ``_RETRYABLE``) says: its reason and its ``Retry-After`` seconds."""
+        if isinstance(exc, _Retryable):
+            return exc.reason, exc.retry_after
+        return _describe(exc), None
+
+    def next_delay(self, reason: str, retry_after: float | None) -> float:
+        """The sleep before the next attempt; :class:`LLMUnavailable` when no attempt or time is left."""
+        llm = self.llm
+        self.last = reason
+        if self.attempt > llm.max_retries:
+            self._log_unavailable(reason)
+            raise LLMUnavailable(f"LLM endpoint {llm.endpoint} unavailable after {self.attempt} attempt(s): {reason}")
+        if retry_after is not None:
+            delay = min(retry_after, llm.max_retry_after_s)
+        else:
+            # Exponential with "equal jitter": at least half the step, so retries still spread out.
+            step = min(llm.backoff_max_s, llm.backoff_base_s * 2 ** (self.attempt - 1))
+            delay = step / 2 + random.uniform(0, step / 2)
+        if anyio.current_time() + delay >= self.deadline:
+            self._log_unavailable(reason)
+            raise LLMUnavailable(
+                f"LLM endpoint {llm.endpoint} unavailable: no time left for a retry within {llm.timeout_s}s "
+                f"after {self.attempt} attempt(s): {reason}"
+            )
+        log.warning("llm_retry", endpoint=llm.endpoint, attempt=self.attempt, error=reason, delay_s=round(delay, 3))
+        return delay
+
+    def deadline_error(self) -> LLMUnavailable:
+        """The deadline passed before anything reached the caller."""
+        llm = self.llm
+        log.warning(
+            "llm_unavailable", endpoint=llm.endpoint, attempts=self.attempt, error="deadline", timeout_s=llm.timeout_s
+        )
+        previous = f"; earlier: {self.last}" if self.attempt > 1 else ""
+        return LLMUnavailable(
+            f"LLM endpoint {llm.endpoint} gave no complete answer within {llm.timeout_s}s "
+            f"(attempt {self.attempt}){previous}"
+        )
+
+    def interrupted(self, tokens: int, why: str) -> LLMStreamInterrupted:
+        """A failure after ``tokens`` reached the caller: a retry would repeat them, so the call ends."""
+        endpoint = self.llm.endpoint
+        log.warning("llm_stream_interrupted", endpoint=endpoint, tokens=tokens, error=why)
+        return LLMStreamInterrupted(f"LLM stream from {endpoint} interrupted after {tokens} token(s): {why}")
+
+    def log_success(self, model: str, usage: dict[str, int], tokens: int | None = None) -> None:
+        log.info(
+            "llm_call",
+            model=model,
+            ms=round((time.perf_counter() - self.started) * 1000, 1),
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens", tokens),
+            attempt=self.attempt,
+            stream=self.stream,
+        )
+
+    def _log_unavailable(self, reason: str) -> None:
+        log.warning(
+            "llm_unavailable", endpoint=self.llm.endpoint, attempts=self.attempt, error=reason, stream=self.stream
+        )
 
 
 class OpenAICompatibleLLM:
@@ -204,126 +280,21 @@ class OpenAICompatibleLLM:
 
     # --- public ------------------------------------------------------------------------------
 
-    async def complete(
-        self,
-        messages: list[dict],
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        stop: Sequence[str] | None = None,
-    ) -> Completion:
+    async def complete(self, messages: list[dict], **options: Unpack[GenerationOptions]) -> Completion:
         """One whole answer. Raises :class:`LLMUnavailable` or :class:`LLMError`."""
-        payload = self._payload(messages, max_tokens, temperature, stop, stream=False)
-        started = time.perf_counter()
-        deadline = anyio.current_time() + self.timeout_s
-        attempt = 0
-        last = "no attempt made"
-        while True:
-            attempt += 1
-            try:
-                with anyio.fail_after(_left(deadline)):
-                    response = await self._client.post(self.endpoint, json=payload)
-                    self._check_status(response.status_code, response.headers, response.text)
-                    data = self._json(response.content)
-            except _Retryable as exc:
-                last = exc.reason
-                await self._backoff(attempt, exc.retry_after, deadline, last, stream=False)
-                continue
-            except _TRANSIENT as exc:
-                last = _describe(exc)
-                await self._backoff(attempt, None, deadline, last, stream=False)
-                continue
-            except TimeoutError as exc:
-                raise self._deadline_error(attempt, last) from exc
-            completion = self._parse_completion(data, started)
-            self._log_call(completion.model, completion.usage, started, attempt, stream=False)
-            return completion
+        payload = self._payload(messages, options, stream=False)
+        async with aclosing(self._retrying(partial(self._complete_attempt, payload), stream=False)) as results:
+            return await anext(results)
 
-    async def stream(
-        self,
-        messages: list[dict],
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        stop: Sequence[str] | None = None,
-    ) -> AsyncIterator[StreamEvent]:
+    def stream(self, messages: list[dict], **options: Unpack[GenerationOptions]) -> AsyncIterator[StreamEvent]:
         """Token events as they arrive, then one ``done`` event (finish reason, usage, model).
 
         Failures before the first token are retried like :meth:`complete`; after it, a cut stream or
         the deadline raise :class:`LLMStreamInterrupted`. Close the iterator early with ``aclose()``
         (or ``contextlib.aclosing``) to release the connection at once.
         """
-        payload = self._payload(messages, max_tokens, temperature, stop, stream=True)
-        started = time.perf_counter()
-        deadline = anyio.current_time() + self.timeout_s
-        attempt = 0
-        last = "no attempt made"
-        while True:
-            attempt += 1
-            parser = _SseParser()
-            tokens = 0
-            response: httpx.Response | None = None
-            lines: AsyncIterator[str] | None = None
-            try:
-                # Each await is bounded by the deadline separately: a scope must never span a yield.
-                with anyio.fail_after(_left(deadline)):
-                    request = self._client.build_request("POST", self.endpoint, json=payload)
-                    response = await self._client.send(request, stream=True)
-                    if response.status_code != 200:
-                        body = (await response.aread()).decode("utf-8", "replace")
-                        self._check_status(response.status_code, response.headers, body)
-                lines = response.aiter_lines()
-                while not parser.finished:
-                    with anyio.fail_after(_left(deadline)):
-                        line = await anext(lines, None)
-                    events = parser.feed(line)  # None: end of body
-                    for event in events:
-                        if event.kind == "token":
-                            tokens += 1
-                        yield event
-                    if line is None:
-                        break
-            except _Retryable as exc:
-                last = exc.reason
-                await _close(response)
-                await self._backoff(attempt, exc.retry_after, deadline, last, stream=True)
-                continue
-            except LLMError:
-                await _close(response)
-                raise
-            except _TRANSIENT as exc:
-                await _close(response)
-                last = _describe(exc)
-                if tokens:
-                    raise self._interrupted(tokens, last) from exc
-                await self._backoff(attempt, None, deadline, last, stream=True)
-                continue
-            except TimeoutError as exc:
-                await _close(response)
-                if tokens:
-                    raise self._interrupted(tokens, f"no end within the {self.timeout_s}s deadline") from exc
-                raise self._deadline_error(attempt, last) from exc
-            finally:
-                # Also on the caller's aclose() (GeneratorExit): release the connection at once.
-                if lines is not None:
-                    with anyio.CancelScope(shield=True):
-                        await lines.aclose()  # type: ignore[attr-defined]
-                await _close(response)
-            if parser.finished or parser.finish_reason is not None:
-                usage = parser.usage or {}
-                self._log_call(parser.model or self.model, usage, started, attempt, stream=True, tokens=tokens)
-                yield StreamEvent(
-                    kind="done",
-                    finish_reason=parser.finish_reason,
-                    usage=parser.usage,
-                    model=parser.model or self.model,
-                )
-                return
-            # The body ended without [DONE] or a finish_reason.
-            last = "stream ended before [DONE]"
-            if tokens:
-                raise self._interrupted(tokens, last)
-            await self._backoff(attempt, None, deadline, last, stream=True)
+        payload = self._payload(messages, options, stream=True)
+        return self._retrying(partial(self._stream_attempt, payload), stream=True)
 
     async def health(self) -> bool:
         """Whether ``GET {base_url}/models`` answers 200 within ``health_timeout_s``."""
@@ -344,17 +315,90 @@ class OpenAICompatibleLLM:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    # --- private -----------------------------------------------------------------------------
+    # --- I/O: the one retry loop, and the attempt of each method ----------------------------------
 
-    def _payload(
-        self,
-        messages: list[dict],
-        max_tokens: int | None,
-        temperature: float | None,
-        stop: Sequence[str] | None,
-        *,
-        stream: bool,
-    ) -> dict[str, Any]:
+    async def _retrying(self, attempt: Callable[[_Call], AsyncIterator[_T]], *, stream: bool) -> AsyncIterator[_T]:
+        """What ``attempt`` yields, with the attempt retried per :class:`_Call` until it ends cleanly.
+
+        A retryable failure (connect error, timeout, 429, 5xx, a body cut short) before anything reached
+        the caller backs off and tries again; after something did, a retry would repeat it, so the call
+        ends with :class:`LLMStreamInterrupted`. The deadline spent before that is :class:`LLMUnavailable`.
+        Any other :class:`LLMError` (4xx, malformed answer) ends the call as it is.
+        """
+        call = _Call(self, stream=stream)
+        while True:
+            call.attempt += 1
+            delivered = 0
+            try:
+                # aclosing: the caller's aclose() (GeneratorExit at our yield) closes the attempt at once,
+                # which releases its connection.
+                async with aclosing(attempt(call)) as items:
+                    async for item in items:
+                        delivered += 1
+                        yield item
+                return
+            except TimeoutError as exc:  # the deadline, from anyio.fail_after around one await
+                if delivered:
+                    raise call.interrupted(delivered, f"no end within the {self.timeout_s}s deadline") from exc
+                raise call.deadline_error() from exc
+            except _RETRYABLE as exc:
+                reason, retry_after = call.reason(exc)
+                if delivered:
+                    raise call.interrupted(delivered, reason) from exc
+            await anyio.sleep(call.next_delay(reason, retry_after))
+
+    async def _complete_attempt(self, payload: dict[str, Any], call: _Call) -> AsyncIterator[Completion]:
+        """One POST read whole; yields the one completion."""
+        with anyio.fail_after(call.left()):
+            response = await self._client.post(self.endpoint, json=payload)
+            self._check_status(response.status_code, response.headers, response.text)
+            data = self._json(response.content)
+        completion = self._parse_completion(data, call.started)
+        call.log_success(completion.model, completion.usage)
+        yield completion
+
+    async def _stream_attempt(self, payload: dict[str, Any], call: _Call) -> AsyncIterator[StreamEvent]:
+        """One POST read as server-sent events: token events, then the ``done`` event."""
+        parser = _SseParser()
+        tokens = 0
+        response: httpx.Response | None = None
+        lines: AsyncIterator[str] | None = None
+        try:
+            # Each await is bounded by the deadline separately: a scope must never span a yield.
+            with anyio.fail_after(call.left()):
+                request = self._client.build_request("POST", self.endpoint, json=payload)
+                response = await self._client.send(request, stream=True)
+                if response.status_code != 200:
+                    body = (await response.aread()).decode("utf-8", "replace")
+                    self._check_status(response.status_code, response.headers, body)
+            lines = response.aiter_lines()
+            while not parser.finished:
+                with anyio.fail_after(call.left()):
+                    line = await anext(lines, None)
+                for event in parser.feed(line):  # line None: end of body
+                    tokens += 1
+                    yield event
+                if line is None:
+                    break
+        finally:
+            # Also on the caller's aclose() (GeneratorExit): release the connection at once.
+            if lines is not None:
+                with anyio.CancelScope(shield=True):
+                    await lines.aclose()  # type: ignore[attr-defined]
+            await _close(response)
+        if not parser.finished and parser.finish_reason is None:
+            raise _Retryable("stream ended before [DONE]")
+        model = parser.model or self.model
+        call.log_success(model, parser.usage or {}, tokens)
+        yield StreamEvent(kind="done", finish_reason=parser.finish_reason, usage=parser.usage, model=model)
+
+    # --- no I/O ------------------------------------------------------------------------------
+
+    def _payload(self, messages: list[dict], options: GenerationOptions, *, stream: bool) -> dict[str, Any]:
+        unknown = options.keys() - _OPTION_NAMES
+        if unknown:  # **options is not checked by Python itself
+            raise TypeError(f"unexpected LLM option(s): {', '.join(sorted(unknown))}")
+        max_tokens, temperature = options.get("max_tokens"), options.get("temperature")
         payload: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
@@ -362,13 +406,14 @@ class OpenAICompatibleLLM:
             "temperature": self.temperature if temperature is None else temperature,
             "stream": stream,
         }
-        if stop:
-            payload["stop"] = list(stop)
+        if options.get("stop"):
+            payload["stop"] = list(options["stop"])
         if stream:
             payload["stream_options"] = {"include_usage": True}
         return payload
 
     def _check_status(self, status: int, headers: httpx.Headers, body: str) -> None:
+        """Which outcome an HTTP status is: 200 goes on, 429/5xx is retryable, any other is an :class:`LLMError`."""
         if status == 200:
             return
         text = _error_text(body)
@@ -401,62 +446,6 @@ class OpenAICompatibleLLM:
             model=data.get("model") or self.model,
             usage=_usage(data.get("usage")) or {},
             latency_ms=round((time.perf_counter() - started) * 1000, 1),
-        )
-
-    async def _backoff(
-        self, attempt: int, retry_after: float | None, deadline: float, last: str, *, stream: bool
-    ) -> None:
-        """Sleep before the next attempt, or raise :class:`LLMUnavailable` when none is left."""
-        if attempt > self.max_retries:
-            log.warning("llm_unavailable", endpoint=self.endpoint, attempts=attempt, error=last, stream=stream)
-            raise LLMUnavailable(f"LLM endpoint {self.endpoint} unavailable after {attempt} attempt(s): {last}")
-        if retry_after is not None:
-            delay = min(retry_after, self.max_retry_after_s)
-        else:
-            # Exponential with "equal jitter": at least half the step, so retries still spread out.
-            step = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
-            delay = step / 2 + random.uniform(0, step / 2)
-        if anyio.current_time() + delay >= deadline:
-            log.warning("llm_unavailable", endpoint=self.endpoint, attempts=attempt, error=last, stream=stream)
-            raise LLMUnavailable(
-                f"LLM endpoint {self.endpoint} unavailable: no time left for a retry within {self.timeout_s}s "
-                f"after {attempt} attempt(s): {last}"
-            )
-        log.warning("llm_retry", endpoint=self.endpoint, attempt=attempt, error=last, delay_s=round(delay, 3))
-        await anyio.sleep(delay)
-
-    def _deadline_error(self, attempt: int, last: str) -> LLMUnavailable:
-        log.warning(
-            "llm_unavailable", endpoint=self.endpoint, attempts=attempt, error="deadline", timeout_s=self.timeout_s
-        )
-        previous = f"; earlier: {last}" if attempt > 1 else ""
-        return LLMUnavailable(
-            f"LLM endpoint {self.endpoint} gave no complete answer within {self.timeout_s}s "
-            f"(attempt {attempt}){previous}"
-        )
-
-    def _interrupted(self, tokens: int, why: str) -> LLMStreamInterrupted:
-        log.warning("llm_stream_interrupted", endpoint=self.endpoint, tokens=tokens, error=why)
-        return LLMStreamInterrupted(f"LLM stream from {self.endpoint} interrupted after {tokens} token(s): {why}")
-
-    def _log_call(
-        self,
-        model: str,
-        usage: dict[str, int],
-        started: float,
-        attempt: int,
-        *,
-        stream: bool,
-        tokens: int | None = None,
-    ) -> None:
-        log.info(
-            "llm_call",
-            model=model,
-            ms=round((time.perf_counter() - started) * 1000, 1),
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens", tokens),
-            attempt=attempt,
-            stream=stream,
         )
 
 
@@ -519,10 +508,6 @@ class _SseParser:
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
         return events
-
-
-def _left(deadline: float) -> float:
-    return max(0.0, deadline - anyio.current_time())
 
 
 async def _close(response: httpx.Response | None) -> None:

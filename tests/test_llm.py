@@ -448,3 +448,20 @@ def test_sse_parser_tolerates_comments_fields_and_multiline_data() -> None:
     assert [e.text for e in events] == ["He", "llo"]
     assert parser.finished and parser.finish_reason == "length" and parser.model == "m"
     assert parser.usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def test_llm_errors_live_in_the_one_error_tree() -> None:
+    import rag.errors
+    import rag.llm
+
+    for name in ("LLMError", "LLMUnavailable", "LLMStreamInterrupted"):
+        assert getattr(rag.llm, name) is getattr(rag.errors, name)
+
+
+async def test_unknown_option_is_refused(server: FakeLLMServer) -> None:
+    async with make_llm(server.base_url) as llm:
+        with pytest.raises(TypeError, match="top_p"):
+            await llm.complete(MESSAGES, top_p=0.9)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="top_p"):
+            llm.stream(MESSAGES, top_p=0.9)  # type: ignore[call-arg]
+    assert server.count == 0
