@@ -17,18 +17,32 @@ Exit status: 0 success, 1 failure (or a regression in ``compare``), 2 usage erro
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from rag.runtime import pin_process_environment  # noqa: E402 - before numpy and torch load
+
+pin_process_environment()
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return _COMMANDS[args.command](args)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval", description="evaluation and benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
+    which = _add_bench_commands(sub)
+    _add_retrieval_command(sub)
+    _add_compare_command(sub)
+    _add_answer_commands(sub, which)
+    _add_drift_command(sub)
+    return parser
+
+
+def _add_bench_commands(sub):
+    """``bench ingest|search``; returns the bench subparsers, where ``bench answer`` joins them."""
     bench = sub.add_parser("bench", help="performance benchmarks (figures, not tests)")
     which = bench.add_subparsers(dest="bench", required=True)
 
@@ -49,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--port", type=int, default=8765)
     se.add_argument("--mode", choices=["dense", "sparse", "hybrid"], default="hybrid")
     se.add_argument("--out", type=Path, default=Path("bench"))
+    return which
 
+
+def _add_retrieval_command(sub) -> None:
     ret = sub.add_parser("retrieval", help="retrieval metrics (nDCG, recall, MRR, P) on a BEIR split",
                          description="Index the corpus through the real ingest pipeline into an evaluation data "
                                      "directory of its own (reused while corpus, encoder and chunking are unchanged), "
@@ -72,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="keep a retrieved document whose id equals the query id (BEIR drops it)")
     ret.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_compare_command(sub) -> None:
     cmp_ = sub.add_parser("compare", help="compare two retrieval reports; exit 1 on a regression",
                           description="Print reports A (baseline) and B (candidate) side by side and exit 1 when "
                                       "METRIC(B) - METRIC(A) < -MAX_DROP in any compared mode (2 on usage errors).")
@@ -80,36 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.add_argument("--metric", default="ndcg@10", help="metric that gates, e.g. ndcg@10, recall@100 (default: ndcg@10)")
     cmp_.add_argument("--max-drop", type=float, default=0.01, help="largest allowed drop, absolute (default: 0.01)")
     cmp_.add_argument("--mode", help="compare this mode only (default: every mode both reports hold)")
-    _add_answer_commands(sub, which)
-    _add_drift_command(sub)
-    args = parser.parse_args(argv)
-
-    if args.command == "drift":
-        return _drift(args)
-
-    if args.command in ("answers", "calibrate"):
-        return _answers(args)
-    if args.command == "bench" and args.bench == "answer":
-        return _bench_answer(args)
-    if args.command == "compare":
-        return _compare(args)
-    if args.command == "retrieval":
-        return _retrieval(args)
-
-    from rag.logs import configure_logging
-    from rag.settings import load_settings
-
-    settings = load_settings(log_format="json", log_level="warning")
-    configure_logging(settings.log_format, settings.log_level)
-    from eval import bench as b
-
-    if args.bench == "ingest":
-        report = b.bench_ingest(settings, args.dataset, limit=args.limit)
-    else:
-        report = b.bench_search(settings, args)
-    path = b.write_report(report, args.out, f"{args.bench}")
-    print(f"wrote {path}")
-    return 0
 
 
 def _add_answer_commands(sub, which) -> None:
@@ -217,6 +206,25 @@ def _answers(args) -> int:
         return 2
 
 
+def _bench(args) -> int:
+    if args.bench == "answer":
+        return _bench_answer(args)
+    from rag.logs import configure_logging
+    from rag.settings import load_settings
+
+    settings = load_settings(log_format="json", log_level="warning")
+    configure_logging(settings.log_format, settings.log_level)
+    from eval import bench as b
+
+    if args.bench == "ingest":
+        report = b.bench_ingest(settings, args.dataset, limit=args.limit)
+    else:
+        report = b.bench_search(settings, args)
+    path = b.write_report(report, args.out, f"{args.bench}")
+    print(f"wrote {path}")
+    return 0
+
+
 def _bench_answer(args) -> int:
     from eval.answers import run_bench_answer
     from eval.bench import write_report
@@ -280,6 +288,16 @@ def _retrieval(args) -> int:
     for name, p in paths.items():
         print(f"wrote {p}" if not name.startswith("run-") else f"wrote {p} (TREC run)")
     return 0
+
+
+_COMMANDS = {  # subcommand -> its handler (args -> exit status)
+    "bench": _bench,
+    "retrieval": _retrieval,
+    "compare": _compare,
+    "answers": _answers,
+    "calibrate": _answers,
+    "drift": _drift,
+}
 
 
 if __name__ == "__main__":

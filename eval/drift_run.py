@@ -3,7 +3,7 @@
 A source is one of
 
 - a BEIR corpus (a folder holding ``corpus.jsonl``, or the ``.jsonl`` itself): parsed and chunked exactly
-  as ingest does (``rag.loaders.load``, ``rag.chunking.chunk``, ``ingest.worker.embedding_text``), then
+  as ingest does (``rag.loaders.load``, ``rag.chunking.chunk``, ``rag.types.embedding_text``), then
   **one random chunk per document** is embedded, so the rows are independent (chunks of one document
   are alike; keeping them together on one side would make the permutation test too eager);
 - an ``.npy`` matrix of embeddings, e.g. a snapshot of a collection (``python -m eval drift export``),
@@ -75,7 +75,7 @@ def corpus_texts(path: Path, settings: Settings, *, seed: int = 0) -> tuple[list
 
     Returns (texts, document ids, corpus file), in corpus order.
     """
-    from ingest.worker import embedding_text
+    from rag.types import embedding_text
     from rag.chunking import chunk
     from rag.loaders import load
     from rag.tokens import get_encoding
@@ -94,7 +94,8 @@ def corpus_texts(path: Path, settings: Settings, *, seed: int = 0) -> tuple[list
         chunks = chunk(doc, settings.chunk_tokens, settings.chunk_overlap, encoding)
         if not chunks:
             continue
-        texts.append(embedding_text(doc, chunks[int(rng.integers(len(chunks)))]))
+        picked = chunks[int(rng.integers(len(chunks)))]
+        texts.append(embedding_text(doc.title, picked.heading_path, picked.text))
         ids.append(doc.id)
     if not texts:
         raise DatasetError(corpus, "no documents with text")
@@ -353,68 +354,15 @@ def build_drift_report(args, settings: Settings, *, embedder=None) -> DriftRepor
     """Load both sides per ``args`` and analyse them; ``embedder`` (tests share one) serves corpus sources."""
     started = time.perf_counter()
     mode = _mode(args)
-    max_samples = args.max_samples if args.max_samples is not None else settings.drift_max_samples
-    if max_samples < 10:
-        raise DriftUsageError("--max-samples must be at least 10")
-    if (args.permutations + 1) * settings.drift_p_value < 1:
-        raise DriftUsageError(f"with {args.permutations} permutations the smallest p-value is "
-                              f"1/{args.permutations + 1}, so p < RAG_DRIFT_P_VALUE={settings.drift_p_value:g} could "
-                              f"never happen; use at least {math.ceil(1 / settings.drift_p_value)} permutations")
+    max_samples = _checked_max_samples(args, settings)
     progress = not args.no_progress
-    factory = _embedder_factory(settings)
-    if embedder is not None and not args.encoder:
-        def get_embedder(model: str | None = None):
-            return embedder if model is None else factory(model)
-    else:
-        def get_embedder(model: str | None = None):
-            return factory(model if model is not None else args.encoder)
-
     cache_dir = None if args.no_cache else Path(args.cache_dir or DEFAULT_CACHE)
-    common = {"get_embedder": get_embedder, "max_samples": max_samples, "seed": args.seed, "progress": progress,
-              "cache_dir": cache_dir}
-    paired = False
+    common = {"get_embedder": _embedder_getter(args, settings, embedder), "max_samples": max_samples,
+              "seed": args.seed, "progress": progress, "cache_dir": cache_dir}
     notes: list[str] = []
-    if mode == "samples":
-        ref = load_source(args.reference, "reference", settings, **common)
-        cur = load_source(args.current, "current", settings, **common)
-    elif mode == "split-half":
-        # Both halves come from one source: load all of it (each half is subsampled later).
-        whole = load_source(args.reference, "reference", settings, **{**common, "max_samples": 2 * max_samples})
-        ref, cur = split_half(whole, args.seed)
-    elif mode == "queries":
-        cur = load_source(args.queries, "current", settings, **common)
-        if cur.info.kind != "query-sample":
-            notes.append(f"{args.queries} is not a query sample; used as it is")
-        if args.reference:
-            ref = load_source(args.reference, "reference", settings, **common)
-            cur.info.label = "queries"
-        else:
-            if len(cur.vectors) < 4:
-                raise RagError(f"the query sample holds {len(cur.vectors)} vectors; need at least 4 to split")
-            ref, cur = split_by_time(cur)
-    else:  # encoders
-        paired = True
-        texts, ids, corpus = corpus_texts(Path(args.dataset), settings, seed=args.seed)
-        pick = _pick(len(texts), max_samples, args.seed)
-        chosen = [texts[i] for i in pick]
-        sides = []
-        for label, name in zip(("reference", "current"), args.encoders, strict=True):
-            enc = get_embedder(name) if not (embedder is not None and name in ("default", "")) else embedder
-            vectors = embed_texts(enc, chosen, desc=f"embed {label}", progress=progress, cache_dir=cache_dir)
-            sides.append(Sample(vectors, SampleInfo(
-                label=f"{label}: {enc.version}", source=name, kind="encoder", count_available=len(texts),
-                count_used=len(chosen), dimension=int(vectors.shape[1]), encoder_version=enc.version,
-                dataset_hash=file_sha256(corpus), detail={"corpus": str(corpus), "unit": "one random chunk per document",
-                                                          "texts": len(chosen)})))
-        ref, cur = sides
+    ref, cur, paired = _load_sides(mode, args, settings, common, embedder, notes)
     load_s = time.perf_counter() - started
-    for s in (ref, cur):
-        if len(s.vectors) < 2:
-            raise RagError(f"{s.info.label} ({s.info.source}) holds {len(s.vectors)} vectors; need at least 2")
-    versions = {v for v in (ref.info.encoder_version, cur.info.encoder_version) if v}
-    if len(versions) > 1 and not paired:
-        notes.append(f"the two sides come from different encoders ({', '.join(sorted(versions))}): their vectors "
-                     "live in different spaces, so they differ by construction")
+    _check_sides(ref, cur, paired, notes)
     thresholds = DriftThresholds.from_settings(settings)
     steps = 4 + int(paired) + int(not args.no_classifier and not paired)
     with tqdm(total=steps, desc="drift", unit="step", disable=not progress, dynamic_ncols=True) as bar:
@@ -422,6 +370,97 @@ def build_drift_report(args, settings: Settings, *, embedder=None) -> DriftRepor
                          thresholds=thresholds, kind=mode, paired=paired, permutations=args.permutations,
                          max_samples=max_samples, seed=args.seed, k=args.k, classifier=not args.no_classifier,
                          bar=bar)
+    _add_context(report, ref, cur, settings, notes)
+    report.timings_s = {"load_and_embed": round(load_s, 2), **report.timings_s,
+                        "total": round(time.perf_counter() - started, 2)}
+    return report
+
+
+def _checked_max_samples(args, settings: Settings) -> int:
+    """Rows per side; refuses options under which the analysis could never say anything."""
+    max_samples = args.max_samples if args.max_samples is not None else settings.drift_max_samples
+    if max_samples < 10:
+        raise DriftUsageError("--max-samples must be at least 10")
+    if (args.permutations + 1) * settings.drift_p_value < 1:
+        raise DriftUsageError(f"with {args.permutations} permutations the smallest p-value is "
+                              f"1/{args.permutations + 1}, so p < RAG_DRIFT_P_VALUE={settings.drift_p_value:g} could "
+                              f"never happen; use at least {math.ceil(1 / settings.drift_p_value)} permutations")
+    return max_samples
+
+
+def _embedder_getter(args, settings: Settings, embedder):
+    """``get_embedder(model=None)``: the shared ``embedder`` for the default model when one is given."""
+    factory = _embedder_factory(settings)
+    if embedder is not None and not args.encoder:
+        def get_embedder(model: str | None = None):
+            return embedder if model is None else factory(model)
+    else:
+        def get_embedder(model: str | None = None):
+            return factory(model if model is not None else args.encoder)
+    return get_embedder
+
+
+def _load_sides(mode: str, args, settings: Settings, common: dict[str, Any], embedder,
+                notes: list[str]) -> tuple[Sample, Sample, bool]:
+    """The reference and current samples of ``mode``, and whether row i of both embeds the same text."""
+    if mode == "samples":
+        return (load_source(args.reference, "reference", settings, **common),
+                load_source(args.current, "current", settings, **common), False)
+    if mode == "split-half":
+        # Both halves come from one source: load all of it (each half is subsampled later).
+        whole = load_source(args.reference, "reference", settings,
+                            **{**common, "max_samples": 2 * common["max_samples"]})
+        return (*split_half(whole, args.seed), False)
+    if mode == "queries":
+        return (*_load_queries(args, settings, common, notes), False)
+    return (*_load_encoder_pair(args, settings, common, embedder), True)
+
+
+def _load_queries(args, settings: Settings, common: dict[str, Any], notes: list[str]) -> tuple[Sample, Sample]:
+    """The query sample against ``--reference``, or its earlier half against its later half."""
+    cur = load_source(args.queries, "current", settings, **common)
+    if cur.info.kind != "query-sample":
+        notes.append(f"{args.queries} is not a query sample; used as it is")
+    if args.reference:
+        ref = load_source(args.reference, "reference", settings, **common)
+        cur.info.label = "queries"
+        return ref, cur
+    if len(cur.vectors) < 4:
+        raise RagError(f"the query sample holds {len(cur.vectors)} vectors; need at least 4 to split")
+    return split_by_time(cur)
+
+
+def _load_encoder_pair(args, settings: Settings, common: dict[str, Any], embedder) -> tuple[Sample, Sample]:
+    """The same chunks of ``--dataset`` embedded by each of the two ``--encoders``."""
+    texts, ids, corpus = corpus_texts(Path(args.dataset), settings, seed=args.seed)
+    pick = _pick(len(texts), common["max_samples"], args.seed)
+    chosen = [texts[i] for i in pick]
+    sides = []
+    for label, name in zip(("reference", "current"), args.encoders, strict=True):
+        enc = common["get_embedder"](name) if not (embedder is not None and name in ("default", "")) else embedder
+        vectors = embed_texts(enc, chosen, desc=f"embed {label}", progress=common["progress"],
+                              cache_dir=common["cache_dir"])
+        sides.append(Sample(vectors, SampleInfo(
+            label=f"{label}: {enc.version}", source=name, kind="encoder", count_available=len(texts),
+            count_used=len(chosen), dimension=int(vectors.shape[1]), encoder_version=enc.version,
+            dataset_hash=file_sha256(corpus), detail={"corpus": str(corpus), "unit": "one random chunk per document",
+                                                      "texts": len(chosen)})))
+    ref, cur = sides
+    return ref, cur
+
+
+def _check_sides(ref: Sample, cur: Sample, paired: bool, notes: list[str]) -> None:
+    for s in (ref, cur):
+        if len(s.vectors) < 2:
+            raise RagError(f"{s.info.label} ({s.info.source}) holds {len(s.vectors)} vectors; need at least 2")
+    versions = {v for v in (ref.info.encoder_version, cur.info.encoder_version) if v}
+    if len(versions) > 1 and not paired:
+        notes.append(f"the two sides come from different encoders ({', '.join(sorted(versions))}): their vectors "
+                     "live in different spaces, so they differ by construction")
+
+
+def _add_context(report: DriftReport, ref: Sample, cur: Sample, settings: Settings, notes: list[str]) -> None:
+    """What a reader of the report needs to reproduce it: encoders, settings, commit, loading notes."""
     from eval.report import git_info
 
     report.encoder_version = " vs ".join(dict.fromkeys(
@@ -429,9 +468,6 @@ def build_drift_report(args, settings: Settings, *, embedder=None) -> DriftRepor
     report.settings = _public_settings(settings)
     report.git = git_info()
     report.notes += notes
-    report.timings_s = {"load_and_embed": round(load_s, 2), **report.timings_s,
-                        "total": round(time.perf_counter() - started, 2)}
-    return report
 
 
 def run_drift(args) -> int:

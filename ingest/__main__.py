@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from rag.runtime import pin_process_environment  # noqa: E402 - before numpy and torch load
+
+pin_process_environment()
 
 
 def _epoch_list(text: str) -> list[int]:
@@ -22,6 +21,25 @@ def _epoch_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "encoders" and args.action == "promote" and not args.version:
+        parser.error("encoders promote needs a VERSION")
+
+    from rag.errors import RagError
+    from rag.settings import settings_for_cli
+
+    settings = settings_for_cli()
+    if settings is None:
+        return 2
+    try:
+        return _COMMANDS[args.command](settings, args)
+    except RagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ingest", description="ingestion worker and batch CLI")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("worker", help="run the ingest worker beside a Qdrant server (RAG_QDRANT_URL)")
@@ -30,6 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--tenant", default="default")
     add.add_argument("--url", help="the service's base URL (default: http://RAG_HOST:RAG_PORT)")
     add.add_argument("--local", action="store_true", help="never use the API; open the store in this process")
+    _add_adapt_command(sub)
+    enc = sub.add_parser("encoders", help="encoder versions: list, promote, rollback, prune")
+    enc.add_argument("action", choices=["list", "promote", "rollback", "prune"])
+    enc.add_argument("version", nargs="?", help="promote: the version; rollback: where to (default: the parent)")
+    enc.add_argument("--force", action="store_true", help="promote a version the gate rejected")
+    enc.add_argument("--keep", action="append", default=[],
+                     help="prune: also keep this version's collection (repeatable; active and parent always stay)")
+    enc.add_argument("--url", help="the service's base URL (default: http://RAG_HOST:RAG_PORT)")
+    enc.add_argument("--local", action="store_true", help="never use the API; open the store in this process")
+    return parser
+
+
+def _add_adapt_command(sub) -> None:
     ad = sub.add_parser("adapt", help="fine-tune the active encoder on the corpus, gate it, promote it if it wins",
                         description="Training pairs from the stored corpus (title → body, inverse cloze), plus "
                                     "labelled pairs if given; hard negatives; CachedMNRL fine-tuning; the gate compares "
@@ -53,43 +84,26 @@ def main(argv: list[str] | None = None) -> int:
     ad.add_argument("--force", action="store_true", help="promote even if the gate rejects the candidate")
     ad.add_argument("--url", help="the service's base URL (default: http://RAG_HOST:RAG_PORT)")
     ad.add_argument("--local", action="store_true", help="never use the API; open the store in this process")
-    enc = sub.add_parser("encoders", help="encoder versions: list, promote, rollback, prune")
-    enc.add_argument("action", choices=["list", "promote", "rollback", "prune"])
-    enc.add_argument("version", nargs="?", help="promote: the version; rollback: where to (default: the parent)")
-    enc.add_argument("--force", action="store_true", help="promote a version the gate rejected")
-    enc.add_argument("--keep", action="append", default=[],
-                     help="prune: also keep this version's collection (repeatable; active and parent always stay)")
-    enc.add_argument("--url", help="the service's base URL (default: http://RAG_HOST:RAG_PORT)")
-    enc.add_argument("--local", action="store_true", help="never use the API; open the store in this process")
-    args = parser.parse_args(argv)
-    if args.command == "encoders" and args.action == "promote" and not args.version:
-        parser.error("encoders promote needs a VERSION")
 
-    from rag.errors import RagError
-    from rag.settings import settings_for_cli
 
-    settings = settings_for_cli()
-    if settings is None:
-        return 2
-    try:
-        if args.command == "worker":
-            return run_worker(settings)
-        if args.command == "adapt":
-            from ingest.encoders_cli import run_adapt
+def _worker(settings, args) -> int:
+    return run_worker(settings)
 
-            return run_adapt(settings, args)
-        if args.command == "encoders":
-            from ingest.encoders_cli import run_encoders
 
-            return run_encoders(settings, args)
-        return run_add(settings, args)
-    except RagError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+def _adapt(settings, args) -> int:
+    from ingest.encoders_cli import run_adapt
+
+    return run_adapt(settings, args)
+
+
+def _encoders(settings, args) -> int:
+    from ingest.encoders_cli import run_encoders
+
+    return run_encoders(settings, args)
 
 
 def run_worker(settings) -> int:
-    from rag.api.app import Services
+    from rag.services import Services
 
     from ingest.worker import IngestWorker
 
@@ -131,6 +145,14 @@ def run_add(settings, args) -> int:
         summary = add_in_process(settings, args.paths, tenant=args.tenant)
     print("\n".join(summary.lines()))
     return 1 if summary.failures else 0
+
+
+_COMMANDS = {  # subcommand -> its handler (settings, args -> exit status)
+    "worker": _worker,
+    "add": run_add,
+    "adapt": _adapt,
+    "encoders": _encoders,
+}
 
 
 if __name__ == "__main__":

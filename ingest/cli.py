@@ -115,7 +115,8 @@ def add_in_process(settings: Settings, paths: list[Path], *, tenant: str) -> Sum
     import shutil
     import uuid
 
-    from rag.api.app import Services, _job_out
+    from rag.registry import job_view
+    from rag.services import Services
     from rag.loaders import default_document_id
     from rag.registry import JobItem
 
@@ -139,7 +140,7 @@ def add_in_process(settings: Settings, paths: list[Path], *, tenant: str) -> Sum
         worker.start()
         try:
             with tqdm(desc="index", unit="doc") as bar:
-                jobs = _wait(job_ids, lambda jid: _job_out(services.registry.get_job(jid)), bar)
+                jobs = _wait(job_ids, lambda jid: job_view(services.registry.get_job(jid)), bar)
         finally:
             worker.stop()
     finally:

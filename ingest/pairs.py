@@ -31,6 +31,7 @@ import structlog
 from rag.errors import BadRequest
 from rag.extractive import split_sentences
 from rag.store import VectorStore
+from rag.types import ChunkPayload, embedding_text
 
 log = structlog.get_logger("ingest.pairs")
 
@@ -63,13 +64,10 @@ class Pair(msgspec.Struct, kw_only=True):
 
 
 def passage_text(p: Passage | dict) -> str:
-    """The text the encoders see for a chunk (the ingest worker's ``embedding_text``, from a payload)."""
+    """The text the encoders see for a stored chunk (:func:`rag.types.embedding_text`, from a payload)."""
     if isinstance(p, dict):
-        title, headings, text = p.get("title") or "", p.get("heading_path") or [], p.get("text") or ""
-    else:
-        title, headings, text = p.title, p.heading_path, p.text
-    head = " > ".join([x for x in [title, *headings] if x])
-    return f"{head}\n{text}" if head else text
+        return embedding_text(p.get("title") or "", p.get("heading_path") or [], p.get("text") or "")
+    return embedding_text(p.title, p.heading_path, p.text)
 
 
 def load_passages(store: VectorStore, collection: str, *, tenant: str | None = None) -> tuple[list[Passage], np.ndarray]:
@@ -78,12 +76,11 @@ def load_passages(store: VectorStore, collection: str, *, tenant: str | None = N
     vectors: list[list[float]] = []
     for batch in store.iter_points(collection):
         for p in batch:
-            pl = p.payload
-            if not pl.get("live") or (tenant is not None and pl.get("tenant") != tenant):
+            pl = ChunkPayload.from_payload(p.payload)
+            if not pl.live or (tenant is not None and pl.tenant != tenant):
                 continue
-            passages.append(Passage(id=p.id, tenant=str(pl.get("tenant", "")), document_id=str(pl.get("document_id", "")),
-                                    chunk_index=int(pl.get("chunk_index", 0)), title=str(pl.get("title") or ""),
-                                    text=str(pl.get("text") or ""), heading_path=list(pl.get("heading_path") or [])))
+            passages.append(Passage(id=p.id, tenant=pl.tenant, document_id=pl.document_id, chunk_index=pl.chunk_index,
+                                    title=pl.title, text=pl.text, heading_path=pl.heading_path))
             vectors.append(p.vector)
     # A stable order, independent of the engine's scroll order, keeps runs deterministic.
     order = sorted(range(len(passages)), key=lambda i: (passages[i].tenant, passages[i].document_id,

@@ -10,7 +10,7 @@ Resilience: nothing an upload contains stops the worker. An exception while load
 one document fails that document (its reason in the job's report) and the job goes on; one that
 escapes a job fails the job; the poll loop catches whatever escapes ``run_once``. Store, transient
 and OS errors stay on the retry path (the infrastructure, not the document). A heartbeat lets the
-service report a wedged or dead worker (``/readyz``) and restart a dead one (ingest/service.py).
+service report a wedged or dead worker (``/readyz``) and restart a dead one (ingest/supervisor.py).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from rag.encoders import resolve_encoder_model
 from rag.errors import BadRequest, RagError, StoreError, TransientError
 from rag.index import ensure_collection_for
 from rag.loaders import LoadFailure, LoadLimits, load
-from rag.registry import DocumentRecord, DocumentResult, Job, JobItem, SqliteRegistry
+from rag.registry import DocumentRecord, DocumentResult, Job, JobItem, JobKind, JobStatus, Registry
 from rag.settings import Settings
 from rag.sparse import SparseEncoder
 from rag.store import VectorStore, point_id
 from rag.tokens import get_encoding
-from rag.types import Chunk, Document, PointRecord
+from rag.types import Chunk, ChunkPayload, Document, PointRecord, embedding_text
 
 log = structlog.get_logger("ingest.worker")
 
@@ -77,19 +77,13 @@ def content_hash(doc: Document, signature: str) -> str:
     return h.hexdigest()[:32]
 
 
-def embedding_text(doc: Document, c: Chunk) -> str:
-    """What the encoders (dense and sparse) see for a chunk: the document title and heading path give it context."""
-    head = " > ".join([p for p in [doc.title, *c.heading_path] if p])
-    return f"{head}\n{c.text}" if head else c.text
-
-
 class IngestWorker:
     """Runs ingest jobs from the registry against one store, one dense encoder and one sparse (BM25) encoder."""
 
     def __init__(
         self,
         settings: Settings,
-        registry: SqliteRegistry,
+        registry: Registry,
         store: VectorStore,
         embedder: Embedder,
         sparse: SparseEncoder | None = None,
@@ -183,14 +177,17 @@ class IngestWorker:
 
     # ---- one job ----------------------------------------------------------------------------
     def run_job(self, job: Job) -> None:
-        if job.kind != "ingest":
-            self._run_encoder_job(job)
-            return
-        bound = log.bind(job_id=job.id, tenant=job.tenant, attempt=job.attempts)
-        bound.info("job_started", files=len(job.items))
-        started = time.perf_counter()
+        """Run one job of any kind under the one policy for how a job ends (:meth:`_finish_guarded`)."""
+        bound = log.bind(job_id=job.id, tenant=job.tenant, kind=str(job.kind), attempt=job.attempts)
+        body = self._run_ingest_job if job.kind == JobKind.INGEST else self._run_encoder_job
+        self._finish_guarded(job, bound, body)
+
+    def _finish_guarded(self, job: Job, bound, body: Callable[[Job, object], tuple[JobStatus, str | None]]) -> None:
+        """How every job ends, whatever its kind: cancelled on request; infrastructure failures (store, transient,
+        OS) back to the queue until the attempts run out; a refused request (bad options, unknown version) failed
+        with its reason; anything else failed as an internal error, the worker living on."""
         try:
-            total, failed = self._run_items(job)
+            status, error = body(job, bound)
         except JobCancelled:
             self.registry.finish_job(job.id, "cancelled", "cancelled on request")
             bound.info("job_cancelled")
@@ -198,10 +195,24 @@ class IngestWorker:
         except INFRASTRUCTURE as exc:
             self._retry_or_fail(job, exc, bound)
             return
-        status = "failed" if failed else "succeeded"
-        error = f"{failed} of {total} documents failed" if failed else None
-        self.registry.finish_job(job.id, status, error)  # also removes the job's uploaded files
-        bound.info("job_finished", status=status, documents=total, failed=failed, s=round(time.perf_counter() - started, 3))
+        except (RagError, ValueError, msgspec.ValidationError) as exc:
+            message = exc.message if isinstance(exc, RagError) else str(exc)
+            self.registry.finish_job(job.id, "failed", message)
+            bound.warning("job_failed", error=message)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug, or an upload nobody foresaw, fails the job, not the worker
+            bound.exception("job_crashed")
+            self.registry.finish_job(job.id, "failed", f"internal error: {describe(exc)}")
+            return
+        self.registry.finish_job(job.id, status, error)  # also removes an ingest job's uploaded files
+        bound.info("job_finished", status=status)
+
+    def _run_ingest_job(self, job: Job, bound) -> tuple[JobStatus, str | None]:
+        bound.info("job_started", files=len(job.items))
+        started = time.perf_counter()
+        total, failed = self._run_items(job)
+        bound.info("job_documents_done", documents=total, failed=failed, s=round(time.perf_counter() - started, 3))
+        return ("failed", f"{failed} of {total} documents failed") if failed else ("succeeded", None)
 
     def _retry_or_fail(self, job: Job, exc: Exception, bound) -> None:
         """Transient: the job goes back to the queue until its attempts run out."""
@@ -225,27 +236,24 @@ class IngestWorker:
             raise JobCancelled
 
     # ---- encoder jobs (adapt, promote, rollback, prune) -------------------------------------------
-    def _run_encoder_job(self, job: Job) -> None:
+    def _run_encoder_job(self, job: Job, bound) -> tuple[JobStatus, str | None]:
         from ingest import adapt as ad
 
-        bound = log.bind(job_id=job.id, kind=job.kind, attempt=job.attempts)
         bound.info("job_started", params=job.params)
         last = [0.0]
 
         def on_progress(stage: str, fraction: float) -> None:
-            self.beat()
-            now = time.monotonic()
-            if now - last[0] < 2.0 and fraction < 1.0:
+            if time.monotonic() - last[0] < 2.0 and fraction < 1.0:
+                self.beat()
                 return
-            last[0] = now
+            last[0] = time.monotonic()
             self.registry.set_stage(job.id, f"{stage} {fraction:.0%}")
-            if self.registry.renew_lease(job.id, self.settings.job_lease_s):
-                raise JobCancelled
+            self._checkpoint(job, renew=True)
 
         progress = ad.Progress(on_progress)
         outcome: dict = {}
         try:
-            if job.kind == "adapt":
+            if job.kind == JobKind.ADAPT:
                 options = msgspec.convert(job.params, ad.AdaptOptions)
                 record = ad.adapt(self.settings, self.store, self.embedder, options, progress=progress,
                                   work_key=job.id)
@@ -254,39 +262,24 @@ class IngestWorker:
                 if ad.should_promote(self.settings, record, options):
                     outcome["promotion"] = ad.promote(self.settings, self.store, record.version, force=options.force,
                                                       progress=progress)
-            elif job.kind == "promote":
+            elif job.kind == JobKind.PROMOTE:
                 outcome["promotion"] = ad.promote(self.settings, self.store, str(job.params["version"]),
                                                   force=bool(job.params.get("force")), progress=progress)
-            elif job.kind == "rollback":
+            elif job.kind == JobKind.ROLLBACK:
                 outcome["promotion"] = ad.rollback(self.settings, self.store, job.params.get("version"),
                                                    progress=progress)
-            elif job.kind == "prune":
+            elif job.kind == JobKind.PRUNE:
                 outcome["pruned"] = ad.prune(self.settings, self.store, keep=list(job.params.get("keep") or []))
             else:
                 raise BadRequest(f"unknown job kind {job.kind!r}")
-        except JobCancelled:
-            self.registry.finish_job(job.id, "cancelled", "cancelled on request")
-            bound.info("job_cancelled")
-            return
-        except INFRASTRUCTURE as exc:
-            self._retry_or_fail(job, exc, bound)
-            return
-        except (RagError, ValueError, msgspec.ValidationError) as exc:
-            message = exc.message if isinstance(exc, RagError) else str(exc)
-            self.registry.set_stage(job.id, "failed", outcome)
-            self.registry.finish_job(job.id, "failed", message)
-            bound.warning("job_failed", error=message)
-            return
-        except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not kill the worker thread
-            bound.exception("job_crashed")
-            self.registry.finish_job(job.id, "failed", f"internal error: {describe(exc)}")
-            return
+        except BaseException:
+            self.registry.set_stage(job.id, "failed", outcome)  # what it produced before failing stays readable
+            raise
         finally:
             if outcome.get("promotion", {}).get("switched"):
                 self.reload_encoder()
         self.registry.set_stage(job.id, "done", outcome)
-        self.registry.finish_job(job.id, "succeeded", None)
-        bound.info("job_finished", status="succeeded")
+        return "succeeded", None
 
     def reload_encoder(self) -> None:
         """Write with the encoder of the active collection (after a promotion or rollback)."""
@@ -418,7 +411,7 @@ class IngestWorker:
                known: dict[str, DocumentRecord]) -> list[DocumentResult]:
         """Embed, upsert (invisible), publish and register ``todo``; a document deleted meanwhile is not published."""
         tenant = job.tenant
-        texts = [embedding_text(doc, c) for doc, _, chunks in todo for c in chunks]
+        texts = [embedding_text(doc.title, c.heading_path, c.text) for doc, _, chunks in todo for c in chunks]
         self.beat()
         t0 = time.perf_counter()
         vectors = self.embedder.embed_documents(texts)
@@ -432,12 +425,12 @@ class IngestWorker:
         for doc, digest, chunks in todo:
             for c in chunks:
                 points.append(PointRecord(id=point_id(tenant, doc.id, digest, c.index), vector=vectors[row].tolist(),
-                                          sparse=sparse[row], payload={
-                    "tenant": tenant, "document_id": doc.id, "content_hash": digest, "live": False,
-                    "chunk_index": c.index, "text": c.text, "title": doc.title, "source": doc.source,
-                    "start": c.start, "end": c.end, "heading_path": c.heading_path, "metadata": doc.metadata,
-                    "encoder_version": self.embedder.version, "token_count": c.token_count,
-                }))
+                                          sparse=sparse[row], payload=ChunkPayload(
+                    tenant=tenant, document_id=doc.id, content_hash=digest, live=False, chunk_index=c.index,
+                    text=c.text, title=doc.title, source=doc.source, start=c.start, end=c.end,
+                    heading_path=c.heading_path, metadata=doc.metadata, encoder_version=self.embedder.version,
+                    token_count=c.token_count,
+                ).to_payload()))
                 row += 1
         self._with_retries(lambda: self.store.upsert(self.collection, points))
         self.beat()

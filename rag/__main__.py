@@ -8,13 +8,11 @@ engine belongs to one process. Nothing imports this module.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-# Pin BLAS threads before numpy loads: torch and OpenBLAS fighting for 2 cores doubles query p95.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from rag.runtime import pin_process_environment  # noqa: E402 - before numpy and torch load
+
+pin_process_environment()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +61,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from ingest.service import build_service
+    from ingest.supervisor import worker_beside_api
+    from rag.api.app import create_app
     from rag.errors import RagError
 
-    app = build_service(settings)
+    # The composition root: the API, with the ingest worker in this process when the store is embedded
+    # (one process owns an embedded shard) or RAG_RUN_WORKER=yes.
+    app = create_app(settings, background=(worker_beside_api,) if settings.worker_in_process else ())
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
     except RagError as exc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import threading
 from collections.abc import Sequence
@@ -79,8 +78,6 @@ class SentenceTransformerEmbedder:
     """
 
     def __init__(self, model: str = "", *, batch_size: int = 64, device: str = "cpu", threads: int = 0) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
         from sentence_transformers import SentenceTransformer
 

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -25,6 +26,16 @@ import structlog
 log = structlog.get_logger("rag.registry")
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobKind(StrEnum):
+    """What a job does; the worker dispatches on it. A ``str`` so that it is stored and compared as text."""
+
+    INGEST = "ingest"  # parse → chunk → embed → publish the job's uploaded files
+    ADAPT = "adapt"  # pairs → fine-tune → gate (→ promote)
+    PROMOTE = "promote"  # re-embed into a version's collection, then switch to it
+    ROLLBACK = "rollback"  # switch back to the parent (or a named) version
+    PRUNE = "prune"  # drop the collections of versions other than the active one and its parent
 FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 
 
@@ -77,15 +88,25 @@ class Job(msgspec.Struct, kw_only=True):
     chunks: int = 0
     cancel_requested: bool = False
     results: list[DocumentResult] = msgspec.field(default_factory=list)
-    kind: str = "ingest"  # ingest | adapt | promote | rollback | prune
+    kind: JobKind = JobKind.INGEST
     params: dict[str, Any] = msgspec.field(default_factory=dict)  # what a non-ingest job does
     outcome: dict[str, Any] = msgspec.field(default_factory=dict)  # what it produced (e.g. the encoder record)
     stage: str = ""  # where a long job is (e.g. "training 40%")
 
 
 class Registry(Protocol):
-    def create_job(self, tenant: str, items: Sequence[JobItem]) -> Job: ...
+    """Documents, jobs and deletion marks: what the API and the worker need of durable state.
+
+    ``SqliteRegistry`` is the embedded implementation; every implementation passes the same contract
+    suite (tests/test_registry_contract.py).
+    """
+
+    def create_job(self, tenant: str, items: Sequence[JobItem], *, kind: JobKind = JobKind.INGEST,
+                   params: dict[str, Any] | None = None) -> Job: ...
     def get_job(self, job_id: str) -> Job | None: ...
+    def list_jobs(self, *, kind: str | None = None, limit: int = 20) -> list[Job]: ...
+    def set_stage(self, job_id: str, stage: str, outcome: dict[str, Any] | None = None) -> None: ...
+    def queued_count(self) -> int: ...
     def claim_job(self, lease_s: float, max_attempts: int | None = None) -> Job | None: ...
     def renew_lease(self, job_id: str, lease_s: float) -> bool: ...
     def cancel_requested(self, job_id: str) -> bool: ...
@@ -200,11 +221,13 @@ class SqliteRegistry:
         db.execute("COMMIT")
 
     # ---- jobs -------------------------------------------------------------------------------
-    def create_job(self, tenant: str, items: Sequence[JobItem], *, kind: str = "ingest",
+    def create_job(self, tenant: str, items: Sequence[JobItem], *, kind: JobKind = JobKind.INGEST,
                    params: dict[str, Any] | None = None) -> Job:
-        job = Job(id=uuid.uuid4().hex, tenant=tenant, status="queued", items=list(items), created_at=time.time(),
-                  kind=kind, params=dict(params or {}))
         with self._tx() as db:
+            # The clock is read under the write lock: a job's created_at must not precede a deletion mark
+            # that a concurrent delete wrote while this call waited for the lock.
+            job = Job(id=uuid.uuid4().hex, tenant=tenant, status="queued", items=list(items), created_at=time.time(),
+                      kind=kind, params=dict(params or {}))
             db.execute(
                 "INSERT INTO jobs (id, tenant, status, items, created_at, kind, params) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (job.id, tenant, job.status, msgspec.json.encode(job.items).decode(), job.created_at, kind,
@@ -241,7 +264,7 @@ class SqliteRegistry:
             started_at=row["started_at"], finished_at=row["finished_at"], attempts=row["attempts"],
             error=row["error"], total=row["total"], done=row["done"], failed=row["failed"],
             chunks=row["chunks"], cancel_requested=bool(row["cancel_requested"]), results=results,
-            kind=row["kind"], params=msgspec.json.decode(row["params"]), outcome=msgspec.json.decode(row["outcome"]),
+            kind=JobKind(row["kind"]), params=msgspec.json.decode(row["params"]), outcome=msgspec.json.decode(row["outcome"]),
             stage=row["stage"],
         )
 
@@ -443,10 +466,10 @@ class SqliteRegistry:
         this document is cancelled, a running one is asked to stop, and a worker that still reaches
         the document (a JSONL line, or a publish racing this call) finds the mark and drops it.
         """
-        now = time.time()
         cancelled: list[list[JobItem]] = []
         asked = 0
         with self._tx() as db:
+            now = time.time()  # under the write lock, as in create_job
             db.execute(
                 "INSERT INTO deletions (tenant, document_id, deleted_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (tenant, document_id) DO UPDATE SET deleted_at = excluded.deleted_at",
@@ -528,3 +551,19 @@ def discard_uploads(items: Iterable[JobItem]) -> None:
             folder.rmdir()
         except OSError:  # not empty yet (another job's file), or already gone
             pass
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """A job as clients see it (the API's job body, the CLI's progress): status, progress and per-document errors."""
+    return {
+        "id": job.id, "status": job.status, "tenant": job.tenant,
+        "files": [i.filename for i in job.items],
+        "progress": {"documents_total": job.total, "documents_done": job.done, "documents_failed": job.failed,
+                     "chunks": job.chunks},
+        "attempts": job.attempts, "error": job.error,
+        "documents": [msgspec.to_builtins(r) for r in job.results],
+        "errors": [{"document_id": r.document_id, "source": r.source, "error": r.error}
+                   for r in job.results if r.status == "failed"],
+        "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+        "kind": str(job.kind), "stage": job.stage, "params": job.params, "outcome": job.outcome,
+    }

@@ -51,7 +51,6 @@ class CrossEncoderReranker:
     """
 
     def __init__(self, model: str, *, device: str = "cpu", batch_size: int = 8, max_length: int = 256) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import CrossEncoder
 
         try:

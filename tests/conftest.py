@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from rag.runtime import pin_process_environment
+
+pin_process_environment()  # before numpy and torch load, as every entry point does
 
 import time
 from collections.abc import Iterator
@@ -49,13 +49,21 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):
     pytest.fail(f"condition not met within {timeout}s")
 
 
+def build_app(settings: Settings, services=None):
+    """The app as ``python -m rag serve`` composes it: the API, with the ingest worker inside when settings say so."""
+    from ingest.supervisor import worker_beside_api
+    from rag.api.app import create_app
+
+    background = (worker_beside_api,) if settings.worker_in_process else ()
+    return create_app(settings, services=services, background=background)
+
+
 @pytest.fixture
 def app_client(settings: Settings, embedder) -> Iterator:
     """The real app (worker inside, embedded Qdrant, SQLite registry) over Litestar's test client."""
     from litestar.testing import TestClient
 
-    from ingest.service import build_service
-    from rag.api.app import Services
+    from rag.services import Services
     from rag.registry import SqliteRegistry
     from rag.store import open_store
 
@@ -63,7 +71,7 @@ def app_client(settings: Settings, embedder) -> Iterator:
     store = open_store(settings)
     registry = SqliteRegistry(settings.registry_path)
     services = Services(settings=settings, registry=registry, store=store, embedder=embedder)
-    app = build_service(settings, services=services)
+    app = build_app(settings, services=services)
     try:
         with TestClient(app, timeout=60) as client:
             client.services = services

@@ -26,8 +26,8 @@ def llama(tmp_path_factory) -> Iterator[LocalLLMServer]:
 def test_squad_question_answered_with_citation_by_smollm2(llama, settings, embedder, shared_data):
     from litestar.testing import TestClient
 
-    from ingest.service import build_service
-    from rag.api.app import Services
+    from tests.conftest import build_app
+    from rag.services import Services
     from rag.registry import SqliteRegistry
     from rag.store import open_store
 
@@ -40,7 +40,7 @@ def test_squad_question_answered_with_citation_by_smollm2(llama, settings, embed
     store, registry = open_store(settings), SqliteRegistry(settings.registry_path)
     services = Services(settings=settings, registry=registry, store=store, embedder=embedder)
     try:
-        with TestClient(build_service(settings, services=services), timeout=180) as client:
+        with TestClient(build_app(settings, services=services), timeout=180) as client:
             body = "\n".join(json.dumps(d) for d in corpus).encode()
             job = client.post("/v1/documents", files={"file": ("squad.jsonl", body)}).json()["job_ids"][0]
             wait_for(lambda: client.get(f"/v1/jobs/{job}").json()["status"] == "succeeded", timeout=180)

@@ -105,8 +105,8 @@ def test_rerun_reuses_the_index_and_http_gives_the_same_numbers(evaluated, embed
     # The service, over the same data directory, measured from outside over HTTP.
     from litestar.testing import TestClient
 
-    from ingest.service import build_service
-    from rag.api.app import Services
+    from tests.conftest import build_app
+    from rag.services import Services
     from rag.registry import SqliteRegistry
     from rag.store import open_store
 
@@ -116,7 +116,7 @@ def test_rerun_reuses_the_index_and_http_gives_the_same_numbers(evaluated, embed
     registry = SqliteRegistry(service_settings.registry_path)
     services = Services(settings=service_settings, registry=registry, store=store, embedder=embedder)
     try:
-        with TestClient(build_service(service_settings, services=services), timeout=60) as client:
+        with TestClient(build_app(service_settings, services=services), timeout=60) as client:
             http = run_retrieval_eval(settings, EvalOptions(**{**_fields(options), "upload": False,
                                                                "modes": ["dense", "hybrid"]}),
                                       http_client=client)

@@ -27,8 +27,8 @@ def client(tmp_path_factory, embedder) -> Iterator:
     """One real app for the module (worker inside, embedded Qdrant), with one document already indexed."""
     from litestar.testing import TestClient
 
-    from ingest.service import build_service
-    from rag.api.app import Services
+    from tests.conftest import build_app
+    from rag.services import Services
     from rag.registry import SqliteRegistry
     from rag.store import open_store
 
@@ -39,7 +39,7 @@ def client(tmp_path_factory, embedder) -> Iterator:
     registry = SqliteRegistry(settings.registry_path)
     services = Services(settings=settings, registry=registry, store=store, embedder=embedder)
     try:
-        with TestClient(build_service(settings, services=services), timeout=60) as c:
+        with TestClient(build_app(settings, services=services), timeout=60) as c:
             c.services = services
             job = c.post("/v1/documents", json={"id": "marker", "text": MARKER}).json()["job_ids"][0]
             assert _finish(c, job)["status"] == "succeeded"
@@ -168,6 +168,13 @@ def test_invalid_utf8_in_a_multipart_field_is_a_400(client):
 ])
 def test_bad_encoder_versions_are_a_400_not_a_queued_job(client, path, body):
     _error(client.post(path, json=body), 400)
+
+
+def test_a_body_field_of_the_wrong_type_is_a_400_naming_it(client):
+    # Found by the schemathesis suite: a body field that shares a name with an injected dependency
+    # (`tenant`) was reported by Litestar as a server error.
+    error = _error(client.post("/v1/encoders/adapt", json={"tenant": {}}), 400)
+    assert "tenant" in error["message"]
 
 
 # ---- amplification: metadata and titles are bounded on every upload path ------------------------

@@ -44,8 +44,8 @@ def _free_port() -> int:
 def service_url(tmp_path_factory, embedder) -> Iterator[str]:
     import uvicorn
 
-    from ingest.service import build_service
-    from rag.api.app import Services
+    from tests.conftest import build_app
+    from rag.services import Services
     from rag.registry import SqliteRegistry
     from rag.store import open_store
 
@@ -57,7 +57,7 @@ def service_url(tmp_path_factory, embedder) -> Iterator[str]:
     registry = SqliteRegistry(settings.registry_path)
     services = Services(settings=settings, registry=registry, store=store, embedder=embedder)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_service(settings, services=services), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(build_app(settings, services=services), host="127.0.0.1", port=port,
                                            log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Request, get, post
+from litestar import get, post
 
 from rag.api.errors import error_responses
 from rag.errors import NotFound
 from rag.query_sample import QuerySample, QuerySampleOut
+from rag.services import Services
 
 QUERY_SAMPLE_FILE = "query-sample.npy"
 
 
-def _sample(request: Request) -> QuerySample:
-    retriever = request.app.state.services.retriever
+def _sample(svc: Services) -> QuerySample:
+    retriever = svc.retriever
     sample = getattr(retriever, "query_sample", None)
     if sample is None:
         raise NotFound("query sampling is off; set RAG_QUERY_SAMPLE_SIZE to a positive size to turn it on",
@@ -27,15 +28,18 @@ def _sample(request: Request) -> QuerySample:
 
 
 @get("/v1/admin/query-sample", sync_to_thread=True, responses=error_responses(404), summary="The sample of query embeddings (vectors only)")
-def query_sample(request: Request) -> QuerySampleOut:
+def query_sample(svc: Services) -> QuerySampleOut:
     """Rows in arrival order with their arrival number and time; 404 ``query_sample_disabled`` when off."""
-    return _sample(request).snapshot()
+    return _sample(svc).snapshot()
 
 
 @post("/v1/admin/query-sample/export", sync_to_thread=True, status_code=200, responses=error_responses(404),
       summary="Write the query sample to <data_dir>/query-sample.npy (+ .json)")
-def export_query_sample(request: Request) -> dict[str, Any]:
-    sample = _sample(request)
-    path = sample.save(request.app.state.services.settings.data_dir / QUERY_SAMPLE_FILE)
+def export_query_sample(svc: Services) -> dict[str, Any]:
+    sample = _sample(svc)
+    path = sample.save(svc.settings.data_dir / QUERY_SAMPLE_FILE)
     return {"path": str(path), "metadata": str(path.with_suffix(".json")), "count": len(sample), "seen": sample.seen,
             "encoder_version": sample.encoder_version}
+
+
+ROUTES = [query_sample, export_query_sample]

@@ -11,13 +11,14 @@ from typing import Any
 
 import msgspec
 import structlog
-from litestar import Request, Response, post
+from litestar import Response, post
 from litestar.response import Stream
 
+from rag.answer import AnswerRequest
+from rag.api.deps import Caller, check_query
 from rag.api.errors import error_responses
-from rag.answer import AnswerPipeline, AnswerRequest
 from rag.errors import BadRequest, RagError
-from rag.store import parse_filter
+from rag.services import Services
 
 log = structlog.get_logger("rag.api.answers")
 
@@ -39,47 +40,26 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     mode: str | None = None
 
 
-def _pipeline(request: Request) -> AnswerPipeline:
-    return request.app.state.services.answers
-
-
-def _check(request: Request, question: str, top_k: int, filter: dict[str, Any] | None) -> None:
-    """Everything that can be wrong with a request, checked before a stream starts: once the 200 and the first
-    event have gone out, a bad filter could only end the stream, not become a 400."""
-    settings = request.app.state.services.settings
-    parse_filter(filter)
-    if not question.strip():
-        raise BadRequest("question must not be empty", code="empty_question")
-    if len(question) > settings.max_query_chars:
-        raise BadRequest(f"question is {len(question)} characters; the limit is {settings.max_query_chars}",
-                         code="query_too_long")
-    if not 1 <= top_k <= settings.max_top_k:
-        raise BadRequest(f"top_k must be between 1 and {settings.max_top_k}", code="invalid_top_k")
-
-
 def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
 @post("/v1/answer", status_code=200, summary="Answer a question from the documents, with citations",
-      responses=error_responses(415))
-async def answer(request: Request, data: AnswerRequest) -> Response:
+      responses=error_responses(413, 415))
+async def answer(data: AnswerRequest, svc: Services, caller: Caller) -> Response:
     """JSON ``{answer, citations, mode, answerable, usage, encoder_version, prompt}``; with
     ``stream: true``, Server-Sent Events: ``token`` …, ``citations``, then ``done`` (or ``error``)."""
-    from rag.api.app import tenant_of
-
-    tenant = tenant_of(request)
-    _check(request, data.question, data.top_k, data.filter)
-    pipeline = _pipeline(request)
+    check_query(svc.settings, data.question, data.top_k, data.filter, what="question")
+    pipeline = svc.answers
     if not data.stream:
-        result = await pipeline.answer(data, tenant)
+        result = await pipeline.answer(data, caller.tenant)
         log.info("answered", mode=result.mode, answerable=result.answerable, prompt=result.prompt,
                  encoder_version=result.encoder_version, ms=result.latency_ms)
         return Response(result)
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            async for event, payload in pipeline.stream(data, tenant):
+            async for event, payload in pipeline.stream(data, caller.tenant):
                 yield _sse(event, payload)
         except RagError as exc:
             yield _sse("error", {"code": exc.code, "message": exc.message})
@@ -94,13 +74,10 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
 
 
 @post("/v1/chat/completions", status_code=200, summary="OpenAI-compatible chat over the documents",
-      responses=error_responses(415))
-async def chat_completions(request: Request, data: ChatRequest) -> Response:
+      responses=error_responses(413, 415))
+async def chat_completions(data: ChatRequest, svc: Services, caller: Caller) -> Response:
     """The last user message is the question; earlier turns are history. Citations travel in the
     extra ``citations`` field of the response (or of the final stream chunk)."""
-    from rag.api.app import tenant_of
-
-    tenant = tenant_of(request)
     users = [i for i, m in enumerate(data.messages) if m.role == "user"]
     if not users:
         raise BadRequest("messages must contain a user message", code="no_question")
@@ -109,15 +86,15 @@ async def chat_completions(request: Request, data: ChatRequest) -> Response:
     history = [{"role": m.role, "content": _text(m.content)} for m in data.messages[:last] if m.role in ("user", "assistant")]
     if data.mode not in (None, "dense", "sparse", "hybrid"):
         raise BadRequest("mode must be dense, sparse or hybrid", code="invalid_mode")
-    _check(request, question, data.top_k, data.filter)
+    check_query(svc.settings, question, data.top_k, data.filter, what="question")
     req = AnswerRequest(question=question, top_k=data.top_k, filter=data.filter, mode=data.mode, history=history)
-    pipeline = _pipeline(request)
+    pipeline = svc.answers
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     model = data.model or "rag"
 
     if not data.stream:
-        result = await pipeline.answer(req, tenant)
+        result = await pipeline.answer(req, caller.tenant)
         usage = {"prompt_tokens": result.usage.get("prompt_tokens", 0),
                  "completion_tokens": result.usage.get("completion_tokens", 0),
                  "total_tokens": result.usage.get("total_tokens", 0)}
@@ -140,7 +117,7 @@ async def chat_completions(request: Request, data: ChatRequest) -> Response:
         yield chunk({"role": "assistant", "content": ""})
         citations: list[Any] = []
         try:
-            async for event, payload in pipeline.stream(req, tenant):
+            async for event, payload in pipeline.stream(req, caller.tenant):
                 if event == "token":
                     yield chunk({"content": payload["text"]})
                 elif event == "citations":
@@ -157,3 +134,6 @@ async def chat_completions(request: Request, data: ChatRequest) -> Response:
         yield b"data: [DONE]\n\n"
 
     return Stream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+ROUTES = [answer, chat_completions]

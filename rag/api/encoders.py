@@ -6,11 +6,13 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 import msgspec
-from litestar import Request, get, post
+from litestar import get, post
 
 from rag.api.errors import error_responses
 from rag.encoders import AdaptOptions, EncoderRegistry, check_options, describe, version_of_collection
 from rag.errors import BadRequest
+from rag.registry import JobKind
+from rag.services import Services
 
 JOB_TENANT = "_encoders"
 
@@ -29,57 +31,54 @@ class SwitchIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     force: bool = False
 
 
-def _services(request: Request):
-    return request.app.state.services
-
-
-def _registry(request: Request) -> EncoderRegistry:
-    return EncoderRegistry(_services(request).settings.data_dir / "encoders")
+def _registry(svc: Services) -> EncoderRegistry:
+    return EncoderRegistry(svc.settings.encoders_dir)
 
 
 @get("/v1/encoders", responses=error_responses(), summary="Encoder versions: the active one, candidates, their gate scores and drift")
-async def list_encoders(request: Request) -> dict[str, Any]:
-    svc = _services(request)
+async def list_encoders(svc: Services) -> dict[str, Any]:
     active = version_of_collection(await anyio.to_thread.run_sync(svc.store.get_active))
-    records = await anyio.to_thread.run_sync(_registry(request).list)
-    jobs = await anyio.to_thread.run_sync(lambda: [j for j in svc.registry.list_jobs(limit=20) if j.kind != "ingest"])
+    records = await anyio.to_thread.run_sync(_registry(svc).list)
+    jobs = await anyio.to_thread.run_sync(lambda: [j for j in svc.registry.list_jobs(limit=20) if j.kind != JobKind.INGEST])
     return {"active": active, "serving": svc.embedder.version,
             "encoders": [describe(r, active) for r in records],
-            "jobs": [{"id": j.id, "kind": j.kind, "status": j.status, "stage": j.stage, "error": j.error,
+            "jobs": [{"id": j.id, "kind": str(j.kind), "status": j.status, "stage": j.stage, "error": j.error,
                       "created_at": j.created_at} for j in jobs]}
 
 
-async def _queue(request: Request, kind: str, params: dict[str, Any]) -> dict[str, Any]:
-    svc = _services(request)
+async def _queue(svc: Services, kind: JobKind, params: dict[str, Any]) -> dict[str, Any]:
     job = await anyio.to_thread.run_sync(lambda: svc.registry.create_job(JOB_TENANT, [], kind=kind, params=params))
-    return {"job_id": job.id, "kind": kind, "status": job.status, "status_url": f"/v1/jobs/{job.id}"}
+    return {"job_id": job.id, "kind": str(kind), "status": job.status, "status_url": f"/v1/jobs/{job.id}"}
 
 
 @post("/v1/encoders/adapt", status_code=202, responses=error_responses(404, 415), summary="Queue an adaptation: pairs → fine-tune → gate (→ promote)")
-async def adapt_encoder(request: Request, data: AdaptOptions) -> dict[str, Any]:
+async def adapt_encoder(data: AdaptOptions, svc: Services) -> dict[str, Any]:
     check_options(data)
-    return await _queue(request, "adapt", msgspec.to_builtins(data))
+    return await _queue(svc, JobKind.ADAPT, msgspec.to_builtins(data))
 
 
 @post("/v1/encoders/promote", status_code=202, responses=error_responses(404, 415), summary="Queue a promotion: re-embed into the version's collection, then switch")
-async def promote_encoder(request: Request, data: SwitchIn) -> dict[str, Any]:
+async def promote_encoder(data: SwitchIn, svc: Services) -> dict[str, Any]:
     if not data.version:
         raise BadRequest("version is required")
-    await anyio.to_thread.run_sync(lambda: _registry(request).require(data.version))
-    return await _queue(request, "promote", {"version": data.version, "force": data.force})
+    await anyio.to_thread.run_sync(lambda: _registry(svc).require(data.version))
+    return await _queue(svc, JobKind.PROMOTE, {"version": data.version, "force": data.force})
 
 
 @post("/v1/encoders/rollback", status_code=202, responses=error_responses(404, 415), summary="Queue a rollback to the active version's parent (or a named one)")
-async def rollback_encoder(request: Request, data: SwitchIn) -> dict[str, Any]:
+async def rollback_encoder(data: SwitchIn, svc: Services) -> dict[str, Any]:
     if data.version:
-        await anyio.to_thread.run_sync(lambda: _registry(request).require(data.version))
-    return await _queue(request, "rollback", {"version": data.version})
+        await anyio.to_thread.run_sync(lambda: _registry(svc).require(data.version))
+    return await _queue(svc, JobKind.ROLLBACK, {"version": data.version})
 
 
 @post("/v1/encoders/prune", status_code=202, responses=error_responses(404, 415),
       summary="Queue a prune: drop the collections of versions other than the active one and its parent")
-async def prune_encoders(request: Request, data: PruneIn) -> dict[str, Any]:
-    registry = _registry(request)
+async def prune_encoders(data: PruneIn, svc: Services) -> dict[str, Any]:
+    registry = _registry(svc)
     for version in data.keep:
         await anyio.to_thread.run_sync(lambda v=version: registry.require(v))
-    return await _queue(request, "prune", {"keep": data.keep})
+    return await _queue(svc, JobKind.PRUNE, {"keep": data.keep})
+
+
+ROUTES = [list_encoders, adapt_encoder, promote_encoder, rollback_encoder, prune_encoders]

@@ -76,7 +76,8 @@ def http_error_handler(request: Request, exc: HTTPException) -> Response[dict]:
     code = _HTTP_CODES.get(status, "http_error")
     if status >= 500:
         # Litestar's own 5xx (e.g. a response it could not serialise) is our bug: say so, log it.
-        log.error("request_failed", code=code, error=message)
+        log.error("request_failed", code=code, error=message, cause=repr(exc.__cause__),
+                  traceback="".join(traceback.format_exception(exc)))
         code, message = "internal_error", "internal server error"
     return error_response(status, code, message, exc.headers)
 

@@ -1,4 +1,5 @@
-"""Compose the API with the ingest worker, for the embedded mode where one process owns the store."""
+"""The ingest worker run beside the API in one process (the embedded mode, where one process owns the store),
+under a supervisor that restarts a worker thread that died."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import structlog
-from litestar import Litestar
 
 from ingest.worker import IngestWorker
-from rag.api.app import Services, create_app
-from rag.settings import Settings
+from rag.services import Services
 
-log = structlog.get_logger("ingest.service")
+log = structlog.get_logger("ingest.supervisor")
 
 # How often the supervisor looks at the worker thread.
 CHECK_EVERY_S = 0.25
@@ -120,9 +119,3 @@ def worker_beside_api(services: Services) -> Iterator[WorkerSupervisor]:
     finally:
         services.worker_alive = None
         supervisor.stop()
-
-
-def build_service(settings: Settings, services: Services | None = None) -> Litestar:
-    """The app, with the worker inside it when settings say so (embedded store, or RAG_RUN_WORKER=yes)."""
-    background = (worker_beside_api,) if settings.worker_in_process else ()
-    return create_app(settings, services=services, background=background)

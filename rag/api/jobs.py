@@ -1,0 +1,37 @@
+"""Job routes: a job's status, progress and per-document errors; cancelling it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import get, post
+
+from rag.api.deps import Caller
+from rag.api.errors import error_responses
+from rag.errors import NotFound
+from rag.registry import Job, JobKind, job_view
+from rag.services import Services
+
+
+def _visible_job(svc: Services, tenant: str, job_id: str) -> Job:
+    job = svc.registry.get_job(job_id)
+    # Encoder jobs (adapt, promote, rollback, prune) act on the whole service, not on one tenant's documents.
+    if job is None or (job.kind == JobKind.INGEST and job.tenant != tenant):
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+@get("/v1/jobs/{job_id:str}", sync_to_thread=True, summary="Job status, progress and per-document errors",
+     responses=error_responses(404))
+def get_job(svc: Services, caller: Caller, job_id: str) -> dict[str, Any]:
+    return job_view(_visible_job(svc, caller.tenant, job_id))
+
+
+@post("/v1/jobs/{job_id:str}/cancel", sync_to_thread=True, status_code=200, summary="Cancel a queued or running job",
+      responses=error_responses(404))
+def cancel_job(svc: Services, caller: Caller, job_id: str) -> dict[str, Any]:
+    _visible_job(svc, caller.tenant, job_id)
+    return job_view(svc.registry.request_cancel(job_id))
+
+
+ROUTES = [get_job, cancel_job]

@@ -1,0 +1,61 @@
+"""What runs around every request: a request id on every log line, and the JSON depth guard."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import structlog
+from litestar import Request
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from rag.errors import BadRequest
+from rag.jsonsafe import JsonTooDeep, check_json_depth
+from rag.settings import Settings
+
+log = structlog.get_logger("rag.api")
+
+
+class RequestContextMiddleware(ASGIMiddleware):
+    """Binds a request id to every log line of the request and returns it as ``X-Request-ID``."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        if scope["type"] != "http":
+            await next_app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await next_app(scope, receive, send_with_id)
+        finally:
+            log.info("request", method=scope["method"], path=scope["path"], status=status,
+                     ms=round((time.perf_counter() - started) * 1000, 2))
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+async def reject_deep_json(request: Request) -> None:
+    """Before any handler decodes a JSON body: refuse nesting deep enough to exhaust the parser's recursion."""
+    if request.method in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        return
+    if "json" not in request.headers.get("content-type", "").lower():
+        return
+    svc = getattr(request.app.state, "services", None)
+    limit = svc.settings.max_json_depth if svc is not None else Settings().max_json_depth
+    try:
+        check_json_depth(await request.body(), limit)
+    except JsonTooDeep as exc:
+        raise BadRequest(f"body: {exc} (RAG_MAX_JSON_DEPTH)", code="json_too_deep") from exc

@@ -1,0 +1,190 @@
+"""The resources every entry point needs, built by the core and never borrowed from the HTTP app.
+
+``Services`` bundles settings, registry, store and the serving encoder (with the retriever that pairs
+it with its collection) and, once :func:`running` has started them, the LLM and the answer pipeline.
+The API, the worker and the command-line tools all start from here; none of them imports Litestar
+to get at it (ARCHITECTURE.md, "Packages").
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import structlog
+
+from rag.answer import AnswerPipeline
+from rag.embedding import Embedder, load_embedder, model_version
+from rag.encoders import resolve_encoder_model
+from rag.errors import RagError
+from rag.index import collection_name, ensure_collection_for
+from rag.llm import LLM, OpenAICompatibleLLM
+from rag.local_llm import MODEL_NAME, LocalLLMServer, local_llm_paths
+from rag.prompts import load_prompts
+from rag.registry import Registry, SqliteRegistry
+from rag.rerank import load_reranker
+from rag.search import QueryEncoder, Retriever
+from rag.settings import Settings
+from rag.sparse import SparseEncoder
+from rag.store import VectorStore, open_store
+
+__all__ = ["Background", "Services", "prompts_dir", "running", "start_llm"]
+
+log = structlog.get_logger("rag.services")
+
+
+@dataclass
+class Services:
+    """Everything the handlers and the worker need; :meth:`build` opens it from settings."""
+
+    settings: Settings
+    registry: Registry
+    store: VectorStore
+    embedder: Embedder
+    collection: str = ""
+    query_encoder: QueryEncoder | None = None
+    retriever: Retriever | None = None
+    answers: AnswerPipeline | None = None
+    ready: bool = False
+    unfollowed: str = ""  # an active collection whose encoder is unknown here, checked once
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    # Set by whatever runs the ingest worker in this process: False once its thread died or its
+    # heartbeat went stale. None when no worker runs here.
+    worker_alive: Callable[[], bool] | None = None
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        """Open the store, the registry and the encoder of the active collection (an adapted one once promoted)."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = open_store(settings)
+        try:
+            registry = SqliteRegistry(settings.registry_path)
+            embedder = load_embedder(settings, resolve_encoder_model(settings, store))
+        except BaseException:
+            store.close()
+            raise
+        services = cls(settings=settings, registry=registry, store=store, embedder=embedder)
+        services.closers += [registry.close, store.close]
+        return services
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+
+    def use_encoder(self, embedder: Embedder) -> None:
+        """Serve with ``embedder`` and its own collection; the retriever pairs the two, so no query is
+        embedded by one version and searched against another's vectors."""
+        retriever = Retriever(self.store, collection_name(embedder.version), embedder, SparseEncoder(), self.settings)
+        self.retriever = retriever
+        self.query_encoder = retriever.query_encoder
+        self.embedder = embedder
+        self.collection = retriever.collection
+        if self.answers is not None:
+            self.answers.retriever = retriever
+            self.answers.embedder = embedder
+        log.info("encoder_switched", encoder_version=embedder.version, collection=self.collection)
+
+    def follow_active(self) -> bool:
+        """Load the active collection's encoder when a promotion or rollback moved the pointer; True if switched."""
+        active = self.store.get_active()
+        if not active or active in (self.collection, self.unfollowed):
+            return False
+        self.unfollowed = active
+        model = resolve_encoder_model(self.settings, self.store)
+        if collection_name(model_version(model)) != active:
+            return False  # the active collection's encoder is unknown here: keep serving what we have
+        self.use_encoder(load_embedder(self.settings, model))
+        return True
+
+    def prepare_retrieval(self) -> None:
+        """Make sure the serving encoder's collection exists and pair it with a retriever."""
+        self.collection = ensure_collection_for(self.store, self.embedder)
+        self.retriever = Retriever(self.store, self.collection, self.embedder, SparseEncoder(), self.settings)
+        self.query_encoder = self.retriever.query_encoder
+
+
+# A component that runs beside the API for the app's lifetime (e.g. the embedded ingest worker).
+Background = Callable[[Services], AbstractContextManager[Any]]
+
+
+def prompts_dir(settings: Settings) -> Path:
+    """RAG_PROMPTS_DIR, resolved against the working directory, else the checkout's own prompts/."""
+    if settings.prompts_dir.is_absolute() or settings.prompts_dir.exists():
+        return settings.prompts_dir
+    return Path(__file__).resolve().parents[1] / "prompts"
+
+
+def start_llm(settings: Settings, stack: AsyncExitStack) -> LLM | None:
+    """The configured endpoint; else the bundled llama-server when installed (``RAG_LLM_LOCAL``); else None."""
+    if settings.llm_base_url:
+        return OpenAICompatibleLLM.from_settings(settings)
+    if settings.llm_local == "no" or (settings.llm_local == "auto" and local_llm_paths() is None):
+        log.info("llm_not_configured", answers="extractive")
+        return None
+    server = LocalLLMServer(port=settings.llm_local_port, log_path=settings.data_dir / "llama-server.log")
+    try:
+        server.start()
+    except RagError as exc:
+        if settings.llm_local == "yes":
+            raise
+        log.warning("local_llm_unavailable", error=exc.message, answers="extractive")
+        return None
+    stack.callback(server.stop)
+    return OpenAICompatibleLLM(
+        server.base_url, MODEL_NAME, connect_timeout_s=settings.llm_connect_timeout_s, timeout_s=settings.llm_timeout_s,
+        max_tokens=settings.llm_max_tokens, max_retries=settings.llm_max_retries, temperature=settings.llm_temperature,
+    )
+
+
+async def follow_active_encoder(svc: Services) -> None:
+    """Poll the active pointer: a promotion by a worker (this process or another) switches the query side."""
+    while True:
+        await anyio.sleep(svc.settings.encoder_poll_s)
+        try:
+            await anyio.to_thread.run_sync(svc.follow_active)
+        except RagError as exc:
+            log.warning("encoder_follow_failed", error=exc.message)
+
+
+@asynccontextmanager
+async def running(settings: Settings, services: Services | None = None,
+                  background: tuple[Background, ...] = ()) -> AsyncIterator[Services]:
+    """Open (or adopt) the services, start the LLM, the answer pipeline, the background components and
+    the encoder follower; yield them ready; stop everything in reverse on the way out.
+
+    A caller that passes its own ``services`` keeps ownership: they are not closed here (tests share models).
+    """
+    owned = services is None
+    svc = await anyio.to_thread.run_sync(Services.build, settings) if owned else services
+    try:
+        svc.prepare_retrieval()
+        # Warm the encoder so the first request doesn't pay for lazy initialisation.
+        await anyio.to_thread.run_sync(svc.embedder.embed_queries, ["warm up"])
+        async with AsyncExitStack() as stack:
+            llm = await anyio.to_thread.run_sync(start_llm, settings, stack)
+            if llm is not None:
+                stack.push_async_callback(llm.aclose)
+            reranker = await anyio.to_thread.run_sync(load_reranker, settings)
+            svc.answers = AnswerPipeline(retriever=svc.retriever, reranker=reranker, embedder=svc.embedder,
+                                         prompts=load_prompts(prompts_dir(settings)), llm=llm, settings=settings)
+            for component in background:
+                stack.enter_context(component(svc))
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            tg.start_soon(follow_active_encoder, svc)
+            stack.callback(tg.cancel_scope.cancel)
+            svc.ready = True
+            log.info("service_ready", encoder_version=svc.embedder.version, collection=svc.collection,
+                     embedded=settings.embedded, llm=getattr(llm, "base_url", None),
+                     prompt=svc.answers.prompt_version, reranker=reranker.name)
+            try:
+                yield svc
+            finally:
+                svc.ready = False
+    finally:
+        if owned:
+            svc.close()
