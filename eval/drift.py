@@ -1,36 +1,52 @@
 """Embedding drift: is a current sample of embeddings distributed like a reference sample?
 
-Plain numpy functions over two matrices (rows are embeddings), one :class:`DriftReport` struct that
-holds every figure, and :func:`verdict`, which compares them with the thresholds in the settings.
-
-- **MMD** (maximum mean discrepancy, RBF kernel, median-heuristic bandwidth, the unbiased MMD²)
-  with a permutation test: the p-value of "both samples come from one distribution".
-- a **classifier two-sample test** (logistic regression, held-out accuracy vs chance): the same
-  question, with an effect size anyone can read ("a linear model tells them apart 97 % of the time").
-- **centroid shift** (cosine distance and L2 between the mean vectors).
-- **per-dimension variance**: current/reference ratio per dimension; a dimension whose variance
-  fell below ``min_variance_ratio`` of the reference's has collapsed.
-- **nearest-reference similarity**: each current vector's best cosine to the reference sample, next
-  to each reference vector's best cosine to the rest of the reference (novelty).
-- **neighbour overlap@k** for the same texts under two encoders: how many of an item's k nearest
-  neighbours survive the change of encoder.
+One :class:`DriftReport` struct that holds every figure, :func:`analyse`, which computes them as
+named steps, and :func:`verdict`, which compares them with the thresholds in the settings. The
+statistics themselves (MMD, classifier test, centroid shift, variance, nearest similarity, neighbour
+overlap, histograms) live in :mod:`eval.drift_stats` and are re-exported here, so callers import
+everything drift from one place.
 
 Large inputs are subsampled (seeded) to ``max_samples`` rows per side, so one comparison costs seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import numpy as np
 
-from rag.embedding import neighbour_overlap
+from eval.drift_stats import (
+    NEAR_ZERO_VARIANCE,
+    NOVELTY_QUANTILE,
+    CentroidShift,
+    ClassifierTest,
+    Histogram,
+    MmdTest,
+    NearestStats,
+    OverlapStats,
+    VarianceStats,
+    as_embeddings,
+    centroid_shift,
+    classifier_test,
+    histogram,
+    median_gamma,
+    mmd_permutation_test,
+    mmd_rbf,
+    nearest_similarity,
+    neighbour_overlap_at_k,
+    overlap_stats,
+    subsample,
+    variance_stats,
+)
 
 __all__ = [
+    "NEAR_ZERO_VARIANCE",
+    "NOVELTY_QUANTILE",
     "REPORT_SCHEMA",
     "CentroidShift",
     "ClassifierTest",
@@ -51,14 +67,13 @@ __all__ = [
     "mmd_rbf",
     "nearest_similarity",
     "neighbour_overlap_at_k",
+    "overlap_stats",
     "subsample",
     "variance_stats",
     "verdict",
 ]
 
 REPORT_SCHEMA = "rag-eval/drift/1"
-NEAR_ZERO_VARIANCE = 1e-8  # a dimension this flat carries no information at all (absolute, for unit vectors)
-NOVELTY_QUANTILE = 0.05  # a current vector is "novel" below this quantile of the reference's own nearest sims
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,77 +110,6 @@ class SampleInfo(msgspec.Struct, kw_only=True):
     detail: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class MmdTest(msgspec.Struct, kw_only=True):
-    mmd2: float  # unbiased MMD², RBF kernel
-    p_value: float  # permutation test, (1 + #null >= observed) / (1 + permutations)
-    gamma: float  # k(x, y) = exp(-gamma * |x - y|²)
-    bandwidth: float  # sigma = sqrt(1 / (2 gamma)): the median pairwise distance of the pooled sample
-    permutations: int
-    null_mean: float
-    null_p95: float
-    null_p99: float
-
-
-class ClassifierTest(msgspec.Struct, kw_only=True):
-    accuracy: float  # held-out accuracy of reference-vs-current logistic regression (chance: 0.5)
-    p_value: float  # one-sided binomial test of the accuracy against 0.5
-    n_train: int
-    n_test: int
-    auc: float
-
-
-class CentroidShift(msgspec.Struct, kw_only=True):
-    cosine: float  # 1 - cos(mean_ref, mean_cur)
-    # Permutation p-value of the cosine distance: with near-isotropic vectors two random halves have
-    # nearly orthogonal means, so the distance alone would alarm on noise.
-    p_value: float | None = None
-    l2: float  # |mean_ref - mean_cur|
-    reference_norm: float
-    current_norm: float
-    relative: float  # l2 / mean distance of reference vectors to their own mean
-
-
-class VarianceStats(msgspec.Struct, kw_only=True):
-    dimension: int
-    reference_median: float
-    current_median: float
-    current_min: float
-    ratio_min: float  # min over dims of var_cur / var_ref
-    ratio_p05: float
-    ratio_median: float
-    ratio_max: float
-    collapsed_dims: int  # dims with var_cur < min_variance_ratio * var_ref (among dims not flat in the reference)
-    collapsed_share: float
-    near_zero_reference: int  # dims with variance below NEAR_ZERO_VARIANCE
-    near_zero_current: int
-    min_variance_ratio: float
-
-
-class NearestStats(msgspec.Struct, kw_only=True):
-    reference_median: float  # reference vectors' best cosine to the rest of the reference
-    current_median: float  # current vectors' best cosine to the reference
-    novelty_cut: float  # the NOVELTY_QUANTILE of the reference's own best cosines
-    novel_share: float  # current vectors below that cut (about NOVELTY_QUANTILE without drift)
-
-
-class OverlapStats(msgspec.Struct, kw_only=True):
-    k: int
-    mean: float  # mean over items of |top-k(ref space) ∩ top-k(cur space)| / k
-    median: float
-    p10: float
-    zero_share: float  # items that kept none of their neighbours
-    paired_cosine: float | None = None  # mean cos(ref_i, cur_i) when both spaces share a dimension
-
-
-class Histogram(msgspec.Struct, kw_only=True):
-    title: str
-    xlabel: str
-    edges: list[float]
-    series: dict[str, list[int]]  # name -> counts per bin
-    marker: float | None = None  # e.g. the observed MMD² on its null distribution
-    marker_label: str = ""
-
-
 class DriftReport(msgspec.Struct, kw_only=True):
     schema: str = REPORT_SCHEMA
     created_at: str = ""
@@ -188,289 +132,6 @@ class DriftReport(msgspec.Struct, kw_only=True):
     histograms: list[Histogram] = msgspec.field(default_factory=list)
     timings_s: dict[str, float] = msgspec.field(default_factory=dict)
     notes: list[str] = msgspec.field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def _f32(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"expected a 2-d array of embeddings, got shape {x.shape}")
-    return x
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-def subsample(x: np.ndarray, max_n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``max_n`` rows of ``x`` (seeded, without replacement) and their indices; all rows if 0."""
-    n = len(x)
-    if not max_n or n <= max_n:
-        return x, np.arange(n)
-    idx = np.sort(np.random.default_rng(seed).choice(n, size=max_n, replace=False))
-    return x[idx], idx
-
-
-def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-    return np.maximum(d, 0.0, out=d)
-
-
-def median_gamma(z: np.ndarray, *, max_points: int = 1000, seed: int = 0) -> float:
-    """RBF ``gamma`` by the median heuristic: sigma = median pairwise distance, gamma = 1 / (2 sigma²)."""
-    z = _f32(z)
-    sub, _ = subsample(z, max_points, seed)
-    d = _sq_dists(sub, sub)
-    upper = d[np.triu_indices(len(sub), k=1)]
-    upper = upper[upper > 0]
-    med = float(np.median(upper)) if len(upper) else 1.0
-    return 1.0 / (2.0 * med)
-
-
-def _kernel(z: np.ndarray, gamma: float) -> np.ndarray:
-    k = _sq_dists(z, z)
-    np.multiply(k, -gamma, out=k)
-    np.exp(k, out=k)
-    np.fill_diagonal(k, 0.0)  # the unbiased estimator never pairs a point with itself
-    return k
-
-
-def _mmd2_from_labels(k: np.ndarray, labels: np.ndarray, n: int, m: int, row_sums: np.ndarray,
-                      total: float) -> np.ndarray:
-    """Unbiased MMD² for each column of ``labels`` (1: in X, 0: in Y), with the diagonal of ``k`` zeroed.
-
-    With z the indicator of X: sum_XX = zᵀKz, sum_XY = zᵀK1 - zᵀKz, sum_YY = 1ᵀK1 - 2 zᵀK1 + zᵀKz,
-    so many permutations cost one matrix product ``K @ labels``.
-    """
-    kz = k @ labels
-    s_xx = (labels * kz).sum(0, dtype=np.float64)
-    s_x1 = row_sums @ labels.astype(np.float64)
-    s_xy = s_x1 - s_xx
-    s_yy = total - 2.0 * s_x1 + s_xx
-    return s_xx / (n * (n - 1)) + s_yy / (m * (m - 1)) - 2.0 * s_xy / (n * m)
-
-
-def mmd_rbf(x: np.ndarray, y: np.ndarray, gamma: float | None = None) -> float:
-    """The unbiased MMD² between samples ``x`` and ``y`` with an RBF kernel (median heuristic if no gamma)."""
-    x, y = _f32(x), _f32(y)
-    if len(x) < 2 or len(y) < 2:
-        raise ValueError("MMD needs at least 2 vectors on each side")
-    z = np.vstack([x, y])
-    gamma = median_gamma(z) if gamma is None else gamma
-    k = _kernel(z, gamma).astype(np.float64)
-    labels = np.zeros((len(z), 1))
-    labels[: len(x)] = 1.0
-    return float(_mmd2_from_labels(k, labels, len(x), len(y), k.sum(1), float(k.sum()))[0])
-
-
-def mmd_permutation_test(
-    x: np.ndarray, y: np.ndarray, n_permutations: int = 200, seed: int = 0, *, gamma: float | None = None,
-    progress: Callable[[int], None] | None = None, return_null: bool = False,
-) -> tuple[float, float] | tuple[float, float, float, np.ndarray]:
-    """``(mmd2, p_value)``: the unbiased MMD² and its permutation p-value (``(1 + #null >= obs) / (1 + P)``).
-
-    With ``return_null`` also the gamma used and the null distribution. The kernel matrix of the
-    pooled sample is computed once (float32, (n + m)² entries: 64 MB at 2 × 2000 rows); the
-    permutations are evaluated in batches as matrix products.
-    """
-    x, y = _f32(x), _f32(y)
-    n, m = len(x), len(y)
-    if n < 2 or m < 2:
-        raise ValueError("MMD needs at least 2 vectors on each side")
-    if n_permutations < 1:
-        raise ValueError("n_permutations must be at least 1")
-    z = np.vstack([x, y])
-    gamma = median_gamma(z, seed=seed) if gamma is None else float(gamma)
-    k = _kernel(z, gamma)
-    row_sums = k.sum(1, dtype=np.float64)
-    total = float(row_sums.sum())
-    observed_labels = np.zeros((n + m, 1), dtype=np.float32)
-    observed_labels[:n] = 1.0
-    observed = float(_mmd2_from_labels(k, observed_labels, n, m, row_sums, total)[0])
-    rng = np.random.default_rng(seed)
-    null = np.empty(n_permutations)
-    batch = 64
-    done = 0
-    while done < n_permutations:
-        b = min(batch, n_permutations - done)
-        labels = np.zeros((n + m, b), dtype=np.float32)
-        for j in range(b):
-            labels[rng.permutation(n + m)[:n], j] = 1.0
-        null[done: done + b] = _mmd2_from_labels(k, labels, n, m, row_sums, total)
-        done += b
-        if progress is not None:
-            progress(b)
-    # A tiny tolerance: float32 sums of an identical split may differ in the last bits.
-    p = (1 + int(np.sum(null >= observed - 1e-9 * max(1.0, abs(observed))))) / (1 + n_permutations)
-    if return_null:
-        return observed, p, gamma, null
-    return observed, p
-
-
-def _binomial_sf(k: int, n: int, p: float = 0.5) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), summed in log space (exact, no scipy)."""
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
-            + (n - i) * math.log1p(-p) for i in range(k, n + 1)]
-    top = max(logs)
-    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
-
-
-def classifier_test(x: np.ndarray, y: np.ndarray, seed: int = 0) -> ClassifierTest:
-    """Classifier two-sample test (Lopez-Paz & Oquab 2017): train logistic regression to tell reference
-    from current on half of a balanced sample, test on the other half; under no drift accuracy is 0.5."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-
-    x, y = _f32(x), _f32(y)
-    size = min(len(x), len(y))
-    if size < 8:
-        raise ValueError("the classifier test needs at least 8 vectors on each side")
-    rng = np.random.default_rng(seed)
-    xs, ys = x[rng.permutation(len(x))[:size]], y[rng.permutation(len(y))[:size]]
-    half = size // 2
-    train_x = np.vstack([xs[:half], ys[:half]])
-    train_y = np.r_[np.zeros(half), np.ones(half)]
-    test_x = np.vstack([xs[half:], ys[half:]])
-    test_y = np.r_[np.zeros(size - half), np.ones(size - half)]
-    model = LogisticRegression(C=1.0, max_iter=2000)
-    model.fit(train_x, train_y)
-    correct = int((model.predict(test_x) == test_y).sum())
-    auc = float(roc_auc_score(test_y, model.decision_function(test_x)))
-    return ClassifierTest(accuracy=correct / len(test_y), p_value=_binomial_sf(correct, len(test_y)),
-                          n_train=len(train_y), n_test=len(test_y), auc=auc)
-
-
-def _cosine_distance_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """1 - cos between matching columns of ``a`` and ``b`` (d x P)."""
-    na, nb = np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=0)
-    dot = (a * b).sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where((na > 0) & (nb > 0), dot / (na * nb), 0.0)
-    return 1.0 - cos
-
-
-def centroid_shift(x: np.ndarray, y: np.ndarray, n_permutations: int = 0, seed: int = 0) -> CentroidShift:
-    """Cosine distance and L2 between the mean vectors of ``x`` (reference) and ``y`` (current); with
-    ``n_permutations``, also the permutation p-value of the cosine distance."""
-    x, y = _f32(x).astype(np.float64), _f32(y).astype(np.float64)
-    mx, my = x.mean(0), y.mean(0)
-    nx, ny = float(np.linalg.norm(mx)), float(np.linalg.norm(my))
-    cosine = float(_cosine_distance_rows(mx[:, None], my[:, None])[0])
-    l2 = float(np.linalg.norm(mx - my))
-    spread = float(np.linalg.norm(x - mx, axis=1).mean()) or 1.0
-    p = None
-    if n_permutations:
-        z = np.vstack([x, y])
-        n, total = len(x), z.sum(0)
-        rng = np.random.default_rng(seed)
-        null = np.empty(n_permutations)
-        for start in range(0, n_permutations, 64):
-            b = min(64, n_permutations - start)
-            labels = np.zeros((len(z), b))
-            for j in range(b):
-                labels[rng.permutation(len(z))[:n], j] = 1.0
-            sx = z.T @ labels  # d x b sums of the permuted "reference"
-            null[start: start + b] = _cosine_distance_rows(sx / n, (total[:, None] - sx) / len(y))
-        p = (1 + int(np.sum(null >= cosine - 1e-12))) / (1 + n_permutations)
-    return CentroidShift(cosine=cosine, p_value=p, l2=l2, reference_norm=nx, current_norm=ny, relative=l2 / spread)
-
-
-def variance_stats(x: np.ndarray, y: np.ndarray, min_variance_ratio: float = 0.1) -> VarianceStats:
-    """Per-dimension variance of reference ``x`` and current ``y``; dims whose variance fell below
-    ``min_variance_ratio`` times the reference's are counted as collapsed."""
-    x, y = _f32(x).astype(np.float64), _f32(y).astype(np.float64)
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"dimensions differ: {x.shape[1]} vs {y.shape[1]}")
-    vx, vy = x.var(0, ddof=1), y.var(0, ddof=1)
-    # A dimension already flat in the reference (some encoders have constant ones) has no ratio to speak of.
-    live = vx >= NEAR_ZERO_VARIANCE
-    if not live.any():
-        raise ValueError("every dimension of the reference sample has (near) zero variance")
-    ratio = vy[live] / vx[live]
-    collapsed = int(np.sum(vy[live] < min_variance_ratio * vx[live]))
-    return VarianceStats(
-        dimension=int(x.shape[1]), reference_median=float(np.median(vx)), current_median=float(np.median(vy)),
-        current_min=float(vy.min()), ratio_min=float(ratio.min()), ratio_p05=float(np.quantile(ratio, 0.05)),
-        ratio_median=float(np.median(ratio)), ratio_max=float(ratio.max()), collapsed_dims=collapsed,
-        collapsed_share=collapsed / x.shape[1], near_zero_reference=int(np.sum(vx < NEAR_ZERO_VARIANCE)),
-        near_zero_current=int(np.sum(vy < NEAR_ZERO_VARIANCE)), min_variance_ratio=min_variance_ratio,
-    )
-
-
-def _best_cosines(q: np.ndarray, ref: np.ndarray, *, exclude_self: bool, block: int = 1024) -> np.ndarray:
-    out = np.empty(len(q), dtype=np.float32)
-    for start in range(0, len(q), block):
-        s = q[start: start + block] @ ref.T
-        if exclude_self:
-            rows = np.arange(len(s))
-            s[rows, start + rows] = -np.inf
-        out[start: start + block] = s.max(1)
-    return out
-
-
-def nearest_similarity(x: np.ndarray, y: np.ndarray) -> tuple[NearestStats, np.ndarray, np.ndarray]:
-    """Each reference vector's best cosine to the rest of the reference and each current vector's best
-    cosine to the reference; returns the summary and both arrays (for the histogram)."""
-    ux, uy = _unit(_f32(x)), _unit(_f32(y))
-    ref_best = _best_cosines(ux, ux, exclude_self=True)
-    cur_best = _best_cosines(uy, ux, exclude_self=False)
-    cut = float(np.quantile(ref_best, NOVELTY_QUANTILE))
-    return (NearestStats(reference_median=float(np.median(ref_best)), current_median=float(np.median(cur_best)),
-                         novelty_cut=cut, novel_share=float(np.mean(cur_best < cut))), ref_best, cur_best)
-
-
-def neighbour_overlap_at_k(ref_emb: np.ndarray, cur_emb: np.ndarray, k: int = 10) -> np.ndarray:
-    """Per item, the share of its ``k`` nearest neighbours (cosine, within its own space) that the
-    reference and the current encoder agree on. Row i of both matrices must embed the same text."""
-    ref_emb, cur_emb = _f32(ref_emb), _f32(cur_emb)
-    if len(ref_emb) != len(cur_emb):
-        raise ValueError(f"neighbour overlap needs the same items in both spaces ({len(ref_emb)} vs {len(cur_emb)})")
-    if len(ref_emb) <= k:
-        raise ValueError(f"neighbour overlap@{k} needs more than {k} items, got {len(ref_emb)}")
-    return neighbour_overlap(ref_emb, cur_emb, k)
-
-
-def overlap_stats(ref_emb: np.ndarray, cur_emb: np.ndarray, k: int = 10) -> tuple[OverlapStats, np.ndarray]:
-    per_item = neighbour_overlap_at_k(ref_emb, cur_emb, k)
-    paired = None
-    if ref_emb.shape[1] == cur_emb.shape[1]:
-        paired = float(np.mean(np.sum(_unit(_f32(ref_emb)) * _unit(_f32(cur_emb)), axis=1)))
-    return OverlapStats(k=k, mean=float(per_item.mean()), median=float(np.median(per_item)),
-                        p10=float(np.quantile(per_item, 0.1)), zero_share=float(np.mean(per_item == 0)),
-                        paired_cosine=paired), per_item
-
-
-def histogram(series: dict[str, np.ndarray], *, title: str, xlabel: str, bins: int = 30,
-              lo: float | None = None, hi: float | None = None, marker: float | None = None,
-              marker_label: str = "") -> Histogram:
-    """Counts of each series over shared bin edges (the pooled range unless ``lo``/``hi`` are given).
-
-    A marker far outside the data (an observed MMD² way beyond its null) does not stretch the axis:
-    the range reaches at most the data's own width past it, and the plot marks it off scale.
-    """
-    values = [np.asarray(v, dtype=np.float64) for v in series.values()]
-    pooled = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.zeros(0)
-    if marker is not None and len(pooled):
-        width = float(pooled.max() - pooled.min()) or abs(marker) or 1.0
-        pooled = np.append(pooled, np.clip(marker, pooled.min() - width, pooled.max() + width))
-    lo = float(pooled.min()) if lo is None and len(pooled) else (0.0 if lo is None else lo)
-    hi = float(pooled.max()) if hi is None and len(pooled) else (1.0 if hi is None else hi)
-    if hi <= lo:
-        hi = lo + 1e-6
-    edges = np.linspace(lo, hi, bins + 1)
-    counts = {name: np.histogram(np.clip(v, lo, hi), bins=edges)[0].astype(int).tolist()
-              for name, v in zip(series, values, strict=True)}
-    return Histogram(title=title, xlabel=xlabel, edges=[round(float(e), 6) for e in edges], series=counts,
-                     marker=marker, marker_label=marker_label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,90 +185,129 @@ def analyse(
     one space (the same dimension); for two encoders of different dimensions only the overlap remains.
     ``bar`` (a tqdm bar, optional) is advanced once per finished step.
     """
-    timings: dict[str, float] = {}
-    ref, cur = _f32(reference), _f32(current)
-    if len(ref) < 2 or len(cur) < 2:
-        raise ValueError(f"need at least 2 vectors on each side (reference {len(ref)}, current {len(cur)})")
-    if paired:
-        if len(ref) != len(cur):
-            raise ValueError("paired samples must have the same number of rows")
-        ref, idx = subsample(ref, max_samples, seed)
-        cur = cur[idx]
-    else:
-        ref, _ = subsample(ref, max_samples, seed)
-        cur, _ = subsample(cur, max_samples, seed + 1)
+    ref, cur = _subsampled(reference, current, paired=paired, max_samples=max_samples, seed=seed)
     reference_info.count_used, current_info.count_used = len(ref), len(cur)
     report = DriftReport(kind=kind, reference=reference_info, current=current_info, thresholds=thresholds,
                          options={"max_samples": max_samples, "permutations": permutations, "seed": seed,
                                   "k": k, "paired": paired, "classifier": classifier})
     report.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    same_space = ref.shape[1] == cur.shape[1]
-
-    def step(name: str) -> Callable[[], None]:
-        t0 = time.perf_counter()
-
-        def done() -> None:
-            timings[name] = round(time.perf_counter() - t0, 3)
-            if bar is not None:
-                bar.set_postfix_str(name, refresh=False)
-                bar.update(1)
-        return done
-
-    if same_space:
-        done = step("mmd")
-        mmd2, p, gamma, null = mmd_permutation_test(ref, cur, permutations, seed, return_null=True)
-        report.mmd = MmdTest(mmd2=mmd2, p_value=p, gamma=gamma, bandwidth=math.sqrt(1 / (2 * gamma)),
-                             permutations=permutations, null_mean=float(null.mean()),
-                             null_p95=float(np.quantile(null, 0.95)), null_p99=float(np.quantile(null, 0.99)))
-        report.histograms.append(histogram(
-            {"permutation null": null}, title=f"MMD² null distribution ({permutations} permutations)",
-            xlabel="MMD²", marker=mmd2, marker_label=f"observed {mmd2:.4g} (p={p:.3g})"))
-        done()
+    steps = _Steps(bar)
+    if ref.shape[1] == cur.shape[1]:
+        with steps("mmd"):
+            _add_mmd(report, ref, cur, permutations, seed)
         # Paired rows are the same texts, not independent samples: a held-out twin would mislead the classifier.
         if classifier and not paired and min(len(ref), len(cur)) >= 8:
-            done = step("classifier")
-            report.classifier = classifier_test(ref, cur, seed)
-            done()
-        done = step("centroid_variance")
-        report.centroid = centroid_shift(ref, cur, permutations, seed)
-        report.variance = variance_stats(ref, cur, thresholds.min_variance_ratio)
-        # The direction comes from the even rows and the odd rows are projected: fitted and shown on the
-        # same rows, two halves of one distribution would look apart.
-        if len(ref) >= 4 and len(cur) >= 4:
-            direction = cur[0::2].mean(0) - ref[0::2].mean(0)
-            norm = float(np.linalg.norm(direction))
-            if norm > 0:
-                direction /= norm
-                report.histograms.append(histogram(
-                    {"reference": ref[1::2] @ direction, "current": cur[1::2] @ direction},
-                    title="Projection on the centroid-shift direction (held-out rows)",
-                    xlabel="⟨x, (μ_cur − μ_ref)/|μ_cur − μ_ref|⟩, direction from the other rows"))
-        vx, vy = ref.astype(np.float64).var(0, ddof=1), cur.astype(np.float64).var(0, ddof=1)
-        live = vx >= NEAR_ZERO_VARIANCE
-        report.histograms.append(histogram(
-            {"dimensions": np.log2(np.maximum(vy[live], 1e-30) / vx[live])},
-            title="Per-dimension variance ratio", xlabel="log2(var_current / var_reference)",
-            lo=min(-3.0, float(np.log2(max(report.variance.ratio_min, 1e-30)))),
-            hi=max(3.0, float(np.log2(max(report.variance.ratio_max, 1e-30))))))
-        done()
-        done = step("nearest")
-        report.nearest, ref_best, cur_best = nearest_similarity(ref, cur)
-        report.histograms.append(histogram(
-            {"reference (to the rest of the reference)": ref_best, "current (to the reference)": cur_best},
-            title="Best cosine similarity to the reference sample", xlabel="max cosine"))
-        done()
+            with steps("classifier"):
+                report.classifier = classifier_test(ref, cur, seed)
+        with steps("centroid_variance"):
+            _add_centroid_and_variance(report, ref, cur, permutations, seed)
+        with steps("nearest"):
+            _add_nearest(report, ref, cur)
     else:
         report.notes.append(f"reference and current have different dimensions ({ref.shape[1]} vs {cur.shape[1]}): "
                             "distribution statistics need one space; only neighbour overlap is computed")
     if paired:
         report.notes.append("two encoders on the same texts: the verdict rests on neighbour overlap; the "
                             "distribution figures compare two vector spaces and are for information")
-        done = step("overlap")
-        report.overlap, per_item = overlap_stats(ref, cur, k)
-        report.histograms.append(histogram({"items": per_item}, title=f"Neighbour overlap@{k} per item",
-                                           xlabel=f"shared neighbours / {k}", bins=k + 1, lo=-0.5 / k,
-                                           hi=1 + 0.5 / k))
-        done()
-    report.timings_s = timings
+        with steps("overlap"):
+            _add_overlap(report, ref, cur, k)
+    report.timings_s = steps.timings
     report.verdict, report.reasons = verdict(report, thresholds)
     return report
+
+
+class _Steps:
+    """Times each step of :func:`analyse` and advances the progress bar once it has finished.
+
+    A step that raises records nothing: the exception ends the analysis anyway.
+    """
+
+    def __init__(self, bar: Any = None) -> None:
+        self.bar = bar
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+        if self.bar is not None:
+            self.bar.set_postfix_str(name, refresh=False)
+            self.bar.update(1)
+
+
+def _subsampled(reference: np.ndarray, current: np.ndarray, *, paired: bool, max_samples: int,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides as float32 matrices of at most ``max_samples`` rows; paired rows stay paired."""
+    ref, cur = as_embeddings(reference), as_embeddings(current)
+    if len(ref) < 2 or len(cur) < 2:
+        raise ValueError(f"need at least 2 vectors on each side (reference {len(ref)}, current {len(cur)})")
+    if paired:
+        if len(ref) != len(cur):
+            raise ValueError("paired samples must have the same number of rows")
+        ref, idx = subsample(ref, max_samples, seed)
+        return ref, cur[idx]
+    ref, _ = subsample(ref, max_samples, seed)
+    cur, _ = subsample(cur, max_samples, seed + 1)
+    return ref, cur
+
+
+def _add_mmd(report: DriftReport, ref: np.ndarray, cur: np.ndarray, permutations: int, seed: int) -> None:
+    mmd2, p, gamma, null = mmd_permutation_test(ref, cur, permutations, seed, return_null=True)
+    report.mmd = MmdTest(mmd2=mmd2, p_value=p, gamma=gamma, bandwidth=math.sqrt(1 / (2 * gamma)),
+                         permutations=permutations, null_mean=float(null.mean()),
+                         null_p95=float(np.quantile(null, 0.95)), null_p99=float(np.quantile(null, 0.99)))
+    report.histograms.append(histogram(
+        {"permutation null": null}, title=f"MMD² null distribution ({permutations} permutations)",
+        xlabel="MMD²", marker=mmd2, marker_label=f"observed {mmd2:.4g} (p={p:.3g})"))
+
+
+def _add_centroid_and_variance(report: DriftReport, ref: np.ndarray, cur: np.ndarray, permutations: int,
+                               seed: int) -> None:
+    report.centroid = centroid_shift(ref, cur, permutations, seed)
+    report.variance = variance_stats(ref, cur, report.thresholds.min_variance_ratio)
+    projection = _centroid_projection_histogram(ref, cur)
+    if projection is not None:
+        report.histograms.append(projection)
+    report.histograms.append(_variance_ratio_histogram(ref, cur, report.variance))
+
+
+def _centroid_projection_histogram(ref: np.ndarray, cur: np.ndarray) -> Histogram | None:
+    """Both samples projected on the direction between their means; None when there is no direction."""
+    # The direction comes from the even rows and the odd rows are projected: fitted and shown on the
+    # same rows, two halves of one distribution would look apart.
+    if len(ref) < 4 or len(cur) < 4:
+        return None
+    direction = cur[0::2].mean(0) - ref[0::2].mean(0)
+    norm = float(np.linalg.norm(direction))
+    if norm <= 0:
+        return None
+    direction /= norm
+    return histogram(
+        {"reference": ref[1::2] @ direction, "current": cur[1::2] @ direction},
+        title="Projection on the centroid-shift direction (held-out rows)",
+        xlabel="⟨x, (μ_cur − μ_ref)/|μ_cur − μ_ref|⟩, direction from the other rows")
+
+
+def _variance_ratio_histogram(ref: np.ndarray, cur: np.ndarray, variance: VarianceStats) -> Histogram:
+    vx, vy = ref.astype(np.float64).var(0, ddof=1), cur.astype(np.float64).var(0, ddof=1)
+    live = vx >= NEAR_ZERO_VARIANCE
+    return histogram(
+        {"dimensions": np.log2(np.maximum(vy[live], 1e-30) / vx[live])},
+        title="Per-dimension variance ratio", xlabel="log2(var_current / var_reference)",
+        lo=min(-3.0, float(np.log2(max(variance.ratio_min, 1e-30)))),
+        hi=max(3.0, float(np.log2(max(variance.ratio_max, 1e-30)))))
+
+
+def _add_nearest(report: DriftReport, ref: np.ndarray, cur: np.ndarray) -> None:
+    report.nearest, ref_best, cur_best = nearest_similarity(ref, cur)
+    report.histograms.append(histogram(
+        {"reference (to the rest of the reference)": ref_best, "current (to the reference)": cur_best},
+        title="Best cosine similarity to the reference sample", xlabel="max cosine"))
+
+
+def _add_overlap(report: DriftReport, ref: np.ndarray, cur: np.ndarray, k: int) -> None:
+    report.overlap, per_item = overlap_stats(ref, cur, k)
+    report.histograms.append(histogram({"items": per_item}, title=f"Neighbour overlap@{k} per item",
+                                       xlabel=f"shared neighbours / {k}", bins=k + 1, lo=-0.5 / k,
+                                       hi=1 + 0.5 / k))

@@ -165,59 +165,20 @@ def index_corpus(
     already-indexed document unchanged by its content hash and the worker skips it.
     """
     from ingest.worker import IngestWorker
-    from rag.registry import JobItem
 
     worker = IngestWorker(settings, registry, store, embedder, sparse)
     marker_path = settings.data_dir / MARKER
-    marker: dict[str, Any] = {}
-    if marker_path.exists():
-        try:
-            marker = json.loads(marker_path.read_text())
-        except (OSError, ValueError):
-            marker = {}
     expected = {"corpus_sha256": corpus_hash, "signature": worker.signature, "collection": worker.collection,
                 "tenant": tenant}
-    if marker and all(marker.get(k) == v for k, v in expected.items()):
-        live = store.count(worker.collection, tenant=tenant, live=True)
-        if live == marker.get("chunks"):
-            info = IndexInfo(data_dir=str(settings.data_dir), collection=worker.collection, reused=True,
-                             documents=marker["documents"], failed_documents=marker["failed_documents"],
-                             chunks=live, ingest_s=0.0, signature=worker.signature,
-                             failures=marker.get("failures", []))
-            return info, worker
+    reused = _reusable_index(settings, store, worker, marker_path, expected)
+    if reused is not None:
+        return reused, worker
     marker_path.unlink(missing_ok=True)
 
-    # We hold the store's lock, so no other worker runs here: a job a killed run left "running"
-    # goes back to the queue and is finished by this worker too.
-    registry.requeue_running()
-    upload_dir = settings.uploads_dir / uuid.uuid4().hex
-    upload_dir.mkdir(parents=True, exist_ok=True)
-    upload = upload_dir / "corpus.jsonl"
-    shutil.copyfile(corpus, upload)
-    job = registry.create_job(tenant, [JobItem(filename="corpus.jsonl", path=str(upload))])
+    job = _submit_corpus(settings, registry, corpus, tenant)
     total = _count_lines(corpus)
     started = time.perf_counter()
-    error: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            while worker.run_once():
-                pass
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-            error.append(exc)
-
-    thread = threading.Thread(target=work, name="eval-ingest", daemon=True)
-    thread.start()
-    with tqdm(total=total, desc="ingest", unit="doc", disable=not progress, dynamic_ncols=True) as bar:
-        while thread.is_alive():
-            thread.join(0.5)
-            current = registry.get_job(job.id)
-            if current is not None:
-                bar.n = min(total, current.done + current.failed)
-                bar.set_postfix(chunks=current.chunks, failed=current.failed, refresh=False)
-                bar.refresh()
-    if error:
-        raise EvalError(f"ingest of {corpus} failed: {error[0]}") from error[0]
+    _drain_with_progress(worker, registry, job.id, total, progress=progress, corpus=corpus)
     final = registry.get_job(job.id)
     if final is None or final.status not in ("succeeded", "failed"):
         status = final.status if final else "missing"
@@ -233,6 +194,63 @@ def index_corpus(
         "chunks": chunks, "ingest_s": info.ingest_s, "failures": info.failures, "completed_at": time.time(),
     }, indent=2))
     return info, worker
+
+
+def _reusable_index(settings: Settings, store, worker, marker_path: Path, expected: dict[str, Any]) -> IndexInfo | None:
+    """The index the marker describes, if it matches ``expected`` and the store still holds all its chunks."""
+    marker: dict[str, Any] = {}
+    if marker_path.exists():
+        try:
+            marker = json.loads(marker_path.read_text())
+        except (OSError, ValueError):
+            marker = {}
+    if not (marker and all(marker.get(k) == v for k, v in expected.items())):
+        return None
+    live = store.count(worker.collection, tenant=expected["tenant"], live=True)
+    if live != marker.get("chunks"):
+        return None
+    return IndexInfo(data_dir=str(settings.data_dir), collection=worker.collection, reused=True,
+                     documents=marker["documents"], failed_documents=marker["failed_documents"],
+                     chunks=live, ingest_s=0.0, signature=worker.signature, failures=marker.get("failures", []))
+
+
+def _submit_corpus(settings: Settings, registry, corpus: Path, tenant: str):
+    """A copy of ``corpus`` in the uploads directory, queued as one ingest job."""
+    from rag.registry import JobItem
+
+    # We hold the store's lock, so no other worker runs here: a job a killed run left "running"
+    # goes back to the queue and is finished by this worker too.
+    registry.requeue_running()
+    upload_dir = settings.uploads_dir / uuid.uuid4().hex
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    upload = upload_dir / "corpus.jsonl"
+    shutil.copyfile(corpus, upload)
+    return registry.create_job(tenant, [JobItem(filename="corpus.jsonl", path=str(upload))])
+
+
+def _drain_with_progress(worker, registry, job_id: str, total: int, *, progress: bool, corpus: Path) -> None:
+    """Run the worker until the queue is empty, in a thread, while this one shows the job's progress."""
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            while worker.run_once():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            error.append(exc)
+
+    thread = threading.Thread(target=work, name="eval-ingest", daemon=True)
+    thread.start()
+    with tqdm(total=total, desc="ingest", unit="doc", disable=not progress, dynamic_ncols=True) as bar:
+        while thread.is_alive():
+            thread.join(0.5)
+            current = registry.get_job(job_id)
+            if current is not None:
+                bar.n = min(total, current.done + current.failed)
+                bar.set_postfix(chunks=current.chunks, failed=current.failed, refresh=False)
+                bar.refresh()
+    if error:
+        raise EvalError(f"ingest of {corpus} failed: {error[0]}") from error[0]
 
 
 # ---------------------------------------------------------------------------------------------

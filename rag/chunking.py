@@ -287,6 +287,10 @@ def _append_trimmed(out: list[_Block], text: str, s: int, e: int, path: list[str
 
 
 def _structured_blocks(text: str) -> list[_Block]:
+    """Markdown-ish blocks of ``text``: headings (with their path) and paragraphs, fenced code kept whole."""
+    # One piece on purpose: this is a single state machine over lines (open paragraph, open fence,
+    # heading stack), and a setext underline rewrites the paragraph just opened. Split into functions,
+    # every step would take and return all of that state; read top to bottom, each branch is one transition.
     out: list[_Block] = []
     stack: list[tuple[int, str]] = []  # (level, heading text)
     path: list[str] = []
