@@ -116,13 +116,158 @@ def test_the_import_walker_sees_what_it_must():
         "from rag import __main__\n"
         "import importlib\n"
         "importlib.import_module('ingest.cli')\n"
-        "def f():\n    from ingest.service import build_service\n"
+        "def f():\n    from ingest.supervisor import worker_beside_api\n"
     )
     targets = {t for _, t in _imports(ROOT / "rag" / "probe.py", source)}
     assert {"ingest.worker", "eval", "eval.metrics", "rag", "rag.store", "rag.api", "rag.api.app",
-            "rag.__main__", "ingest.cli", "ingest.service"} <= targets
+            "rag.__main__", "ingest.cli", "ingest.supervisor"} <= targets
     nested = {t for _, t in _imports(ROOT / "rag" / "api" / "probe.py", "from ..store import x\nfrom . import y\n")}
     assert {"rag.store", "rag.store.x", "rag.api", "rag.api.y"} <= nested
+
+
+# ---- module edges (ARCHITECTURE.md: the write path and the CLIs run without the HTTP app) -------------
+
+# Modules that may import the HTTP layer (Litestar and rag.api): the API itself and the entry point.
+HTTP_LAYER = ("rag.api",)
+HTTP_LIBRARIES = {"litestar"}
+
+
+def _project_modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in _python_files(*PACKAGES)}
+
+
+def _resolve(target: str, modules: set[str]) -> str | None:
+    """The project module an import target names (``rag.store.point_id`` → ``rag.store``), else None."""
+    parts = target.split(".")
+    for end in range(len(parts), 0, -1):
+        name = ".".join(parts[:end])
+        if name in modules:
+            return name
+    return None
+
+
+def _may_use_http(module: str) -> bool:
+    return module == "rag.__main__" or any(module == h or module.startswith(h + ".") for h in HTTP_LAYER)
+
+
+def http_layer_violations(edges: dict[str, list[tuple[int, str]]]) -> list[str]:
+    problems = []
+    for module, targets in edges.items():
+        if _may_use_http(module):
+            continue
+        for line, target in targets:
+            top = target.split(".")[0]
+            if top in HTTP_LIBRARIES or any(target == h or target.startswith(h + ".") for h in HTTP_LAYER):
+                problems.append(f"{module}:{line} imports {target} (only rag.api and the entry point may)")
+    return problems
+
+
+def private_name_violations(edges: dict[str, list[tuple[int, str]]], modules: set[str]) -> list[str]:
+    """``from other_module import _name``: a private name used outside its module (a rule that wants a home)."""
+    problems = []
+    for module, targets in edges.items():
+        for line, target in targets:
+            owner, _, name = target.rpartition(".")
+            if not name.startswith("_") or name.startswith("__") or owner not in modules or target in modules:
+                continue
+            if owner != module:
+                problems.append(f"{module}:{line} imports the private {target}")
+    return problems
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph.get(root, ()))))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return cycles
+
+
+def _edges() -> tuple[dict[str, list[tuple[int, str]]], set[str]]:
+    modules = _project_modules()
+    return {name: _imports(path) for name, path in modules.items()}, set(modules)
+
+
+def _graph(edges: dict[str, list[tuple[int, str]]], modules: set[str]) -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for module, targets in edges.items():
+        out = graph.setdefault(module, set())
+        for _, target in targets:
+            resolved = _resolve(target, modules)
+            # A package's own __init__ is loaded before its submodules anyway: not an edge worth a loop.
+            if resolved and resolved != module and not module.startswith(resolved + "."):
+                out.add(resolved)
+    return graph
+
+
+def test_only_the_http_layer_imports_litestar_and_rag_api():
+    edges, _ = _edges()
+    problems = http_layer_violations(edges)
+    assert not problems, "\n".join(problems)
+
+
+def test_no_module_imports_another_modules_private_names():
+    edges, modules = _edges()
+    problems = private_name_violations(edges, modules)
+    assert not problems, "\n".join(problems)
+
+
+def test_no_import_loops_even_through_function_bodies():
+    edges, modules = _edges()
+    cycles = import_cycles(_graph(edges, modules))
+    assert not cycles, "import loops: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_module_rules_catch_what_they_must():
+    # Each rule, shown failing on the shape it forbids (so a rule that silently passes is noticed).
+    worker = [(3, "rag.api.app"), (9, "rag.api.app.Services")]
+    assert http_layer_violations({"ingest.worker": worker})
+    assert http_layer_violations({"ingest.cli": [(1, "litestar.testing")]})
+    assert not http_layer_violations({"rag.api.documents": worker, "rag.__main__": worker})
+    modules = {"rag.api.app", "rag.api.answers", "rag.answer"}
+    assert private_name_violations({"ingest.cli": [(4, "rag.api.app._job_out")]}, modules)
+    assert not private_name_violations({"rag.api.app": [(4, "rag.api.app._job_out")]}, modules)
+    assert not private_name_violations({"rag.api.app": [(4, "rag.answer.__all__")]}, modules)
+    loop = {"rag.api.app": {"rag.api.answers"}, "rag.api.answers": {"rag.api.app"}, "rag.answer": set()}
+    assert import_cycles(loop) == [["rag.api.answers", "rag.api.app"]]
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
 
 
 # ---- compose.yaml ------------------------------------------------------------------------------
