@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="overrides RAG_HOST")
     serve.add_argument("--port", type=int, help="overrides RAG_PORT")
     sub.add_parser("settings", help="print the effective settings and exit")
+    from rag.keys_cli import add_keys_command
+
+    add_keys_command(sub)
     llm = sub.add_parser("llm", help="run the bundled llama-server (SmolLM2-135M) in the foreground")
     llm.add_argument("--host", default="127.0.0.1")
     llm.add_argument("--port", type=int, default=8081)
@@ -51,11 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_for_cli(**overrides)
     if settings is None:
         return 2
+    if args.command == "keys":
+        from rag.keys_cli import run_keys
+
+        return run_keys(settings, args)
     if args.command == "settings":
         import msgspec
 
         # Paths are not JSON; secrets are shown only as set or not (they must never reach a log or a terminal).
-        shown = {k: ("***" if v and k.endswith("api_key") else v) for k, v in msgspec.structs.asdict(settings).items()}
+        shown = {k: ("***" if v and k.endswith(("api_key", "bootstrap_key")) else v)
+                 for k, v in msgspec.structs.asdict(settings).items()}
         print(msgspec.json.format(msgspec.json.encode(shown, enc_hook=str)).decode())
         return 0
 

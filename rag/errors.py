@@ -28,6 +28,21 @@ class BadRequest(RagError):
     code = "bad_request"
 
 
+class Unauthorized(RagError):
+    """No valid credentials: missing, malformed, unknown, revoked or expired key."""
+
+    status_code = 401
+    code = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(RagError):
+    """Valid credentials that do not allow this request."""
+
+    status_code = 403
+    code = "forbidden"
+
+
 class NotFound(RagError):
     status_code = 404
     code = "not_found"

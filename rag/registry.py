@@ -23,6 +23,8 @@ from typing import Any, Literal, Protocol
 import msgspec
 import structlog
 
+from rag.auth import ApiKey
+
 log = structlog.get_logger("rag.registry")
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -123,6 +125,10 @@ class Registry(Protocol):
     def mark_deleted(self, tenant: str, document_id: str) -> int: ...
     def deleted_since(self, tenant: str, ids: Sequence[str], since: float) -> set[str]: ...
     def upsert_documents_unless_deleted(self, records: Sequence[DocumentRecord], since: float) -> set[str]: ...
+    def create_key(self, key: ApiKey) -> None: ...
+    def get_key(self, key_id: str) -> ApiKey | None: ...
+    def list_keys(self, tenant: str | None = None) -> list[ApiKey]: ...
+    def revoke_key(self, key_id: str) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -147,6 +153,12 @@ CREATE TABLE IF NOT EXISTS job_results (
     chunks INTEGER NOT NULL, error TEXT, source TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
 );
+-- API keys: only the SHA-256 of a key is kept; revocation is a timestamp every API process sees at once.
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, scopes TEXT NOT NULL, secret_hash TEXT NOT NULL,
+    name TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, expires_at REAL, revoked_at REAL
+);
+CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys (tenant);
 -- When a document was last deleted: an upload created before that must not bring it back
 -- ("the delete wins"); marks older than every pending job are pruned.
 CREATE TABLE IF NOT EXISTS deletions (
@@ -172,6 +184,12 @@ def _doc(row: sqlite3.Row) -> DocumentRecord:
         encoder_version=row["encoder_version"], status=row["status"], error=row["error"],
         metadata=json.loads(row["metadata"]), created_at=row["created_at"], updated_at=row["updated_at"],
     )
+
+
+def _key(row: sqlite3.Row) -> ApiKey:
+    return ApiKey(key_id=row["key_id"], tenant=row["tenant"], scopes=json.loads(row["scopes"]),
+                  secret_hash=row["secret_hash"], name=row["name"], created_at=row["created_at"],
+                  expires_at=row["expires_at"], revoked_at=row["revoked_at"])
 
 
 class SqliteRegistry:
@@ -516,6 +534,35 @@ class SqliteRegistry:
                 (tenant, since, *part),
             ))
         return out
+
+    # ---- API keys ----------------------------------------------------------------------------
+    def create_key(self, key: ApiKey) -> None:
+        """Store a key (a re-registered bootstrap key replaces its hash and is un-revoked)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO api_keys (key_id, tenant, scopes, secret_hash, name, created_at, expires_at, revoked_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET tenant = excluded.tenant, "
+                "scopes = excluded.scopes, secret_hash = excluded.secret_hash, name = excluded.name, "
+                "expires_at = excluded.expires_at, revoked_at = excluded.revoked_at",
+                (key.key_id, key.tenant, json.dumps(key.scopes), key.secret_hash, key.name, key.created_at,
+                 key.expires_at, key.revoked_at),
+            )
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        row = self._conn().execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+        return _key(row) if row else None
+
+    def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        rows = self._conn().execute(
+            "SELECT * FROM api_keys WHERE (? IS NULL OR tenant = ?) ORDER BY created_at, key_id", (tenant, tenant)
+        ).fetchall()
+        return [_key(r) for r in rows]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                             (time.time(), key_id))
+            return cur.rowcount > 0
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -19,6 +19,7 @@ import anyio.to_thread
 import structlog
 
 from rag.answer import AnswerPipeline
+from rag.auth import bootstrap_key
 from rag.embedding import Embedder, load_embedder, model_version
 from rag.encoders import resolve_encoder_model
 from rag.errors import RagError
@@ -162,6 +163,11 @@ async def running(settings: Settings, services: Services | None = None,
     owned = services is None
     svc = await anyio.to_thread.run_sync(Services.build, settings) if owned else services
     try:
+        if settings.bootstrap_key:
+            # The operator key from the environment: registered (or re-registered) at every start, so rotating
+            # the secret is a restart; its hash is all that is stored.
+            await anyio.to_thread.run_sync(svc.registry.create_key, bootstrap_key(settings.bootstrap_key))
+        log.info("auth_mode", mode=settings.auth_mode, bootstrap_key=bool(settings.bootstrap_key))
         svc.prepare_retrieval()
         # Warm the encoder so the first request doesn't pay for lazy initialisation.
         await anyio.to_thread.run_sync(svc.embedder.embed_queries, ["warm up"])

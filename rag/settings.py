@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from collections.abc import Mapping
@@ -34,6 +35,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     chunk_overlap: int = 32
     # HTTP
     host: str = "127.0.0.1"
+    # auto: open (X-Tenant trusted, no keys) when the API listens on loopback, API keys otherwise.
+    auth: Literal["auto", "open", "keys"] = "auto"
+    # An operator key's secret from the environment (a compose/k8s secret), registered at start as key "bootstrap".
+    bootstrap_key: str = ""
+    cors_allow_origins: str = ""  # comma-separated origins a browser may call from; empty: no CORS
     port: int = 8000
     max_upload_bytes: int = 50 * 1024 * 1024
     max_files_per_upload: int = 100
@@ -160,6 +166,25 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         for ok, field, why in checks:
             if not ok:
                 raise SettingsError(f"{PREFIX}{field.upper()}={getattr(self, field)!r}: {why}")
+        if self.auth == "open" and not is_loopback(self.host):
+            raise SettingsError(
+                f"RAG_AUTH=open lets anyone who reaches {self.host}:{self.port} act as every tenant and the operator; "
+                "it is allowed only on a loopback address. Use RAG_AUTH=keys and create the first key with "
+                "`python -m rag keys create --tenant default --scopes operator` (or set RAG_BOOTSTRAP_KEY)"
+            )
+        if self.bootstrap_key and len(self.bootstrap_key) < 32:
+            raise SettingsError("RAG_BOOTSTRAP_KEY must be at least 32 characters (a random secret)")
+
+    @property
+    def auth_mode(self) -> Literal["open", "keys"]:
+        """``open`` only where nobody but this machine can reach the port; ``keys`` everywhere else."""
+        if self.auth == "auto":
+            return "open" if is_loopback(self.host) else "keys"
+        return self.auth
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
 
     @property
     def embedded(self) -> bool:
@@ -184,6 +209,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     @property
     def encoders_dir(self) -> Path:
         return self.data_dir / "encoders"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name the API binds to) is reachable from this machine only."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _decode(type_: type, obj: object) -> object:

@@ -344,6 +344,15 @@ def test_compose_variables_are_known_settings(compose):
     assert not unknown, f"unknown settings in compose.yaml: {unknown}"
 
 
+def test_compose_api_requires_keys_with_a_bootstrap_key_from_the_environment(compose):
+    from rag.settings import load_settings
+
+    env = {k: v for k, v in _environment(compose["services"]["api"]).items() if k.startswith("RAG_")}
+    assert env.get("RAG_AUTH") == "keys"
+    assert env.get("RAG_BOOTSTRAP_KEY", "").startswith("${RAG_BOOTSTRAP_KEY:?"), "the key must come from the environment"
+    assert load_settings(env=env).auth_mode == "keys"
+
+
 def test_compose_settings_load_and_point_at_the_qdrant_service(compose):
     from rag.settings import load_settings
 

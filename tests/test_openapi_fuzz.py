@@ -29,6 +29,9 @@ from schemathesis.checks import (
 from rag.settings import Settings
 
 EXAMPLES = int(os.environ.get("RAG_FUZZ_EXAMPLES", "25"))
+# The service runs with API keys on; the fuzzer calls with a valid operator key (every route is reachable).
+OPERATOR_KEY = "fuzz-operator-" + "k" * 40
+AUTH = {"Authorization": f"Bearer {OPERATOR_KEY}"}
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
 
 pytestmark = pytest.mark.slow
@@ -51,7 +54,7 @@ def service_url(tmp_path_factory, embedder) -> Iterator[str]:
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("fuzz") / "data", worker_poll_s=0.05, log_format="json",
                         log_level="warning", llm_local="no", adapt_auto_promote=False, adapt_max_pairs=40,
-                        query_sample_size=50)
+                        query_sample_size=50, auth="keys", bootstrap_key=OPERATOR_KEY)
     settings.data_dir.mkdir(parents=True)
     store = open_store(settings)
     registry = SqliteRegistry(settings.registry_path)
@@ -65,7 +68,7 @@ def service_url(tmp_path_factory, embedder) -> Iterator[str]:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:  # public
                 break
         except httpx.HTTPError:
             pass
@@ -74,7 +77,7 @@ def service_url(tmp_path_factory, embedder) -> Iterator[str]:
         pytest.fail("service did not become ready")
     # Something to find, so that searches and answers exercise the whole path, not only empty results.
     httpx.post(f"{url}/v1/documents", json={"id": "seed", "text": "Basalt columns form as thick lava cools slowly."},
-               timeout=30).raise_for_status()
+               headers=AUTH, timeout=30).raise_for_status()
     try:
         yield url
     finally:
@@ -86,7 +89,7 @@ def service_url(tmp_path_factory, embedder) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def api_schema(service_url):
-    return schemathesis.openapi.from_url(f"{service_url}/docs/openapi.json")
+    return schemathesis.openapi.from_url(f"{service_url}/docs/openapi.json")  # the document itself is public
 
 
 def _document() -> dict:
@@ -104,7 +107,7 @@ schema = schemathesis.openapi.from_dict(_document())
 @schema.parametrize()
 @hsettings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_no_input_is_a_server_error_and_responses_match_the_document(case, service_url):
-    case.call_and_validate(base_url=service_url, checks=CHECKS)
+    case.call_and_validate(base_url=service_url, headers=AUTH, checks=CHECKS)
 
 
 def test_stateful_runs_follow_the_documents_links(api_schema):
@@ -113,6 +116,9 @@ def test_stateful_runs_follow_the_documents_links(api_schema):
     assert {"GetJob", "GetDocument", "DeleteDocument", "CancelJob"} <= set(links)
 
     class Machine(api_schema.as_state_machine()):
+        def get_call_kwargs(self, case):
+            return {"headers": AUTH}
+
         def validate_response(self, response, case, additional_checks=None, **kwargs):
             case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
 

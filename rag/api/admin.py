@@ -10,7 +10,7 @@ from typing import Any
 
 from litestar import get, post
 
-from rag.api.errors import error_responses
+from rag.api.deps import access
 from rag.errors import NotFound
 from rag.query_sample import QuerySample, QuerySampleOut
 from rag.services import Services
@@ -27,14 +27,14 @@ def _sample(svc: Services) -> QuerySample:
     return sample
 
 
-@get("/v1/admin/query-sample", sync_to_thread=True, responses=error_responses(404), summary="The sample of query embeddings (vectors only)")
+@get("/v1/admin/query-sample", sync_to_thread=True, summary="The sample of query embeddings (vectors only)", **access("operator", 404))
 def query_sample(svc: Services) -> QuerySampleOut:
     """Rows in arrival order with their arrival number and time; 404 ``query_sample_disabled`` when off."""
     return _sample(svc).snapshot()
 
 
-@post("/v1/admin/query-sample/export", sync_to_thread=True, status_code=200, responses=error_responses(404),
-      summary="Write the query sample to <data_dir>/query-sample.npy (+ .json)")
+@post("/v1/admin/query-sample/export", sync_to_thread=True, status_code=200,
+      summary="Write the query sample to <data_dir>/query-sample.npy (+ .json)", **access("operator", 404))
 def export_query_sample(svc: Services) -> dict[str, Any]:
     sample = _sample(svc)
     path = sample.save(svc.settings.data_dir / QUERY_SAMPLE_FILE)

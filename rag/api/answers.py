@@ -15,8 +15,7 @@ from litestar import Response, post
 from litestar.response import Stream
 
 from rag.answer import AnswerRequest
-from rag.api.deps import Caller, check_query
-from rag.api.errors import error_responses
+from rag.api.deps import Caller, access, check_query
 from rag.errors import BadRequest, RagError
 from rag.services import Services
 
@@ -44,8 +43,7 @@ def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-@post("/v1/answer", status_code=200, summary="Answer a question from the documents, with citations",
-      responses=error_responses(413, 415))
+@post("/v1/answer", status_code=200, summary="Answer a question from the documents, with citations", **access("read", 413, 415))
 async def answer(data: AnswerRequest, svc: Services, caller: Caller) -> Response:
     """JSON ``{answer, citations, mode, answerable, usage, encoder_version, prompt}``; with
     ``stream: true``, Server-Sent Events: ``token`` …, ``citations``, then ``done`` (or ``error``)."""
@@ -73,8 +71,7 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
     return content or ""
 
 
-@post("/v1/chat/completions", status_code=200, summary="OpenAI-compatible chat over the documents",
-      responses=error_responses(413, 415))
+@post("/v1/chat/completions", status_code=200, summary="OpenAI-compatible chat over the documents", **access("read", 413, 415))
 async def chat_completions(data: ChatRequest, svc: Services, caller: Caller) -> Response:
     """The last user message is the question; earlier turns are history. Citations travel in the
     extra ``citations`` field of the response (or of the final stream chunk)."""

@@ -11,21 +11,23 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
 
-from rag.api import admin, answers, documents, encoders, health, jobs, search
-from rag.api.deps import DEPENDENCIES
+from rag.api import admin, answers, documents, encoders, health, jobs, keys, search
+from rag.api.deps import DEPENDENCIES, authorize, declared_scope, undeclared
 from rag.api.errors import EXCEPTION_HANDLERS
 from rag.api.middleware import RequestContextMiddleware, reject_deep_json
-from rag.api.openapi import add_links, describe_upload
+from rag.api.openapi import add_links, describe_upload, mark_public
 from rag.services import Background, Services, running
 from rag.settings import Settings
 
 __all__ = ["create_app"]
 
-ROUTES = [*documents.ROUTES, *jobs.ROUTES, *search.ROUTES, *answers.ROUTES, *encoders.ROUTES, *admin.ROUTES,
-          *health.ROUTES]
+ROUTES = [*documents.ROUTES, *jobs.ROUTES, *search.ROUTES, *answers.ROUTES, *encoders.ROUTES, *keys.ROUTES,
+          *admin.ROUTES, *health.ROUTES]
 
 
 def create_app(settings: Settings, services: Services | None = None, background: tuple[Background, ...] = ()) -> Litestar:
@@ -37,17 +39,30 @@ def create_app(settings: Settings, services: Services | None = None, background:
             app.state.services = svc
             yield
 
+    missing = undeclared(ROUTES)
+    if missing:  # a route that does not say who may call it does not exist (ARCHITECTURE.md, "Tenancy")
+        raise RuntimeError(f"routes without a declared scope: {', '.join(missing)}")
+    cors = CORSConfig(allow_origins=settings.cors_origins, allow_headers=["Authorization", "Content-Type",
+                      "X-Tenant", "X-Request-ID"]) if settings.cors_origins else None
     app = Litestar(
         route_handlers=ROUTES,
         dependencies=DEPENDENCIES,
+        guards=[authorize],
+        cors_config=cors,
         lifespan=[lifespan],
         middleware=[RequestContextMiddleware()],
         before_request=reject_deep_json,
         exception_handlers=EXCEPTION_HANDLERS,
-        openapi_config=OpenAPIConfig(title="rag", version="0.1.0", path="/docs", render_plugins=[SwaggerRenderPlugin()]),
+        openapi_config=OpenAPIConfig(
+            title="rag", version="0.1.0", path="/docs", render_plugins=[SwaggerRenderPlugin()],
+            components=Components(security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}),
+            security=[{"bearer": []}],
+        ),
         request_max_body_size=settings.max_upload_bytes * 2 + 1_000_000,
         debug=False,
     )
     # Generated once and cached: the served document carries these additions.
-    add_links(describe_upload(app.openapi_schema))
+    public = [(path, method.lower()) for h in ROUTES if declared_scope(h) is None
+              for path in h.paths for method in h.http_methods]
+    add_links(describe_upload(mark_public(app.openapi_schema, public)))
     return app

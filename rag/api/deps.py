@@ -1,54 +1,107 @@
-"""What handlers receive by dependency injection (``svc``, ``tenant``), and the request checks that
-several routes share (query and top_k bounds, filters) so that each has one home."""
+"""Who may call what, and what handlers receive by dependency injection (``svc``, ``caller``), and the
+request checks that several routes share (query and top_k bounds, filters) so that each has one home.
+
+Every route declares the scope it needs in ``opt={"scope": ...}`` (``None``: public); ``authorize`` (an
+app-wide guard) authenticates the request and checks that scope before the handler runs, and
+``create_app`` refuses a route that declares nothing.
+"""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Any
 
+import anyio.to_thread
+import structlog
 from litestar import Request
+from litestar.connection import ASGIConnection
 from litestar.di import Provide
+from litestar.handlers.base import BaseRouteHandler
 from litestar.params import Parameter
 
-from rag.errors import BadRequest
+from rag.api.errors import error_responses
+from rag.auth import Caller, authenticate
+from rag.errors import BadRequest, Forbidden, RagError
 from rag.services import Services
 from rag.settings import Settings
 from rag.store import parse_filter
 
-__all__ = ["DEPENDENCIES", "Caller", "check_query", "provide_caller", "provide_services", "shown"]
+__all__ = ["DEPENDENCIES", "Caller", "authorize", "check_query", "provide_caller", "provide_services", "access",
+           "shown"]
 
-TENANT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+log = structlog.get_logger("rag.audit")
+SCOPE = "scope"
+_UNDECLARED = object()
+
+
+def access(needs: str | None, *statuses: int) -> dict[str, Any]:
+    """A route decorator's ``opt`` and ``responses``: the scope it needs (``None``: public, no credentials)
+    and the error statuses it can return (401/403 added for every protected route)."""
+    extra = (401, 403) if needs is not None else ()
+    return {"opt": {SCOPE: needs}, "responses": error_responses(*statuses, *extra)}
+
+
+def declared_scope(handler: BaseRouteHandler) -> object:
+    return handler.opt.get(SCOPE, _UNDECLARED)
+
+
+def undeclared(handlers: list[BaseRouteHandler]) -> list[str]:
+    """Handlers that say nothing about who may call them (a route like that must not exist)."""
+    return [getattr(h, "handler_name", repr(h)) for h in handlers if declared_scope(h) is _UNDECLARED]
+
+
+def _x_tenant(connection: ASGIConnection) -> str | None:
+    # Repeated headers arrive either as several raw headers or joined with "," by a proxy or client: refuse both.
+    values = [v.decode("latin-1") for k, v in connection.scope["headers"] if k.lower() == b"x-tenant"]
+    if len(values) > 1 or any("," in v for v in values):
+        raise BadRequest("X-Tenant was sent more than once", code="duplicate_tenant_header")
+    return values[0] if values else None
+
+
+async def authorize(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """The app-wide guard: authenticate, check the route's scope, and keep the caller for the handler."""
+    needed = declared_scope(handler)
+    # Our own routes all declare a scope (create_app refuses one that does not); what remains undeclared is
+    # Litestar's OpenAPI document and viewer, which are public.
+    if needed is None or needed is _UNDECLARED:
+        return
+    svc: Services = connection.app.state.services
+    x_tenant = _x_tenant(connection)
+    authorization = connection.headers.get("authorization")
+    try:
+        if svc.settings.auth_mode == "open":
+            caller = authenticate(svc.registry, authorization, x_tenant, svc.settings)
+        else:
+            caller = await anyio.to_thread.run_sync(authenticate, svc.registry, authorization, x_tenant, svc.settings)
+        if not caller.allows(str(needed)):
+            raise Forbidden(f"this route needs the {needed} scope; the key has {', '.join(sorted(caller.scopes))}")
+    except RagError as exc:
+        if exc.status_code in (401, 403):
+            log.warning("audit", action="request_denied", outcome=exc.code, route=connection.scope["path"],
+                        method=connection.scope.get("method"), key_id=_key_id_hint(authorization), tenant=x_tenant,
+                        reason=exc.message)
+        raise
+    connection.state.caller = caller
+
+
+def _key_id_hint(authorization: str | None) -> str | None:
+    """The key id of a presented key, for the audit log (the id is public; the rest never reaches a log)."""
+    secret = (authorization or "").partition(" ")[2].strip()
+    parts = secret.split("_")
+    return parts[1] if len(parts) >= 3 and parts[0] == "rag" and len(parts[1]) == 12 else None
 
 
 def provide_services(request: Request) -> Services:
     return request.app.state.services
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who is calling: today the tenant named by ``X-Tenant``.
-
-    Handlers receive it as ``caller`` (not ``tenant``): Litestar reports a body field that shares a
-    dependency's name as a server error, and request bodies do have ``tenant`` fields.
-    """
-
-    tenant: str
-
-
 def provide_caller(
     request: Request,
     x_tenant: str | None = Parameter(header="X-Tenant", default=None, required=False,
-                                     description="The tenant (1-64 of [A-Za-z0-9_-]); default `default`"),
+                                     description="An operator acting for a tenant names it here (1-64 of "
+                                                 "[A-Za-z0-9_-]); other keys act for their own tenant"),
 ) -> Caller:
-    """The request's tenant, from ``X-Tenant``; sent twice (or joined by a proxy) is refused, not guessed."""
-    values = [v.decode("latin-1") for k, v in request.scope["headers"] if k.lower() == b"x-tenant"]
-    if len(values) > 1 or any("," in v for v in values):
-        raise BadRequest("X-Tenant was sent more than once", code="duplicate_tenant_header")
-    tenant = values[0] if values else "default"
-    if not TENANT_RE.match(tenant):
-        raise BadRequest("X-Tenant must be 1-64 characters of [A-Za-z0-9_-]", code="invalid_tenant")
-    return Caller(tenant=tenant)
+    """The caller the guard authenticated (``X-Tenant`` is declared here so the OpenAPI document shows it)."""
+    return request.state.caller
 
 
 DEPENDENCIES = {

@@ -14,8 +14,7 @@ from litestar import Request, delete, get, post
 from litestar.datastructures import UploadFile
 from litestar.params import Parameter
 
-from rag.api.deps import Caller, shown
-from rag.api.errors import error_responses
+from rag.api.deps import Caller, access, shown
 from rag.api.schemas import JobRef, TextDocumentIn, UploadOut
 from rag.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from rag.jsonsafe import JsonTooDeep, check_json_depth
@@ -37,8 +36,7 @@ def _save_upload(directory: Path, index: int, filename: str, data: bytes) -> str
     return str(path)
 
 
-@post("/v1/documents", status_code=202, summary="Upload documents (multipart files or JSON text)",
-      responses=error_responses(413, 415))
+@post("/v1/documents", status_code=202, summary="Upload documents (multipart files or JSON text)", **access("write", 413, 415))
 async def upload_documents(request: Request, svc: Services, caller: Caller) -> UploadOut:
     """Multipart: one or more ``file`` parts (optional ``document_id`` with a single file, ``title``,
     ``metadata`` as a JSON object). JSON: ``{id?, title?, text, metadata?}``. One job per file."""
@@ -187,7 +185,7 @@ def _doc_out(rec) -> dict[str, Any]:
     return msgspec.to_builtins(rec)
 
 
-@get("/v1/documents", sync_to_thread=True, summary="List the tenant's documents", responses=error_responses())
+@get("/v1/documents", sync_to_thread=True, summary="List the tenant's documents", **access("read"))
 def list_documents(
     svc: Services,
     caller: Caller,
@@ -200,8 +198,7 @@ def list_documents(
             "next_offset": next_offset}
 
 
-@get("/v1/documents/{document_id:str}", sync_to_thread=True, summary="One document's record",
-     responses=error_responses(404))
+@get("/v1/documents/{document_id:str}", sync_to_thread=True, summary="One document's record", **access("read", 404))
 def get_document(svc: Services, caller: Caller, document_id: str) -> dict[str, Any]:
     rec = svc.registry.get_document(caller.tenant, document_id)
     if rec is None:
@@ -209,8 +206,7 @@ def get_document(svc: Services, caller: Caller, document_id: str) -> dict[str, A
     return _doc_out(rec)
 
 
-@delete("/v1/documents/{document_id:str}", sync_to_thread=True, status_code=200, summary="Delete a document and every chunk",
-        responses=error_responses(404))
+@delete("/v1/documents/{document_id:str}", sync_to_thread=True, status_code=200, summary="Delete a document and every chunk", **access("write", 404))
 def delete_document(svc: Services, caller: Caller, document_id: str) -> dict[str, Any]:
     tenant = caller.tenant
     rec = svc.registry.get_document(tenant, document_id)

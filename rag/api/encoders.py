@@ -6,15 +6,18 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 import msgspec
+import structlog
 from litestar import get, post
 
-from rag.api.errors import error_responses
+from rag.api.deps import access
 from rag.encoders import AdaptOptions, EncoderRegistry, check_options, describe, version_of_collection
 from rag.errors import BadRequest
 from rag.registry import JobKind
+from rag.auth import Caller
 from rag.services import Services
 
 JOB_TENANT = "_encoders"
+audit = structlog.get_logger("rag.audit")
 
 
 # An encoder version names a folder and a collection: bounded, and only characters safe in both.
@@ -35,7 +38,7 @@ def _registry(svc: Services) -> EncoderRegistry:
     return EncoderRegistry(svc.settings.encoders_dir)
 
 
-@get("/v1/encoders", responses=error_responses(), summary="Encoder versions: the active one, candidates, their gate scores and drift")
+@get("/v1/encoders", summary="Encoder versions: the active one, candidates, their gate scores and drift", **access("read"))
 async def list_encoders(svc: Services) -> dict[str, Any]:
     active = version_of_collection(await anyio.to_thread.run_sync(svc.store.get_active))
     records = await anyio.to_thread.run_sync(_registry(svc).list)
@@ -46,39 +49,41 @@ async def list_encoders(svc: Services) -> dict[str, Any]:
                       "created_at": j.created_at} for j in jobs]}
 
 
-async def _queue(svc: Services, kind: JobKind, params: dict[str, Any]) -> dict[str, Any]:
+async def _queue(svc: Services, caller: Caller, kind: JobKind, params: dict[str, Any]) -> dict[str, Any]:
     job = await anyio.to_thread.run_sync(lambda: svc.registry.create_job(JOB_TENANT, [], kind=kind, params=params))
+    audit.info("audit", action=f"encoder_{kind}", key_id=caller.key_id, tenant=caller.tenant, job_id=job.id,
+               outcome="queued")
     return {"job_id": job.id, "kind": str(kind), "status": job.status, "status_url": f"/v1/jobs/{job.id}"}
 
 
-@post("/v1/encoders/adapt", status_code=202, responses=error_responses(404, 415), summary="Queue an adaptation: pairs → fine-tune → gate (→ promote)")
-async def adapt_encoder(data: AdaptOptions, svc: Services) -> dict[str, Any]:
+@post("/v1/encoders/adapt", status_code=202, summary="Queue an adaptation: pairs → fine-tune → gate (→ promote)", **access("operator", 404, 415))
+async def adapt_encoder(data: AdaptOptions, svc: Services, caller: Caller) -> dict[str, Any]:
     check_options(data)
-    return await _queue(svc, JobKind.ADAPT, msgspec.to_builtins(data))
+    return await _queue(svc, caller, JobKind.ADAPT, msgspec.to_builtins(data))
 
 
-@post("/v1/encoders/promote", status_code=202, responses=error_responses(404, 415), summary="Queue a promotion: re-embed into the version's collection, then switch")
-async def promote_encoder(data: SwitchIn, svc: Services) -> dict[str, Any]:
+@post("/v1/encoders/promote", status_code=202, summary="Queue a promotion: re-embed into the version's collection, then switch", **access("operator", 404, 415))
+async def promote_encoder(data: SwitchIn, svc: Services, caller: Caller) -> dict[str, Any]:
     if not data.version:
         raise BadRequest("version is required")
     await anyio.to_thread.run_sync(lambda: _registry(svc).require(data.version))
-    return await _queue(svc, JobKind.PROMOTE, {"version": data.version, "force": data.force})
+    return await _queue(svc, caller, JobKind.PROMOTE, {"version": data.version, "force": data.force})
 
 
-@post("/v1/encoders/rollback", status_code=202, responses=error_responses(404, 415), summary="Queue a rollback to the active version's parent (or a named one)")
-async def rollback_encoder(data: SwitchIn, svc: Services) -> dict[str, Any]:
+@post("/v1/encoders/rollback", status_code=202, summary="Queue a rollback to the active version's parent (or a named one)", **access("operator", 404, 415))
+async def rollback_encoder(data: SwitchIn, svc: Services, caller: Caller) -> dict[str, Any]:
     if data.version:
         await anyio.to_thread.run_sync(lambda: _registry(svc).require(data.version))
-    return await _queue(svc, JobKind.ROLLBACK, {"version": data.version})
+    return await _queue(svc, caller, JobKind.ROLLBACK, {"version": data.version})
 
 
-@post("/v1/encoders/prune", status_code=202, responses=error_responses(404, 415),
-      summary="Queue a prune: drop the collections of versions other than the active one and its parent")
-async def prune_encoders(data: PruneIn, svc: Services) -> dict[str, Any]:
+@post("/v1/encoders/prune", status_code=202,
+      summary="Queue a prune: drop the collections of versions other than the active one and its parent", **access("operator", 404, 415))
+async def prune_encoders(data: PruneIn, svc: Services, caller: Caller) -> dict[str, Any]:
     registry = _registry(svc)
     for version in data.keep:
         await anyio.to_thread.run_sync(lambda v=version: registry.require(v))
-    return await _queue(svc, JobKind.PRUNE, {"keep": data.keep})
+    return await _queue(svc, caller, JobKind.PRUNE, {"keep": data.keep})
 
 
 ROUTES = [list_encoders, adapt_encoder, promote_encoder, rollback_encoder, prune_encoders]

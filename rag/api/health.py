@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from litestar import Request, Response, get
 
-from rag.api.errors import error_response, error_responses
+from rag.api.deps import access
+from rag.api.errors import error_response
 
 
-@get("/healthz", summary="Liveness")
+@get("/healthz", summary="Liveness", **access(None))
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", summary="Readiness: models loaded, store open, worker alive", responses=error_responses())
+@get("/readyz", summary="Readiness: models loaded, store open, worker alive", **access(None))
 async def readyz(request: Request) -> Response[dict]:
     svc = getattr(request.app.state, "services", None)
     if svc is None or not svc.ready:

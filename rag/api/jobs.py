@@ -6,8 +6,7 @@ from typing import Any
 
 from litestar import get, post
 
-from rag.api.deps import Caller
-from rag.api.errors import error_responses
+from rag.api.deps import Caller, access
 from rag.errors import NotFound
 from rag.registry import Job, JobKind, job_view
 from rag.services import Services
@@ -21,14 +20,12 @@ def _visible_job(svc: Services, tenant: str, job_id: str) -> Job:
     return job
 
 
-@get("/v1/jobs/{job_id:str}", sync_to_thread=True, summary="Job status, progress and per-document errors",
-     responses=error_responses(404))
+@get("/v1/jobs/{job_id:str}", sync_to_thread=True, summary="Job status, progress and per-document errors", **access("read", 404))
 def get_job(svc: Services, caller: Caller, job_id: str) -> dict[str, Any]:
     return job_view(_visible_job(svc, caller.tenant, job_id))
 
 
-@post("/v1/jobs/{job_id:str}/cancel", sync_to_thread=True, status_code=200, summary="Cancel a queued or running job",
-      responses=error_responses(404))
+@post("/v1/jobs/{job_id:str}/cancel", sync_to_thread=True, status_code=200, summary="Cancel a queued or running job", **access("write", 404))
 def cancel_job(svc: Services, caller: Caller, job_id: str) -> dict[str, Any]:
     _visible_job(svc, caller.tenant, job_id)
     return job_view(svc.registry.request_cancel(job_id))

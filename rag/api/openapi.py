@@ -10,7 +10,7 @@ from __future__ import annotations
 from litestar.openapi.spec import Link, OpenAPI, OpenAPIMediaType, RequestBody, Schema
 from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 
-__all__ = ["add_links", "describe_upload"]
+__all__ = ["add_links", "describe_upload", "mark_public"]
 
 # (source path, method, status) → [(link name, target path, target method, {parameter: runtime expression})]
 _LINKS: dict[tuple[str, str, str], list[tuple[str, str, str, dict[str, str]]]] = {
@@ -79,4 +79,13 @@ def describe_upload(schema: OpenAPI) -> OpenAPI:
             },
         )),
     })
+    return schema
+
+
+def mark_public(schema: OpenAPI, public: list[tuple[str, str]]) -> OpenAPI:
+    """Operations that need no credentials (``security: []`` overrides the document-wide bearer requirement)."""
+    for path, method in public:
+        operation = getattr((schema.paths or {}).get(path), method, None)
+        if operation is not None:
+            operation.security = []
     return schema

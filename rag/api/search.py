@@ -6,15 +6,13 @@ import time
 
 from litestar import post
 
-from rag.api.deps import Caller, check_query
-from rag.api.errors import error_responses
+from rag.api.deps import Caller, access, check_query
 from rag.api.schemas import SearchHitOut, SearchIn, SearchOut
 from rag.services import Services
 from rag.types import ChunkPayload
 
 
-@post("/v1/search", status_code=200, summary="Dense, sparse (BM25) or hybrid retrieval over the tenant's chunks",
-      responses=error_responses(413, 415))
+@post("/v1/search", status_code=200, summary="Dense, sparse (BM25) or hybrid retrieval over the tenant's chunks", **access("read", 413, 415))
 async def search(data: SearchIn, svc: Services, caller: Caller) -> SearchOut:
     """``mode``: ``dense``, ``sparse`` or ``hybrid`` (RRF of both in one store query); default RAG_SEARCH_MODE."""
     # Checked before paying for the query encode.
