@@ -56,6 +56,10 @@ class JobCancelled(Exception):
     pass
 
 
+class JobYielded(Exception):
+    """A long job stops after a slice because another tenant's job is waiting; it resumes where it stopped."""
+
+
 def describe(exc: BaseException, limit: int = 300) -> str:
     """``Type: first line of the message``, cut short: a reason a job report can carry."""
     try:
@@ -192,6 +196,10 @@ class IngestWorker:
             self.registry.finish_job(job.id, "cancelled", "cancelled on request")
             bound.info("job_cancelled")
             return
+        except JobYielded:
+            self.registry.yield_job(job.id)
+            bound.info("job_yielded", reason="another tenant's job is waiting")
+            return
         except INFRASTRUCTURE as exc:
             self._retry_or_fail(job, exc, bound)
             return
@@ -294,7 +302,10 @@ class IngestWorker:
         log.info("worker_encoder_switched", encoder_version=embedder.version, collection=self.collection)
 
     def _run_items(self, job: Job) -> tuple[int, int]:
-        total = failed = 0
+        total = 0
+        # A job resumed after yielding its turn: what it already reported stands; skip those documents.
+        skip = job.done + job.failed if job.resumed else 0
+        failed = job.failed if job.resumed else 0
         group: list[Document] = []
         group_chunks = 0
         pending: list[DocumentResult] = []
@@ -313,11 +324,15 @@ class IngestWorker:
                 data = Path(item.path).read_bytes()
             except FileNotFoundError:
                 total += 1
+                if total <= skip:
+                    continue
                 pending.append(DocumentResult(document_id=item.document_id, status="failed", source=item.filename,
                                               error="uploaded file is missing from the data directory"))
                 continue
             for parsed in self._load(item, data):
                 total += 1
+                if total <= skip:
+                    continue  # reported before this job yielded (the loader's order is deterministic)
                 if isinstance(parsed, LoadFailure):
                     pending.append(DocumentResult(document_id=parsed.document_id, status="failed",
                                                   source=parsed.source, error=parsed.reason))
@@ -328,6 +343,9 @@ class IngestWorker:
                 group_chunks += 1 + len(parsed.text) // (4 * self.settings.chunk_tokens)
                 if group_chunks >= GROUP_CHUNKS:
                     flush_group()
+                    # Fair scheduling: between slices, a bulk import gives way to another tenant's waiting job.
+                    if self.registry.others_waiting(job.tenant):
+                        raise JobYielded
         flush_group()
         return total, failed
 

@@ -94,6 +94,9 @@ class Job(msgspec.Struct, kw_only=True):
     params: dict[str, Any] = msgspec.field(default_factory=dict)  # what a non-ingest job does
     outcome: dict[str, Any] = msgspec.field(default_factory=dict)  # what it produced (e.g. the encoder record)
     stage: str = ""  # where a long job is (e.g. "training 40%")
+    # Claimed again after yielding its turn to other tenants: its results so far stand, and the worker
+    # skips the documents it already reported (done + failed) instead of starting over.
+    resumed: bool = False
 
 
 class Registry(Protocol):
@@ -112,6 +115,8 @@ class Registry(Protocol):
     def claim_job(self, lease_s: float, max_attempts: int | None = None) -> Job | None: ...
     def renew_lease(self, job_id: str, lease_s: float) -> bool: ...
     def cancel_requested(self, job_id: str) -> bool: ...
+    def yield_job(self, job_id: str) -> None: ...
+    def others_waiting(self, tenant: str) -> bool: ...
     def record_results(self, job_id: str, results: Sequence[DocumentResult], *, total: int) -> None: ...
     def finish_job(self, job_id: str, status: JobStatus, error: str | None = None) -> None: ...
     def requeue_job(self, job_id: str, error: str) -> None: ...
@@ -167,6 +172,20 @@ CREATE TABLE IF NOT EXISTS deletions (
 );
 """
 
+# The next job, fairly across tenants: first the tenant with the fewest jobs running now (a per-tenant
+# concurrency limit of one while others wait), then the tenant served longest ago (round-robin), then the
+# oldest job of that tenant. One tenant's bulk import cannot hold the queue: it also yields between its
+# slices when others wait (the worker's ``others_waiting`` check).
+_FAIR_NEXT_JOB = """
+SELECT j.* FROM jobs j
+WHERE j.status = 'queued' OR (j.status = 'running' AND j.lease_until < ?)
+ORDER BY
+    (SELECT COUNT(*) FROM jobs r WHERE r.tenant = j.tenant AND r.status = 'running' AND r.lease_until >= ?),
+    COALESCE((SELECT MAX(c.claimed_at) FROM jobs c WHERE c.tenant = j.tenant), 0),
+    j.created_at
+LIMIT 1
+"""
+
 GAVE_UP = "gave up after {n} attempts: the worker stopped during the job each time"
 # An upload's saved files lie in a folder of their own, named by a random hex id (see the API).
 _BATCH_DIR = re.compile(r"^[0-9a-f]{32}$")
@@ -207,13 +226,15 @@ class SqliteRegistry:
         db = self._conn()
         have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
         for column, decl in (("kind", "TEXT NOT NULL DEFAULT 'ingest'"), ("params", "TEXT NOT NULL DEFAULT '{}'"),
-                             ("outcome", "TEXT NOT NULL DEFAULT '{}'"), ("stage", "TEXT NOT NULL DEFAULT ''")):
+                             ("outcome", "TEXT NOT NULL DEFAULT '{}'"), ("stage", "TEXT NOT NULL DEFAULT ''"),
+                             ("claimed_at", "REAL"), ("yielded", "INTEGER NOT NULL DEFAULT 0")):
             if column not in have:
                 try:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
                 except sqlite3.OperationalError as exc:  # another process added it first
                     if "duplicate column" not in str(exc):
                         raise
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant, status)")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -309,11 +330,7 @@ class SqliteRegistry:
     def _claim(self, db: sqlite3.Connection, now: float, lease_s: float, max_attempts: int | None,
                gave_up: list[list[JobItem]]) -> Job | None:
         while True:
-            row = db.execute(
-                "SELECT * FROM jobs WHERE status = 'queued' OR (status = 'running' AND lease_until < ?) "
-                "ORDER BY created_at LIMIT 1",
-                (now,),
-            ).fetchone()
+            row = db.execute(_FAIR_NEXT_JOB, (now, now)).fetchone()
             if row is None:
                 return None
             if row["cancel_requested"]:
@@ -330,16 +347,33 @@ class SqliteRegistry:
                 (status, error, now, row["id"]),
             )
             gave_up.append(msgspec.json.decode(row["items"], type=list[JobItem]))
+        resumed = bool(row["yielded"])
         db.execute(
             "UPDATE jobs SET status = 'running', lease_until = ?, attempts = attempts + 1, "
-            "started_at = COALESCE(started_at, ?) WHERE id = ?",
-            (now + lease_s, now, row["id"]),
+            "started_at = COALESCE(started_at, ?), claimed_at = ?, yielded = 0 WHERE id = ?",
+            (now + lease_s, now, now, row["id"]),
         )
-        # A retried job starts its report afresh; what it already indexed is found unchanged.
-        db.execute("DELETE FROM job_results WHERE job_id = ?", (row["id"],))
-        db.execute("UPDATE jobs SET total = 0, done = 0, failed = 0, chunks = 0 WHERE id = ?", (row["id"],))
+        if not resumed:
+            # A retried job starts its report afresh; what it already indexed is found unchanged.
+            db.execute("DELETE FROM job_results WHERE job_id = ?", (row["id"],))
+            db.execute("UPDATE jobs SET total = 0, done = 0, failed = 0, chunks = 0 WHERE id = ?", (row["id"],))
         row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
-        return self._job(db, row)
+        job = self._job(db, row)
+        job.resumed = resumed
+        return job
+
+    def yield_job(self, job_id: str) -> None:
+        """A running job gives its turn to other tenants' jobs: back to the queue, its results kept, and the
+        turn not counted as an attempt (it did not fail)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET status = 'queued', lease_until = NULL, yielded = 1, "
+                       "attempts = MAX(attempts - 1, 0) WHERE id = ? AND status = 'running'", (job_id,))
+
+    def others_waiting(self, tenant: str) -> bool:
+        """Whether another tenant has a job waiting for a worker (the cue for a long job to yield)."""
+        row = self._conn().execute(
+            "SELECT 1 FROM jobs WHERE status = 'queued' AND tenant != ? LIMIT 1", (tenant,)).fetchone()
+        return row is not None
 
     def cancel_requested(self, job_id: str) -> bool:
         """Whether cancelling a running job was requested (a read, cheap enough to ask between documents)."""
