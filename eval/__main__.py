@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_bench_commands(sub):
-    """``bench ingest|search``; returns the bench subparsers, where ``bench answer`` joins them."""
+    """``bench ingest|search|tenants``; returns the bench subparsers, where ``bench answer`` joins them."""
     bench = sub.add_parser("bench", help="performance benchmarks (figures, not tests)")
     which = bench.add_subparsers(dest="bench", required=True)
 
@@ -63,6 +63,14 @@ def _add_bench_commands(sub):
     se.add_argument("--port", type=int, default=8765)
     se.add_argument("--mode", choices=["dense", "sparse", "hybrid"], default="hybrid")
     se.add_argument("--out", type=Path, default=Path("bench"))
+
+    te = which.add_parser("tenants", help="tenant-filtered search: the corpus in 1 tenant vs split over N tenants")
+    te.add_argument("--data-dir", type=Path, required=True,
+                    help="a data dir whose active collection holds real vectors (e.g. .eval-data/scifact-…)")
+    te.add_argument("--dataset", type=Path, required=True, help="a BEIR folder whose queries.jsonl gives the queries")
+    te.add_argument("--tenants", type=int, default=100)
+    te.add_argument("--queries", type=int, default=300)
+    te.add_argument("--out", type=Path, default=Path("bench"))
     return which
 
 
@@ -218,6 +226,8 @@ def _bench(args) -> int:
 
     if args.bench == "ingest":
         report = b.bench_ingest(settings, args.dataset, limit=args.limit)
+    elif args.bench == "tenants":
+        report = b.bench_tenants(settings, args)
     else:
         report = b.bench_search(settings, args)
     path = b.write_report(report, args.out, f"{args.bench}")

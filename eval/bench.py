@@ -214,3 +214,60 @@ def bench_search(settings: Settings, args) -> dict[str, Any]:
         print(f"API peak RSS: {peak:.0f} MB")
     return {"benchmark": "search", "dataset": str(args.dataset), "url": url, "rows": rows,
             "api_peak_rss_mb": peak, "environment": _environment(settings)}
+
+
+def bench_tenants(settings: Settings, args) -> dict[str, Any]:
+    """Tenant-filtered dense top-10 search with the corpus held by 1 tenant vs split over N equal tenants.
+
+    The vectors are real: the dense vectors of an existing data dir (e.g. the one ``python -m eval
+    retrieval`` built for SciFact), copied into two fresh embedded stores; the queries are the dataset's
+    queries, embedded with the same encoder. The baseline (1 tenant) runs in the same process.
+    """
+    import random
+
+    from rag.embedding import SentenceTransformerEmbedder
+    from rag.store import open_store, point_id
+    from rag.types import PointRecord
+
+    source = open_store(Settings(data_dir=args.data_dir))
+    try:
+        collection = source.get_active() or source.list_collections()[0]
+        vectors = [v for _, batch in source.iter_dense(collection, live=True) for v in batch]
+    finally:
+        source.close()
+    queries = [json.loads(line)["text"] for line in (args.dataset / "queries.jsonl").open() if line.strip()]
+    queries = queries[: args.queries]
+    query_vectors = SentenceTransformerEmbedder().embed_queries(queries)
+    rng = random.Random(13)
+    results: dict[str, Any] = {}
+    for tenants in (1, args.tenants):
+        root = Path(tempfile.mkdtemp(prefix=f"bench-tenants-{tenants}-"))
+        store = open_store(Settings(data_dir=root))
+        try:
+            store.ensure_collection("bench", len(vectors[0]))
+            points = [PointRecord(id=point_id(f"t{i % tenants}", f"d{i}", "h", 0), vector=v,
+                                  payload={"tenant": f"t{i % tenants}", "document_id": f"d{i}", "content_hash": "h",
+                                           "chunk_index": 0, "live": True, "text": ""})
+                      for i, v in enumerate(vectors)]
+            started = time.perf_counter()
+            store.upsert("bench", points)
+            upsert_s = time.perf_counter() - started
+            times: list[float] = []
+            for q in query_vectors:
+                tenant = f"t{rng.randrange(tenants)}"
+                t0 = time.perf_counter()
+                store.search("bench", q.tolist(), tenant=tenant, top_k=10)
+                times.append((time.perf_counter() - t0) * 1000)
+            results[f"{tenants}_tenants"] = {
+                "tenants": tenants, "points": len(points), "points_per_tenant": len(points) // tenants,
+                "upsert_s": round(upsert_s, 2), "queries": len(times),
+                "p50_ms": round(statistics.median(times), 3), "p95_ms": round(_percentile(times, 95), 3),
+            }
+        finally:
+            store.close()
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"{'tenants':>8} {'points/tenant':>14} {'p50 ms':>8} {'p95 ms':>8}")
+    for row in results.values():
+        print(f"{row['tenants']:>8} {row['points_per_tenant']:>14} {row['p50_ms']:>8} {row['p95_ms']:>8}")
+    return {"benchmark": "tenants", "source": str(args.data_dir), "collection": collection, "results": results,
+            "environment": _environment(settings)}
