@@ -31,6 +31,7 @@ from rag.encoders import resolve_encoder_model
 from rag.errors import BadRequest, RagError, StoreError, TransientError
 from rag.index import ensure_collection_for
 from rag.loaders import LoadFailure, LoadLimits, load
+from rag.quotas import chunk_room
 from rag.registry import DocumentRecord, DocumentResult, Job, JobItem, JobKind, JobStatus, Registry
 from rag.settings import Settings
 from rag.sparse import SparseEncoder
@@ -399,6 +400,7 @@ class IngestWorker:
                 results.append(DocumentResult(document_id=doc.id, status="failed", source=doc.source, error="empty document"))
                 continue
             todo.append((doc, digest, chunks))
+        todo = self._within_chunk_quota(tenant, todo, known, results)
         if not todo:
             return results
         try:
@@ -482,6 +484,27 @@ class IngestWorker:
         log.info("group_indexed", tenant=tenant, documents=len(publish), chunks=len(points), deleted=len(deleted),
                  embed_s=round(embed_s, 3), sparse_s=round(sparse_s, 4))
         return results
+
+    def _within_chunk_quota(self, tenant: str, todo: list[tuple[Document, str, list[Chunk]]],
+                            known: dict[str, DocumentRecord], results: list[DocumentResult]) -> list:
+        """The documents of a group that fit the tenant's chunk quota; the others fail with its name (a
+        replaced document frees its old chunks). Nothing stored is touched for a document that does not fit."""
+        room = chunk_room(self.registry, self.settings, tenant)
+        if room is None:
+            return todo
+        kept = []
+        for doc, digest, chunks in todo:
+            old = known.get(doc.id)
+            need = len(chunks) - (old.chunk_count if old is not None and old.status == "indexed" else 0)
+            if need > room:
+                results.append(DocumentResult(
+                    document_id=doc.id, status="failed", source=doc.source,
+                    error=f"the tenant's chunks quota would be exceeded: {len(chunks)} chunks, {room} left "
+                          "(RAG_QUOTA_CHUNKS, or PUT /v1/quotas/{tenant})"))
+                continue
+            room -= need
+            kept.append((doc, digest, chunks))
+        return kept
 
     def _with_retries(self, op: Callable[[], object], attempts: int = 3) -> None:
         for attempt in range(1, attempts + 1):

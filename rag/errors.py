@@ -86,6 +86,17 @@ class ModelError(RagError):
     code = "model_unavailable"
 
 
+class TooManyRequests(RagError):
+    """A rate limit or a quota is spent; ``Retry-After`` says when to come back."""
+
+    status_code = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.headers = {"Retry-After": str(max(1, int(retry_after_s + 0.999)))}
+
+
 class TransientError(RagError):
     """A failure worth retrying (store hiccup, timeout)."""
 

@@ -130,6 +130,11 @@ class Registry(Protocol):
     def mark_deleted(self, tenant: str, document_id: str) -> int: ...
     def deleted_since(self, tenant: str, ids: Sequence[str], since: float) -> set[str]: ...
     def upsert_documents_unless_deleted(self, records: Sequence[DocumentRecord], since: float) -> set[str]: ...
+    def take_token(self, bucket: str, rate: float, burst: int) -> float: ...
+    def get_quotas(self, tenant: str) -> dict[str, int]: ...
+    def set_quotas(self, tenant: str, limits: dict[str, int]) -> None: ...
+    def tenant_usage(self, tenant: str) -> dict[str, int]: ...
+    def add_llm_tokens(self, tenant: str, tokens: int) -> None: ...
     def create_key(self, key: ApiKey) -> None: ...
     def get_key(self, key_id: str) -> ApiKey | None: ...
     def list_keys(self, tenant: str | None = None) -> list[ApiKey]: ...
@@ -164,6 +169,14 @@ CREATE TABLE IF NOT EXISTS api_keys (
     name TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, expires_at REAL, revoked_at REAL
 );
 CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys (tenant);
+-- Token buckets of the rate limit (one per key): every API process takes from the same bucket.
+CREATE TABLE IF NOT EXISTS rate_buckets (bucket TEXT PRIMARY KEY, tokens REAL NOT NULL, updated_at REAL NOT NULL);
+-- Per-tenant quota overrides (JSON object of quota name -> limit) and LLM token use per minute and per day.
+CREATE TABLE IF NOT EXISTS quotas (tenant TEXT PRIMARY KEY, limits TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS llm_usage (
+    tenant TEXT NOT NULL, period TEXT NOT NULL, start REAL NOT NULL, tokens INTEGER NOT NULL,
+    PRIMARY KEY (tenant, period)
+);
 -- When a document was last deleted: an upload created before that must not bring it back
 -- ("the delete wins"); marks older than every pending job are pruned.
 CREATE TABLE IF NOT EXISTS deletions (
@@ -568,6 +581,57 @@ class SqliteRegistry:
                 (tenant, since, *part),
             ))
         return out
+
+    # ---- limits and quotas -------------------------------------------------------------------
+    def take_token(self, bucket: str, rate: float, burst: int) -> float:
+        """Take one token from ``bucket`` (refilled at ``rate``/s up to ``burst``): 0 when taken, else the
+        seconds until one is there. In one transaction, so concurrent API processes never both take the last."""
+        with self._tx() as db:
+            now = time.time()
+            row = db.execute("SELECT tokens, updated_at FROM rate_buckets WHERE bucket = ?", (bucket,)).fetchone()
+            tokens = float(burst) if row is None else min(float(burst), row["tokens"] + (now - row["updated_at"]) * rate)
+            wait = 0.0 if tokens >= 1 else (1 - tokens) / rate
+            if not wait:
+                tokens -= 1
+            db.execute("INSERT INTO rate_buckets (bucket, tokens, updated_at) VALUES (?, ?, ?) ON CONFLICT (bucket) "
+                       "DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at", (bucket, tokens, now))
+        return wait
+
+    def get_quotas(self, tenant: str) -> dict[str, int]:
+        row = self._conn().execute("SELECT limits FROM quotas WHERE tenant = ?", (tenant,)).fetchone()
+        return json.loads(row["limits"]) if row else {}
+
+    def set_quotas(self, tenant: str, limits: dict[str, int]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO quotas (tenant, limits) VALUES (?, ?) ON CONFLICT (tenant) DO UPDATE SET "
+                       "limits = excluded.limits", (tenant, json.dumps(limits, sort_keys=True)))
+
+    def tenant_usage(self, tenant: str) -> dict[str, int]:
+        """What a tenant uses now: documents, chunks, ingest jobs queued or running, LLM tokens this minute/day."""
+        db = self._conn()
+        docs, chunks = db.execute("SELECT COUNT(*), COALESCE(SUM(chunk_count), 0) FROM documents WHERE tenant = ?",
+                                  (tenant,)).fetchone()
+        jobs = db.execute("SELECT COUNT(*) FROM jobs WHERE tenant = ? AND kind = 'ingest' AND status IN "
+                          "('queued', 'running')", (tenant,)).fetchone()[0]
+        now = time.time()
+        usage = {"documents": docs, "chunks": chunks, "concurrent_jobs": jobs}
+        for period, length in (("minute", 60.0), ("day", 86400.0)):
+            row = db.execute("SELECT start, tokens FROM llm_usage WHERE tenant = ? AND period = ?",
+                             (tenant, period)).fetchone()
+            usage[f"llm_tokens_per_{period}"] = row["tokens"] if row and now - row["start"] < length else 0
+        return usage
+
+    def add_llm_tokens(self, tenant: str, tokens: int) -> None:
+        """Count LLM tokens against the tenant's current minute and day (fixed windows that restart when over)."""
+        with self._tx() as db:
+            now = time.time()
+            for period, length in (("minute", 60.0), ("day", 86400.0)):
+                db.execute(
+                    "INSERT INTO llm_usage (tenant, period, start, tokens) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (tenant, period) DO UPDATE SET "
+                    "tokens = CASE WHEN ? - start < ? THEN tokens + excluded.tokens ELSE excluded.tokens END, "
+                    "start = CASE WHEN ? - start < ? THEN start ELSE excluded.start END",
+                    (tenant, period, now, tokens, now, length, now, length))
 
     # ---- API keys ----------------------------------------------------------------------------
     def create_key(self, key: ApiKey) -> None:

@@ -40,6 +40,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # An operator key's secret from the environment (a compose/k8s secret), registered at start as key "bootstrap".
     bootstrap_key: str = ""
     cors_allow_origins: str = ""  # comma-separated origins a browser may call from; empty: no CORS
+    # Limits (with keys): requests per second per key, refilled continuously, up to a burst; 0 turns it off.
+    rate_limit_per_s: float = 20.0
+    rate_limit_burst: int = 200
+    # Quotas per tenant (0: none); PUT /v1/quotas/{tenant} overrides them for one tenant.
+    quota_documents: int = 0
+    quota_chunks: int = 0
+    quota_concurrent_jobs: int = 0
+    quota_llm_tokens_per_minute: int = 0
+    quota_llm_tokens_per_day: int = 0
     port: int = 8000
     max_upload_bytes: int = 50 * 1024 * 1024
     max_files_per_upload: int = 100
@@ -136,6 +145,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.max_title_chars >= 1, "max_title_chars", "must be positive"),
             (2 <= self.max_json_depth <= 256, "max_json_depth", "must be between 2 and 256"),
             (self.worker_stale_s > 0, "worker_stale_s", "must be positive"),
+            (self.rate_limit_per_s >= 0, "rate_limit_per_s", "must be >= 0 (0: no limit)"),
+            (self.rate_limit_burst >= 1, "rate_limit_burst", "must be at least 1"),
             (self.job_max_attempts >= 1, "job_max_attempts", "must be at least 1"),
             (self.torch_threads >= 0, "torch_threads", "must be >= 0"),
             (self.rrf_k >= 1, "rrf_k", "must be at least 1"),

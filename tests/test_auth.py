@@ -46,6 +46,8 @@ SPEC_SCOPES: dict[tuple[str, str], str | None] = {
     ("GET", "/v1/keys"): "admin",
     ("POST", "/v1/keys"): "admin",
     ("DELETE", "/v1/keys/{key_id}"): "admin",
+    ("GET", "/v1/quotas"): "admin",
+    ("PUT", "/v1/quotas/{tenant}"): "operator",
     ("POST", "/v1/encoders/adapt"): "operator",
     ("POST", "/v1/encoders/promote"): "operator",
     ("POST", "/v1/encoders/rollback"): "operator",
@@ -63,6 +65,7 @@ BODIES: dict[tuple[str, str], dict] = {
     ("POST", "/v1/answer"): {"question": "How do basalt columns form?", "top_k": 3},
     ("POST", "/v1/chat/completions"): {"messages": [{"role": "user", "content": "How do basalt columns form?"}]},
     ("POST", "/v1/keys"): {"scopes": ["read"], "name": "matrix"},
+    ("PUT", "/v1/quotas/{tenant}"): {"chunks": 0},  # 0: no quota (what it already is)
     ("POST", "/v1/encoders/adapt"): {"epochs": 0},  # refused with 400 before anything is queued
     ("POST", "/v1/encoders/promote"): {"version": "no-such-version"},  # 404
     ("POST", "/v1/encoders/rollback"): {"version": "no-such-version"},  # 404
@@ -201,6 +204,7 @@ def _path_values(w: World, method: str, template: str, who: str) -> dict[str, st
         "document_id": "matrix-missing-doc" if destructive else A_DOC,
         "job_id": w.job_id,
         "key_id": "ffffffffffff" if destructive else w.key_ids["read"],
+        "tenant": A,
     }
 
 

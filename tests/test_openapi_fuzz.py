@@ -54,7 +54,8 @@ def service_url(tmp_path_factory, embedder) -> Iterator[str]:
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("fuzz") / "data", worker_poll_s=0.05, log_format="json",
                         log_level="warning", llm_local="no", adapt_auto_promote=False, adapt_max_pairs=40,
-                        query_sample_size=50, auth="keys", bootstrap_key=OPERATOR_KEY)
+                        query_sample_size=50, auth="keys", bootstrap_key=OPERATOR_KEY,
+                        rate_limit_per_s=0)  # limits have tests of their own; here they would only hide work
     settings.data_dir.mkdir(parents=True)
     store = open_store(settings)
     registry = SqliteRegistry(settings.registry_path)

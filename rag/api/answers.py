@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio.to_thread
 import msgspec
 import structlog
 from litestar import Response, post
@@ -17,6 +18,7 @@ from litestar.response import Stream
 from rag.answer import AnswerRequest
 from rag.api.deps import Caller, access, check_query
 from rag.errors import BadRequest, RagError
+from rag.quotas import check_llm_tokens
 from rag.services import Services
 
 log = structlog.get_logger("rag.api.answers")
@@ -39,6 +41,17 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     mode: str | None = None
 
 
+async def _check_llm_quota(svc: Services, caller: Caller) -> None:
+    if svc.answers is not None and svc.answers.llm is not None:  # extractive answers spend no LLM tokens
+        await anyio.to_thread.run_sync(check_llm_tokens, svc.registry, svc.settings, caller.tenant)
+
+
+async def _count_llm_tokens(svc: Services, caller: Caller, usage: dict[str, Any]) -> None:
+    tokens = int(usage.get("total_tokens") or 0)
+    if tokens:
+        await anyio.to_thread.run_sync(svc.registry.add_llm_tokens, caller.tenant, tokens)
+
+
 def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
@@ -48,9 +61,11 @@ async def answer(data: AnswerRequest, svc: Services, caller: Caller) -> Response
     """JSON ``{answer, citations, mode, answerable, usage, encoder_version, prompt}``; with
     ``stream: true``, Server-Sent Events: ``token`` …, ``citations``, then ``done`` (or ``error``)."""
     check_query(svc.settings, data.question, data.top_k, data.filter, what="question")
+    await _check_llm_quota(svc, caller)
     pipeline = svc.answers
     if not data.stream:
         result = await pipeline.answer(data, caller.tenant)
+        await _count_llm_tokens(svc, caller, result.usage)
         log.info("answered", mode=result.mode, answerable=result.answerable, prompt=result.prompt,
                  encoder_version=result.encoder_version, ms=result.latency_ms)
         return Response(result)
@@ -58,6 +73,8 @@ async def answer(data: AnswerRequest, svc: Services, caller: Caller) -> Response
     async def events() -> AsyncIterator[bytes]:
         try:
             async for event, payload in pipeline.stream(data, caller.tenant):
+                if event == "done":
+                    await _count_llm_tokens(svc, caller, payload.get("usage") or {})
                 yield _sse(event, payload)
         except RagError as exc:
             yield _sse("error", {"code": exc.code, "message": exc.message})
@@ -84,6 +101,7 @@ async def chat_completions(data: ChatRequest, svc: Services, caller: Caller) -> 
     if data.mode not in (None, "dense", "sparse", "hybrid"):
         raise BadRequest("mode must be dense, sparse or hybrid", code="invalid_mode")
     check_query(svc.settings, question, data.top_k, data.filter, what="question")
+    await _check_llm_quota(svc, caller)
     req = AnswerRequest(question=question, top_k=data.top_k, filter=data.filter, mode=data.mode, history=history)
     pipeline = svc.answers
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -92,6 +110,7 @@ async def chat_completions(data: ChatRequest, svc: Services, caller: Caller) -> 
 
     if not data.stream:
         result = await pipeline.answer(req, caller.tenant)
+        await _count_llm_tokens(svc, caller, result.usage)
         usage = {"prompt_tokens": result.usage.get("prompt_tokens", 0),
                  "completion_tokens": result.usage.get("completion_tokens", 0),
                  "total_tokens": result.usage.get("total_tokens", 0)}
@@ -120,6 +139,7 @@ async def chat_completions(data: ChatRequest, svc: Services, caller: Caller) -> 
                 elif event == "citations":
                     citations = payload
                 elif event == "done":
+                    await _count_llm_tokens(svc, caller, payload.get("usage") or {})
                     rag = {k: payload.get(k) for k in ("mode", "answerable", "prompt", "encoder_version", "fallback_reason")}
                     yield chunk({}, "stop", citations=citations, rag=rag)
                 elif event == "error":

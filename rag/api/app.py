@@ -16,7 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
-from rag.api import admin, answers, documents, encoders, health, jobs, keys, search
+from rag.api import admin, answers, documents, encoders, health, jobs, keys, quotas, search
 from rag.api.deps import DEPENDENCIES, authorize, declared_scope, undeclared
 from rag.api.errors import EXCEPTION_HANDLERS
 from rag.api.middleware import RequestContextMiddleware, reject_deep_json
@@ -26,7 +26,7 @@ from rag.settings import Settings
 
 __all__ = ["create_app"]
 
-ROUTES = [*documents.ROUTES, *jobs.ROUTES, *search.ROUTES, *answers.ROUTES, *encoders.ROUTES, *keys.ROUTES,
+ROUTES = [*documents.ROUTES, *jobs.ROUTES, *search.ROUTES, *answers.ROUTES, *encoders.ROUTES, *keys.ROUTES, *quotas.ROUTES,
           *admin.ROUTES, *health.ROUTES]
 
 

@@ -20,7 +20,7 @@ from litestar.params import Parameter
 
 from rag.api.errors import error_responses
 from rag.auth import Caller, authenticate
-from rag.errors import BadRequest, Forbidden, RagError
+from rag.errors import BadRequest, Forbidden, RagError, TooManyRequests
 from rag.services import Services
 from rag.settings import Settings
 from rag.store import parse_filter
@@ -36,7 +36,7 @@ _UNDECLARED = object()
 def access(needs: str | None, *statuses: int) -> dict[str, Any]:
     """A route decorator's ``opt`` and ``responses``: the scope it needs (``None``: public, no credentials)
     and the error statuses it can return (401/403 added for every protected route)."""
-    extra = (401, 403) if needs is not None else ()
+    extra = (401, 403, 429) if needs is not None else ()
     return {"opt": {SCOPE: needs}, "responses": error_responses(*statuses, *extra)}
 
 
@@ -74,6 +74,7 @@ async def authorize(connection: ASGIConnection, handler: BaseRouteHandler) -> No
             caller = await anyio.to_thread.run_sync(authenticate, svc.registry, authorization, x_tenant, svc.settings)
         if not caller.allows(str(needed)):
             raise Forbidden(f"this route needs the {needed} scope; the key has {', '.join(sorted(caller.scopes))}")
+        await _rate_limit(svc, caller)
     except RagError as exc:
         if exc.status_code in (401, 403):
             log.warning("audit", action="request_denied", outcome=exc.code, route=connection.scope["path"],
@@ -81,6 +82,19 @@ async def authorize(connection: ASGIConnection, handler: BaseRouteHandler) -> No
                         reason=exc.message)
         raise
     connection.state.caller = caller
+
+
+async def _rate_limit(svc: Services, caller: Caller) -> None:
+    """Per key, a token bucket kept in the registry (so every API process draws from the same one)."""
+    settings = svc.settings
+    if caller.key_id is None or not settings.rate_limit_per_s:
+        return  # open mode is a single user on loopback; keys are what a limit applies to
+    wait = await anyio.to_thread.run_sync(svc.registry.take_token, f"key:{caller.key_id}",
+                                          settings.rate_limit_per_s, settings.rate_limit_burst)
+    if wait:
+        raise TooManyRequests(f"API key {caller.key_id} is over its rate limit of {settings.rate_limit_per_s:g} "
+                              f"requests/s with a burst of {settings.rate_limit_burst} (RAG_RATE_LIMIT_PER_S, "
+                              "RAG_RATE_LIMIT_BURST)", retry_after_s=wait, code="rate_limited")
 
 
 def _key_id_hint(authorization: str | None) -> str | None:

@@ -19,6 +19,7 @@ from rag.api.schemas import JobRef, TextDocumentIn, UploadOut
 from rag.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from rag.jsonsafe import JsonTooDeep, check_json_depth
 from rag.loaders import default_document_id
+from rag.quotas import check_upload
 from rag.registry import JobItem
 from rag.services import Services
 from rag.settings import Settings
@@ -50,6 +51,7 @@ async def upload_documents(request: Request, svc: Services, caller: Caller) -> U
             items = await _json_items(request, svc.settings, batch)
         else:
             raise UnsupportedMediaType("send multipart/form-data files or an application/json document")
+        await anyio.to_thread.run_sync(check_upload, svc.registry, svc.settings, caller.tenant, len(items))
     except BaseException:
         # A rejected upload (413 on its third file, say) leaves none of its files behind.
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(batch, ignore_errors=True))
