@@ -14,8 +14,6 @@ import sqlite3
 import stat
 import threading
 import time
-import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,7 +22,6 @@ import pytest
 import ingest.worker as worker_module
 from ingest.pairs import read_labelled, read_regular_text
 from rag.errors import BadRequest
-from rag.registry import JobItem
 from rag.settings import Settings
 from tests import hostile_files
 from tests.conftest import wait_for
@@ -145,102 +142,25 @@ def test_hostile_files_fail_their_document_and_the_worker_goes_on(app_client):
     assert uploads_left(app_client.services.settings) == []
 
 
-# ---- the worker's own defence: a loader that raises ---------------------------------------------------
+# ---- the worker's own defence: a registry that breaks under it -----------------------------------------
 
 
-def _make_job(client, files: list[tuple[str, bytes, str | None]]) -> str:
-    """One job of several files, as the CLI's batch makes them (the API makes one job per file)."""
-    svc = client.services
-    batch = svc.settings.uploads_dir / uuid.uuid4().hex
-    batch.mkdir(parents=True)
-    items = []
-    for i, (name, data, document_id) in enumerate(files):
-        path = batch / f"{i:04d}-{name}"
-        path.write_bytes(data)
-        items.append(JobItem(filename=name, path=str(path), document_id=document_id))
-    return svc.registry.create_job("default", items).id
-
-
-@pytest.mark.parametrize("error", [
-    RuntimeError("boom"),
-    RecursionError("maximum recursion depth exceeded"),
-    zlib.error("Error -3 while decompressing data: invalid block type"),
-    NotImplementedError("unsupported filter /FooDecode"),
-], ids=lambda e: type(e).__name__)
-def test_a_loader_that_raises_fails_only_its_document(app_client, monkeypatch, error):
-    hooks = LoaderHooks(monkeypatch)
-
-    def raise_at_start(n: int) -> None:
-        raise error
-
-    def raise_after_two(n: int) -> None:
-        if n == 2:
-            raise error
-
-    hooks.hooks["bad.txt"] = raise_at_start
-    hooks.hooks["corpus.jsonl"] = raise_after_two
-    corpus = jsonl([(f"c{i}", f"Corpus line {i} is about the river number {i}.") for i in range(5)])
-    job_id = _make_job(app_client, [("bad.txt", b"never read", "bad.txt"), ("good.md", FRESH.encode(), "good.md"),
-                                    ("corpus.jsonl", corpus, None)])
-    job = finish(app_client, job_id)
-    by_id = {d["document_id"]: d for d in job["documents"]}
-    reason = f"could not load: {type(error).__name__}: "
-    assert by_id["bad.txt"]["status"] == "failed" and by_id["bad.txt"]["error"].startswith(reason), by_id
-    assert by_id["good.md"]["status"] == "indexed", by_id
-    assert by_id["c0"]["status"] == by_id["c1"]["status"] == "indexed", by_id
-    # The JSONL's iteration ended at the exception: one failure stands for the rest of the file.
-    rest = [d for d in job["documents"] if d["source"] == "corpus.jsonl" and d["status"] == "failed"]
-    assert len(rest) == 1 and rest[0]["error"].startswith(reason), job["documents"]
-    assert job["status"] == "failed" and job["error"] == "2 of 5 documents failed", job
-    assert "good.md" in search_ids(app_client, "largest glacier in the Alps")
-    assert uploads_left(app_client.services.settings) == []  # the batch folder went with the job
-
-
-def test_a_group_that_fails_is_retried_one_document_at_a_time(app_client, monkeypatch):
-    """An encoder exception on a whole group fails only the document that causes it."""
-    embedder = app_client.services.embedder
-    real = embedder.embed_documents
-
-    def embed(texts):
-        if any("POISON" in t for t in texts):
-            raise ValueError("cannot encode this text")
-        return real(texts)
-
-    monkeypatch.setattr(embedder, "embed_documents", embed)
-    corpus = jsonl([("a", "Alpine glaciers retreat in warm summers."), ("p", "POISON text"),
-                    ("b", "Volcanic soil is fertile farmland.")])
-    job = finish(app_client, upload(app_client, "group.jsonl", corpus)["job_ids"][0])
-    by_id = {d["document_id"]: d for d in job["documents"]}
-    assert by_id["a"]["status"] == by_id["b"]["status"] == "indexed", by_id
-    assert by_id["p"]["status"] == "failed", by_id
-    assert by_id["p"]["error"] == "could not index: ValueError: cannot encode this text"
-
-
-def test_an_exception_escaping_a_job_fails_the_job_and_the_worker_goes_on(app_client, monkeypatch):
-    registry = app_client.services.registry
-    real_get, real_claim = registry.get_documents, registry.claim_job
-    broken = {"get": 1, "claim": 1}
-
-    def get_documents(tenant, ids):
-        if broken["get"]:
-            broken["get"] -= 1
-            raise sqlite3.DatabaseError("database disk image is malformed")
-        return real_get(tenant, ids)
-
-    monkeypatch.setattr(registry, "get_documents", get_documents)
+def test_an_exception_escaping_a_job_fails_the_job_and_the_worker_goes_on(app_client):
+    """The registry breaks under the worker (a table gone, as on a damaged disk): the job fails with the
+    reason, the poll loop lives through failed claims, and the same thread indexes once it is repaired."""
+    path = app_client.services.settings.registry_path
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE deletions RENAME TO deletions_away")
     job = finish(app_client, upload(app_client, "doomed.txt", "A text whose job meets a broken disk.")["job_ids"][0])
     assert job["status"] == "failed", job
-    assert job["error"] == "internal error: DatabaseError: database disk image is malformed", job
-
-    def claim_job(*args, **kwargs):  # the poll loop itself meets the broken disk
-        if broken["claim"]:
-            broken["claim"] -= 1
-            raise sqlite3.OperationalError("disk I/O error")
-        return real_claim(*args, **kwargs)
-
-    monkeypatch.setattr(registry, "claim_job", claim_job)
+    assert job["error"] == "internal error: OperationalError: no such table: deletions", job
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE deletions_away RENAME TO deletions")
+        db.execute("ALTER TABLE jobs RENAME TO jobs_away")  # now every claim of the poll loop fails
+    time.sleep(0.5)
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE jobs_away RENAME TO jobs")
     assert_fresh_upload_indexed(app_client)
-    assert broken == {"get": 0, "claim": 0}
     assert supervisor_of(app_client).restarts == 0  # the same thread lived through both
 
 
