@@ -27,9 +27,11 @@ import msgspec
 from rag.errors import BadRequest, Forbidden, Unauthorized
 from rag.settings import Settings
 
-__all__ = ["ApiKey", "Caller", "Scope", "authenticate", "hash_secret", "new_key", "TENANT_RE", "BOOTSTRAP_KEY_ID"]
+__all__ = ["ApiKey", "Caller", "Scope", "authenticate", "hash_secret", "key_id_of", "new_key", "TENANT_PATTERN",
+           "TENANT_RE", "BOOTSTRAP_KEY_ID"]
 
-TENANT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TENANT_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+TENANT_RE = re.compile(TENANT_PATTERN)
 _KEY_RE = re.compile(r"^rag_([0-9a-f]{12})_[A-Za-z0-9_-]{43}$")
 BOOTSTRAP_KEY_ID = "bootstrap000"  # the RAG_BOOTSTRAP_KEY's id (any secret format is accepted for it)
 
@@ -116,6 +118,12 @@ def bootstrap_key(secret: str) -> ApiKey:
     """The operator key given by RAG_BOOTSTRAP_KEY (an environment secret), as a record to register at start."""
     return ApiKey(key_id=BOOTSTRAP_KEY_ID, tenant="default", scopes=[Scope.OPERATOR.value],
                   secret_hash=hash_secret(secret), name="RAG_BOOTSTRAP_KEY", created_at=time.time())
+
+
+def key_id_of(authorization: str | None) -> str | None:
+    """The public key id of a presented ``Bearer rag_<id>_…`` key (for logs: the rest never reaches one)."""
+    m = _KEY_RE.match((authorization or "").partition(" ")[2].strip())
+    return m.group(1) if m else None
 
 
 def _key_id_of(secret: str, bootstrap_hash: str | None) -> str | None:

@@ -10,6 +10,7 @@ pin_process_environment()  # before numpy and torch load, as every entry point d
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,5 +78,52 @@ def app_client(settings: Settings, embedder) -> Iterator:
             client.services = services
             yield client
     finally:
+        registry.close()
+        store.close()
+
+
+@contextmanager
+def serving(settings: Settings, embedder, prepare=None) -> Iterator[tuple[str, object]]:
+    """The real service over real HTTP (uvicorn on a free loopback port, worker inside): yields (url, services).
+
+    ``prepare(services)`` runs before the server starts (e.g. to create API keys).
+    """
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from rag.registry import SqliteRegistry
+    from rag.services import Services
+    from rag.store import open_store
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings)
+    registry = SqliteRegistry(settings.registry_path)
+    services = Services(settings=settings, registry=registry, store=store, embedder=embedder)
+    if prepare is not None:
+        prepare(services)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(settings, services=services), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, timeout=120, interval=0.2)
+        yield url, services
+    finally:
+        server.should_exit = True
+        thread.join(60)
         registry.close()
         store.close()

@@ -8,10 +8,8 @@ import hashlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +19,7 @@ import httpx
 import pytest
 
 from rag.settings import Settings, load_settings
-from tests.conftest import build_app, wait_for
+from tests.conftest import build_app, serving, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 A, B = "acme", "globex"
@@ -86,12 +84,6 @@ def spec_allows(scopes: set[str], needed: str) -> bool:
     if "admin" in scopes and needed in {"read", "write", "admin"}:
         return True
     return needed in scopes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mint(registry, tenant: str, scopes: list[str], *, name: str = "", expires_at: float | None = None):
@@ -455,27 +447,15 @@ def test_cli_creates_a_key_shown_once(world):
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory, embedder) -> Iterator[tuple[str, str]]:
     """A real HTTP server (uvicorn on loopback, auth=keys) and a read key of tenant A with one document."""
-    import uvicorn
-
-    from rag.registry import SqliteRegistry
-    from rag.services import Services
-    from rag.store import open_store
-
     settings = Settings(data_dir=tmp_path_factory.mktemp("sdk") / "data", auth="keys", llm_local="no",
                         worker_poll_s=0.05, log_format="json", log_level="warning")
-    settings.data_dir.mkdir(parents=True)
-    store = open_store(settings)
-    registry = SqliteRegistry(settings.registry_path)
-    services = Services(settings=settings, registry=registry, store=store, embedder=embedder)
-    _, secret = _mint(registry, A, ["read", "write"], name="sdk")
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(settings, services=services), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _ready(url), timeout=120, interval=0.2)
+    minted: list[str] = []
+
+    def mint_key(services) -> None:
+        minted.append(_mint(services.registry, A, ["read", "write"], name="sdk")[1])
+
+    with serving(settings, embedder, prepare=mint_key) as (url, _):
+        secret = minted[0]
         headers = bearer(secret)
         resp = httpx.post(f"{url}/v1/documents", json={"id": A_DOC, "text": A_TEXT}, headers=headers, timeout=30)
         assert resp.status_code == 202, resp.text
@@ -483,18 +463,6 @@ def keyed_server(tmp_path_factory, embedder) -> Iterator[tuple[str, str]]:
         wait_for(lambda: httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers, timeout=10).json()["status"]
                  == "succeeded", timeout=120, interval=0.2)
         yield url, secret
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        registry.close()
-        store.close()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_openai_sdk_with_a_key(keyed_server):

@@ -10,9 +10,6 @@ the document's links (upload → job → cancel, upload → document → delete)
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -27,6 +24,7 @@ from schemathesis.checks import (
 )
 
 from rag.settings import Settings
+from tests.conftest import serving
 
 EXAMPLES = int(os.environ.get("RAG_FUZZ_EXAMPLES", "25"))
 # The service runs with API keys on; the fuzzer calls with a valid operator key (every route is reachable).
@@ -37,55 +35,17 @@ CHECKS = [not_a_server_error, status_code_conformance, response_schema_conforman
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service_url(tmp_path_factory, embedder) -> Iterator[str]:
-    import uvicorn
-
-    from tests.conftest import build_app
-    from rag.services import Services
-    from rag.registry import SqliteRegistry
-    from rag.store import open_store
-
     settings = Settings(data_dir=tmp_path_factory.mktemp("fuzz") / "data", worker_poll_s=0.05, log_format="json",
                         log_level="warning", llm_local="no", adapt_auto_promote=False, adapt_max_pairs=40,
                         query_sample_size=50, auth="keys", bootstrap_key=OPERATOR_KEY,
                         rate_limit_per_s=0)  # limits have tests of their own; here they would only hide work
-    settings.data_dir.mkdir(parents=True)
-    store = open_store(settings)
-    registry = SqliteRegistry(settings.registry_path)
-    services = Services(settings=settings, registry=registry, store=store, embedder=embedder)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(settings, services=services), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:  # public
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        pytest.fail("service did not become ready")
-    # Something to find, so that searches and answers exercise the whole path, not only empty results.
-    httpx.post(f"{url}/v1/documents", json={"id": "seed", "text": "Basalt columns form as thick lava cools slowly."},
-               headers=AUTH, timeout=30).raise_for_status()
-    try:
+    with serving(settings, embedder) as (url, _):
+        # Something to find, so that searches and answers exercise the whole path, not only empty results.
+        httpx.post(f"{url}/v1/documents", json={"id": "seed", "text": "Basalt columns form as thick lava cools slowly."},
+                   headers=AUTH, timeout=30).raise_for_status()
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        registry.close()
-        store.close()
 
 
 @pytest.fixture(scope="module")

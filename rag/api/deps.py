@@ -19,7 +19,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.params import Parameter
 
 from rag.api.errors import error_responses
-from rag.auth import Caller, authenticate
+from rag.auth import Caller, authenticate, key_id_of
 from rag.errors import BadRequest, Forbidden, RagError, TooManyRequests
 from rag.services import Services
 from rag.settings import Settings
@@ -78,7 +78,7 @@ async def authorize(connection: ASGIConnection, handler: BaseRouteHandler) -> No
     except RagError as exc:
         if exc.status_code in (401, 403):
             log.warning("audit", action="request_denied", outcome=exc.code, route=connection.scope["path"],
-                        method=connection.scope.get("method"), key_id=_key_id_hint(authorization), tenant=x_tenant,
+                        method=connection.scope.get("method"), key_id=key_id_of(authorization), tenant=x_tenant,
                         reason=exc.message)
         raise
     connection.state.caller = caller
@@ -95,13 +95,6 @@ async def _rate_limit(svc: Services, caller: Caller) -> None:
         raise TooManyRequests(f"API key {caller.key_id} is over its rate limit of {settings.rate_limit_per_s:g} "
                               f"requests/s with a burst of {settings.rate_limit_burst} (RAG_RATE_LIMIT_PER_S, "
                               "RAG_RATE_LIMIT_BURST)", retry_after_s=wait, code="rate_limited")
-
-
-def _key_id_hint(authorization: str | None) -> str | None:
-    """The key id of a presented key, for the audit log (the id is public; the rest never reaches a log)."""
-    secret = (authorization or "").partition(" ")[2].strip()
-    parts = secret.split("_")
-    return parts[1] if len(parts) >= 3 and parts[0] == "rag" and len(parts[1]) == 12 else None
 
 
 def provide_services(request: Request) -> Services:

@@ -11,13 +11,13 @@ from litestar import delete, get, post
 from litestar.params import Parameter
 
 from rag.api.deps import access
-from rag.auth import Caller, Scope, new_key
+from rag.auth import TENANT_PATTERN, Caller, Scope, new_key
 from rag.errors import Forbidden, NotFound
 from rag.services import Services
 
 log = structlog.get_logger("rag.audit")
 
-TenantName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+TenantName = Annotated[str, msgspec.Meta(pattern=TENANT_PATTERN)]
 
 
 class KeyIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -10,7 +10,7 @@ from litestar import get, put
 from litestar.params import Parameter
 
 from rag.api.deps import access
-from rag.auth import Caller
+from rag.auth import TENANT_PATTERN, Caller
 from rag.errors import Forbidden
 from rag.quotas import quota_report
 from rag.services import Services
@@ -35,7 +35,7 @@ def get_quotas(
     svc: Services,
     caller: Caller,
     tenant: str | None = Parameter(query="tenant", default=None, required=False, max_length=64,
-                                   pattern=r"^[A-Za-z0-9_-]{1,64}$", description="operator only: another tenant"),
+                                   pattern=TENANT_PATTERN, description="operator only: another tenant"),
 ) -> dict[str, Any]:
     if tenant is not None and tenant != caller.tenant and not caller.is_operator:
         raise Forbidden("only an operator key may read another tenant's quotas")
