@@ -17,6 +17,7 @@ Exit status: 0 success, 1 failure (or a regression in ``compare``), 2 usage erro
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,9 @@ pin_process_environment()
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from eval.service import use_api_key
+
+    use_api_key(os.environ.get("RAG_API_KEY", ""))  # the key the tools present to a running service
     return _COMMANDS[args.command](args)
 
 
@@ -42,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_bench_commands(sub):
-    """``bench ingest|search|tenants``; returns the bench subparsers, where ``bench answer`` joins them."""
+    """``bench ingest|search|tenants|encoders``; returns the bench subparsers, where ``bench answer`` joins them."""
     bench = sub.add_parser("bench", help="performance benchmarks (figures, not tests)")
     which = bench.add_subparsers(dest="bench", required=True)
 
@@ -63,6 +67,11 @@ def _add_bench_commands(sub):
     se.add_argument("--port", type=int, default=8765)
     se.add_argument("--mode", choices=["dense", "sparse", "hybrid"], default="hybrid")
     se.add_argument("--out", type=Path, default=Path("bench"))
+
+    en = which.add_parser("encoders", help="per-tenant encoder cache: memory per loaded encoder, load vs cached query")
+    en.add_argument("--tenants", type=int, default=6, help="tenants with an encoder of their own (default 6)")
+    en.add_argument("--cache-size", type=int, default=4, help="RAG_ENCODER_CACHE_SIZE for the run (default 4)")
+    en.add_argument("--out", type=Path, default=Path("bench"))
 
     te = which.add_parser("tenants", help="tenant-filtered search: the corpus in 1 tenant vs split over N tenants")
     te.add_argument("--data-dir", type=Path, required=True,
@@ -185,7 +194,8 @@ def _add_drift_command(sub) -> None:
     dr.add_argument("--out", help="compare: folder for report.json and report.html; export: the .npy file")
     dr.add_argument("--data-dir", help="export: the service's data dir (default RAG_DATA_DIR)")
     dr.add_argument("--collection", help="export: collection to read (default: the active one)")
-    dr.add_argument("--tenant", help="export: only this tenant's vectors (default: every tenant)")
+    dr.add_argument("--tenant", help="export: only this tenant's vectors, from the collection of the encoder it "
+                                     "searches with (default: every tenant, the active collection)")
     dr.add_argument("--cache-dir", help="embedding cache per encoder version and text (default .eval-data/drift-cache)")
     dr.add_argument("--no-cache", action="store_true", help="embed every text afresh, cache nothing")
     dr.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -228,6 +238,8 @@ def _bench(args) -> int:
         report = b.bench_ingest(settings, args.dataset, limit=args.limit)
     elif args.bench == "tenants":
         report = b.bench_tenants(settings, args)
+    elif args.bench == "encoders":
+        report = b.bench_encoders(settings, args)
     else:
         report = b.bench_search(settings, args)
     path = b.write_report(report, args.out, f"{args.bench}")

@@ -24,7 +24,7 @@ import httpx
 from eval.answer_report import format_ragas, format_summary, write_answer_report
 from eval.answer_scoring import AnswerRow, calibrate, percentile, sample_questions, score_all
 from eval.datasets import QAExample, load_qa
-from eval.service import Service, ask_all, running_service, upload_corpus
+from eval.service import Service, ask_all, running_service, service_headers, upload_corpus
 
 # The service answers from the extractive pipeline only: no local LLM started, no remote one called.
 EXTRACTIVE = {"RAG_LLM_LOCAL": "no", "RAG_LLM_BASE_URL": ""}
@@ -189,7 +189,7 @@ async def _stream_once(client: httpx.AsyncClient, path: str, body: dict[str, Any
 async def _bench_target(url: str, path: str, make_body, n: int, *, tenant: str, sse_openai: bool = False,
                         stream: bool = True) -> list[dict[str, Any]]:
     out = []
-    headers = {"X-Tenant": tenant}
+    headers = service_headers(tenant)
     if sse_openai:
         # llama-server may close a kept-alive connection after a stream; a fresh one per request is the fair floor.
         headers["Connection"] = "close"

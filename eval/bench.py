@@ -271,3 +271,85 @@ def bench_tenants(settings: Settings, args) -> dict[str, Any]:
         print(f"{row['tenants']:>8} {row['points_per_tenant']:>14} {row['p50_ms']:>8} {row['p95_ms']:>8}")
     return {"benchmark": "tenants", "source": str(args.data_dir), "collection": collection, "results": results,
             "environment": _environment(settings)}
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux /proc), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_encoders(settings: Settings, args) -> dict[str, Any]:
+    """The per-tenant encoder cache: resident memory each loaded encoder adds, the time a load takes, and a
+    query's encode through a cached encoder vs one that must be loaded first (an evicted tenant's).
+
+    The tenants' versions are copies of the configured encoder's weights under their own version names,
+    exactly as adaptation lays them out; the baseline (the default encoder alone) is measured in the same run.
+    """
+    import gc
+
+    from rag.embedding import model_version
+    from rag.encoder_pool import EncoderPool
+    from rag.encoders import EncoderRecord, EncoderRegistry
+    from rag.index import ensure_collection_for
+    from rag.registry import SqliteRegistry
+    from rag.store import open_store
+
+    root = Path(tempfile.mkdtemp(prefix="bench-encoders-"))
+    run = msgspec.structs.replace(settings, data_dir=root, encoder_cache_size=args.cache_size, encoder_poll_s=3600.0)
+    gc.collect()
+    rss0 = _rss_mb()
+    default = load_embedder(run)
+    default.embed_queries(["warm up"])
+    rss_default = _rss_mb()
+    source = Path(default.model_name) if Path(default.model_name).is_dir() else None
+    if source is None:
+        raise SystemExit("error: bench encoders copies the encoder's folder; set RAG_ENCODER_MODEL to a local folder")
+    registry = EncoderRegistry(run.encoders_dir)
+    versions = [f"bench-tenant-{i}" for i in range(args.tenants)]
+    for version in versions:
+        model = registry.folder(version) / "model"
+        shutil.copytree(source, model)
+        (model / "rag_version.txt").write_text(version + "\n")
+        registry.save(EncoderRecord(version=version, path=str(model), base_model=model_version(str(source)),
+                                    tenant=version, created_at=time.time()))
+    store = open_store(run)
+    jobs = SqliteRegistry(run.registry_path)
+    try:
+        ensure_collection_for(store, default)
+        pool = EncoderPool(run, store, jobs, default)
+        loads, rss_after, cold, warm = [], [], [], []
+        for i, version in enumerate(versions):
+            t0 = time.perf_counter()
+            pool.embedder(version).embed_queries([f"question {i}"])  # load (evicting past the cache size) + encode
+            cold.append((time.perf_counter() - t0) * 1000)
+            loads.append(cold[-1])
+            rss_after.append(_rss_mb())
+            t0 = time.perf_counter()
+            pool.embedder(version).embed_queries([f"question {i} again"])
+            warm.append((time.perf_counter() - t0) * 1000)
+        gc.collect()
+        rss_end = _rss_mb()
+        held = len(pool.loaded())
+    finally:
+        jobs.close()
+        store.close()
+        shutil.rmtree(root, ignore_errors=True)
+    filled = rss_after[: args.cache_size]
+    per_encoder = (filled[-1] - rss_default) / len(filled) if filled else float("nan")
+    result = {
+        "tenants": args.tenants, "cache_size": args.cache_size, "held_at_end": held,
+        "rss_mb": {"before_any": round(rss0, 1), "default_only": round(rss_default, 1),
+                   "after_each_load": [round(x, 1) for x in rss_after], "end": round(rss_end, 1)},
+        "default_encoder_mb": round(rss_default - rss0, 1),
+        "per_cached_encoder_mb": round(per_encoder, 1),
+        "query_ms": {"cached_p50": round(statistics.median(warm), 2),
+                     "load_then_query_p50": round(statistics.median(cold), 2)},
+    }
+    print(f"default encoder alone: +{result['default_encoder_mb']} MiB (baseline); each cached tenant encoder: "
+          f"+{result['per_cached_encoder_mb']} MiB; RSS at the end with {held} loaded: {result['rss_mb']['end']} MiB")
+    print(f"query encode p50: cached {result['query_ms']['cached_p50']} ms vs load-then-encode "
+          f"{result['query_ms']['load_then_query_p50']} ms (an evicted tenant's first query)")
+    return {"benchmark": "encoders", "results": result, "environment": _environment(settings)}

@@ -133,7 +133,9 @@ def fetch_query_sample(url: str, timeout: float = 60.0) -> tuple[np.ndarray, dic
     if not endpoint.endswith("/v1/admin/query-sample"):
         endpoint += "/v1/admin/query-sample"
     try:
-        resp = httpx.get(endpoint, timeout=timeout)
+        from eval.service import service_headers
+
+        resp = httpx.get(endpoint, timeout=timeout, headers=service_headers())
     except httpx.HTTPError as exc:
         raise RagError(f"GET {endpoint} failed: {exc}") from exc
     if resp.status_code != 200:
@@ -504,13 +506,23 @@ def run_drift(args) -> int:
 
 def export_snapshot(settings: Settings, out: Path, *, collection: str | None = None, tenant: str | None = None,
                     progress: bool = True) -> dict[str, Any]:
-    """Write the live dense vectors of ``collection`` (default: the active one) to ``out`` (.npy) and the
-    collection, encoder, time and each row's document id to ``out.with_suffix('.json')``."""
+    """Write the live dense vectors of ``collection`` (default: the one ``tenant`` searches, its own encoder's
+    once it adapted one, else the active one) to ``out`` (.npy) and the collection, encoder, time and each
+    row's document id to ``out.with_suffix('.json')``."""
+    from rag.index import collection_name
+    from rag.registry import SqliteRegistry
     from rag.store import open_store
 
     store = open_store(settings)
     try:
-        name = collection or store.get_active()
+        own = None
+        if tenant is not None and collection is None:
+            registry = SqliteRegistry(settings.registry_path)
+            try:
+                own = registry.get_tenant_encoder(tenant)
+            finally:
+                registry.close()
+        name = collection or (collection_name(own) if own else None) or store.get_active()
         if not name:
             raise RagError(f"the store at {settings.data_dir} has no active collection; pass --collection")
         total = store.count(name, tenant=tenant, live=True)

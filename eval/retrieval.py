@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from eval.datasets import BeirDataset, load_beir
 from eval.metrics import DEFAULT_METRICS, MetricSummary, evaluate
+from eval.service import service_headers
 from rag.errors import RagError
 from rag.settings import Settings
 
@@ -376,12 +377,12 @@ def _run_http(options: EvalOptions, dataset: BeirDataset, query_ids: list[str], 
 
         print(f"uploading {dataset.corpus_path} to {url} as tenant {options.tenant!r} "
               "(a no-op for documents it already holds) …", flush=True)
-        summary = add_via_api(url, [dataset.corpus_path], tenant=options.tenant)
+        summary = add_via_api(url, [dataset.corpus_path], tenant=options.tenant, headers=service_headers())
         print("\n".join(summary.lines()), flush=True)
     own = client is None
     if own:
         client = httpx.Client(base_url=url, timeout=120.0)
-    client.headers["X-Tenant"] = options.tenant
+    client.headers.update(service_headers(options.tenant))
     try:
         search = _http_search(client, top_chunks=options.top_chunks)
         probe = client.post("/v1/search", json={"query": dataset.queries[query_ids[0]], "top_k": 1,

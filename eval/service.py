@@ -79,11 +79,27 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 300) ->
     raise SystemExit("error: the service did not become ready")
 
 
+_API_KEY = {"key": ""}  # set once by the entry point (python -m eval) from RAG_API_KEY
+
+
+def use_api_key(key: str) -> None:
+    """Present ``key`` as a Bearer token on every request to a running service (RAG_API_KEY, read at the entry point)."""
+    _API_KEY["key"] = key
+
+
+def service_headers(tenant: str | None = None) -> dict[str, str]:
+    """The headers of a request to the service: the key when one is set, the tenant when named (``X-Tenant``)."""
+    headers = {"Authorization": f"Bearer {_API_KEY['key']}"} if _API_KEY["key"] else {}
+    if tenant:
+        headers["X-Tenant"] = tenant
+    return headers
+
+
 def upload_corpus(url: str, dataset: Path, tenant: str) -> str:
     """Upload ``dataset/corpus.jsonl`` through the API (a no-op for documents it already holds); the summary."""
     from ingest.cli import add_via_api
 
-    summary = add_via_api(url, [dataset / "corpus.jsonl"], tenant=tenant)
+    summary = add_via_api(url, [dataset / "corpus.jsonl"], tenant=tenant, headers=service_headers())
     return "\n".join(summary.lines())
 
 
@@ -94,7 +110,7 @@ async def ask_all(url: str, examples: Sequence[QAExample], *, tenant: str, concu
     queue = list(enumerate(examples))
     results: dict[int, tuple[QAExample, dict[str, Any]]] = {}
     it = iter(queue)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, headers={"X-Tenant": tenant}) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, headers=service_headers(tenant)) as client:
         async def worker() -> None:
             for i, ex in it:
                 t0 = time.perf_counter()

@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     enc.add_argument("--force", action="store_true", help="promote a version the gate rejected")
     enc.add_argument("--keep", action="append", default=[],
                      help="prune: also keep this version's collection (repeatable; active and parent always stay)")
+    enc.add_argument("--tenant", help="act for this tenant's encoder (over HTTP: an operator key's X-Tenant; "
+                                      "default: the key's tenant, in-process: the default encoder)")
+    enc.add_argument("--all-tenants", action="store_true",
+                     help="over HTTP: switch the default encoder of every tenant without its own (operator key)")
     enc.add_argument("--url", help="the service's base URL (default: http://RAG_HOST:RAG_PORT)")
     enc.add_argument("--local", action="store_true", help="never use the API; open the store in this process")
     return parser
@@ -73,11 +77,15 @@ def _add_adapt_command(sub) -> None:
     ad.add_argument("--labelled-only", action="store_true", help="train on --pairs only (no generated pairs)")
     ad.add_argument("--synthetic", type=int, default=0, help="LLM-written questions for this many passages")
     ad.add_argument("--epochs", type=int)
-    ad.add_argument("--cv-folds", type=int, default=0,
-                    help="choose the epochs from --epoch-grid by K-fold cross-validation on the labelled pairs")
+    ad.add_argument("--cv-folds", type=int,
+                    help="choose the epochs from --epoch-grid by K-fold cross-validation on the labelled pairs "
+                         "(default: RAG_ADAPT_CV_FOLDS when --pairs is given without --epochs; 0: off)")
     ad.add_argument("--epoch-grid", default=[1, 2, 3, 4], type=_epoch_list, help="epoch counts to cross-validate (default 1,2,3,4)")
     ad.add_argument("--max-pairs", type=int, help="generated pairs to sample (default RAG_ADAPT_MAX_PAIRS)")
-    ad.add_argument("--tenant", help="adapt to one tenant's documents (default: all)")
+    ad.add_argument("--tenant", help="adapt one tenant's encoder on its documents (over HTTP: an operator key's "
+                                     "X-Tenant; default: the key's tenant, in-process: the default encoder on all)")
+    ad.add_argument("--all-tenants", action="store_true",
+                    help="over HTTP: adapt the default encoder on every tenant's documents (operator key)")
     ad.add_argument("--no-promote", action="store_true", help="only train and gate")
     ad.add_argument("--promote", action="store_true",
                     help="promote when the gate passes even on generated (unlabelled) validation pairs")
@@ -118,7 +126,7 @@ def run_worker(settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    worker = IngestWorker(settings, services.registry, services.store, services.embedder)
+    worker = IngestWorker(settings, services.registry, services.store, services.embedder, encoders=services.pool())
     worker.start()
     try:
         stop.wait()
@@ -129,7 +137,7 @@ def run_worker(settings) -> int:
 
 
 def run_add(settings, args) -> int:
-    from ingest.cli import add_in_process, add_via_api, service_is_up, service_url
+    from ingest.cli import add_in_process, add_via_api, api_headers, service_is_up, service_url
 
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
@@ -137,7 +145,7 @@ def run_add(settings, args) -> int:
         return 2
     url = service_url(settings, args.url)
     if not args.local and service_is_up(url):
-        summary = add_via_api(url, args.paths, tenant=args.tenant)
+        summary = add_via_api(url, args.paths, tenant=args.tenant, headers=api_headers(settings))
     elif args.url:
         print(f"error: no service answers at {url}", file=sys.stderr)
         return 1

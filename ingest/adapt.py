@@ -15,6 +15,7 @@ below, in the order it calls them. Where the rooms are:
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 import dataclasses
 import hashlib
 import json
@@ -34,10 +35,11 @@ from ingest.pairs import (
     read_labelled, split_validation, title_pairs,
 )
 from ingest.progress import Progress
-from ingest.promotion import active_version, promote, prune, rollback
+from ingest.promotion import promote, prune, rollback
 from rag.embedding import SentenceTransformerEmbedder, neighbour_overlap
 from rag.encoders import AdaptOptions, EncoderRecord, EncoderRegistry, check_options
-from rag.errors import BadRequest, RagError
+from rag.errors import BadRequest
+from rag.index import collection_name
 from rag.settings import Settings
 from rag.sparse import SparseEncoder
 from rag.store import VectorStore
@@ -74,6 +76,7 @@ class AdaptRun:
     vectors: np.ndarray  # the passages under the active encoder
     rng: random.Random
     work_key: str
+    datasets: Callable[[str], list[tuple[str, str]]] | None = None  # the tenant's uploaded datasets by id
 
     @property
     def seed(self) -> int:
@@ -97,11 +100,15 @@ class Candidate:
 
 
 def adapt(settings: Settings, store: VectorStore, embedder: SentenceTransformerEmbedder, options: AdaptOptions, *,
-          progress: Progress | None = None, work_key: str = "cli", llm_questions=None) -> EncoderRecord:
-    """Train and gate a candidate from the active encoder (``embedder`` must be the active one)."""
+          progress: Progress | None = None, work_key: str = "cli", llm_questions=None,
+          datasets: Callable[[str], list[tuple[str, str]]] | None = None) -> EncoderRecord:
+    """Train and gate a candidate from ``embedder``: the encoder ``options.tenant`` searches with (the default's
+    for None), over that tenant's documents in that encoder's collection. ``datasets`` reads a labelled
+    dataset of the tenant by id (``pairs_dataset`` / ``validation_dataset``)."""
     check_options(options)
     started = time.perf_counter()
     run = start_run(settings, store, embedder, options, progress or Progress(), work_key)
+    run.datasets = datasets
     generated, labelled = collect_pairs(run, llm_questions)
     data = mine_negatives(run, choose_validation(run, generated, labelled))
     candidate = train_candidate(run, data.train)
@@ -112,9 +119,10 @@ def start_run(settings: Settings, store: VectorStore, embedder: SentenceTransfor
               progress: Progress, work_key: str) -> AdaptRun:
     """Step 0: the active encoder (recorded as a base version the first time) and the corpus under it."""
     registry = EncoderRegistry(settings.encoders_dir)
-    collection, parent = active_version(store)
-    if embedder.version != parent:
-        raise RagError(f"the loaded encoder {embedder.version} is not the active one ({parent})")
+    parent = embedder.version
+    collection = collection_name(parent)
+    if collection not in store.list_collections():
+        raise BadRequest(f"no collection for encoder {parent}: ingest documents before adapting the encoder")
     parent_record = registry.get(parent) or registry.ensure_base(parent, embedder.model_name)
     rng = random.Random(settings.adapt_seed)
     progress("reading the corpus", 0.0)
@@ -137,8 +145,8 @@ def collect_pairs(run: AdaptRun, llm_questions=None) -> tuple[list[Pair], list[P
         generated += synthetic_questions(run.settings, run.passages, run.vectors, run.embedder,
                                          options.synthetic_questions, run.rng, llm=llm_questions)
     labelled: list[Pair] = []
-    if options.pairs_file:
-        labelled = _labelled(run, options.pairs_file, options.pairs_split)
+    if options.pairs_file or options.pairs_dataset:
+        labelled = _labelled(run, options.pairs_file, options.pairs_split, options.pairs_dataset)
     max_pairs = options.max_pairs or run.settings.adapt_max_pairs
     if len(generated) > max_pairs:
         generated = run.rng.sample(generated, max_pairs)
@@ -147,18 +155,25 @@ def collect_pairs(run: AdaptRun, llm_questions=None) -> tuple[list[Pair], list[P
     return generated, labelled
 
 
-def _labelled(run: AdaptRun, path: str, split: str) -> list[Pair]:
-    return labelled_pairs(read_labelled(Path(path), split), run.passages, run.vectors, run.embedder.embed_queries,
-                          tenant=run.options.tenant)
+def _labelled(run: AdaptRun, path: str | None, split: str, dataset: str | None = None) -> list[Pair]:
+    """Labelled pairs from a file (the in-process CLI) or from one of the tenant's uploaded datasets."""
+    if dataset is not None:
+        if run.datasets is None:
+            raise BadRequest("labelled datasets are read through the registry: run the adaptation as a job")
+        labels = run.datasets(dataset)
+    else:
+        labels = read_labelled(Path(str(path)), split)
+    return labelled_pairs(labels, run.passages, run.vectors, run.embedder.embed_queries, tenant=run.options.tenant)
 
 
 def choose_validation(run: AdaptRun, generated: list[Pair], labelled: list[Pair]) -> TrainingSet:
     """Step 2: validation pairs, labelled if given, else held-out documents of the pairs; the rest trains."""
     fraction, seed = run.settings.adapt_validation_fraction, run.seed
-    if run.options.validation_file:
-        val_pairs = _labelled(run, run.options.validation_file, run.options.validation_split)
+    if run.options.validation_file or run.options.validation_dataset:
+        val_pairs = _labelled(run, run.options.validation_file, run.options.validation_split,
+                              run.options.validation_dataset)
         train_pairs = generated + labelled
-        val_kind = f"labelled:{run.options.validation_file}"
+        val_kind = f"labelled:{run.options.validation_dataset or run.options.validation_file}"
     else:
         train_gen, val_gen = split_validation(generated, fraction, seed)
         if labelled:
@@ -209,15 +224,17 @@ def train_candidate(run: AdaptRun, train_pairs: list[Pair]) -> Candidate:
     epochs = options.epochs or settings.adapt_epochs
     selection = None
     data_hash = pairs_hash(train_pairs)
-    if options.cv_folds:
+    folds = cv_folds(settings, options)
+    if folds:
         cv_work = settings.encoders_dir / ".work" / f"cv-{data_hash}-{run.work_key}"
         selection = cross_validate_epochs(train_pairs, run.passages, run.registry.model_path(run.parent), cv_work,
-                                          settings, folds=options.cv_folds, grid=options.epoch_grid,
+                                          settings, folds=folds, grid=options.epoch_grid,
                                           max_seq_length=max_seq_length, seed=run.seed, progress=run.progress,
                                           teacher=settings.adapt_teacher_model)
         epochs = selection["chosen_epochs"]
         shutil.rmtree(cv_work, ignore_errors=True)
-    version = candidate_version(run.parent, data_hash, settings, epochs=epochs, max_seq_length=max_seq_length)
+    version = candidate_version(run.parent, data_hash, settings, epochs=epochs, max_seq_length=max_seq_length,
+                                tenant=options.tenant)
     folder = run.registry.folder(version)
     work = settings.encoders_dir / ".work" / f"{version}-{run.work_key}"
     work.mkdir(parents=True, exist_ok=True)
@@ -252,11 +269,12 @@ def gate_candidate(run: AdaptRun, data: TrainingSet, cand: Candidate, started: f
     overlap = float(neighbour_overlap(run.vectors, cand_vectors, EVAL_K, sample).mean()) if n > EVAL_K else 1.0
     record = EncoderRecord(
         version=cand.version, path=str(cand.folder / "model"), base_model=run.parent_record.base_model,
-        parent=run.parent, created_at=time.time(), status="candidate" if passed else "rejected",
+        parent=run.parent, tenant=run.options.tenant, created_at=time.time(), status="candidate" if passed else "rejected",
         training={**cand.training, "pairs": len(data.train),
                   "pairs_by_source": dict(collections.Counter(p.source for p in data.train)),
                   "hard_negatives_mined": data.hard_negatives_mined, "data_hash": pairs_hash(data.train),
                   "corpus_passages": n, "corpus_documents": len(set(docs)), "labelled_file": run.options.pairs_file,
+                  "labelled_dataset": run.options.pairs_dataset,
                   "duration_seconds": round(time.perf_counter() - started, 1),
                   "corpus_embed_seconds": round(embed_seconds, 1)},
         validation={"set": data.validation_kind, "labelled": not data.validation_kind.endswith("generated pairs"),
@@ -330,10 +348,21 @@ def should_promote(settings: Settings, record: EncoderRecord, options: AdaptOpti
                        or options.promote is True)
 
 
-def candidate_version(parent: str, data_hash: str, settings: Settings, *, epochs: int, max_seq_length: int) -> str:
-    """A readable, deterministic name: same parent, pairs and parameters → same version (so a retry resumes)."""
+def cv_folds(settings: Settings, options: AdaptOptions) -> int:
+    """How many folds choose the epochs: as asked; by default RAG_ADAPT_CV_FOLDS when labelled pairs are given
+    and no epoch count is (validation chose 2 epochs over the 1 a fixed default ran, on SciFact), else none."""
+    if options.cv_folds is not None:
+        return options.cv_folds
+    labelled = bool(options.pairs_file or options.pairs_dataset)
+    return settings.adapt_cv_folds if labelled and options.epochs is None else 0
+
+
+def candidate_version(parent: str, data_hash: str, settings: Settings, *, epochs: int, max_seq_length: int,
+                      tenant: str | None = None) -> str:
+    """A readable, deterministic name: same parent, tenant, pairs and parameters → same version (so a retry resumes)."""
     base = parent.split("-ft")[0][:40]
-    h = hashlib.sha256(f"{parent}|{data_hash}|{epochs}|{settings.adapt_batch_size}|"
+    owner = "" if tenant is None else f"{tenant}|"
+    h = hashlib.sha256(f"{owner}{parent}|{data_hash}|{epochs}|{settings.adapt_batch_size}|"
                        f"{settings.adapt_learning_rate}|{max_seq_length}|{settings.adapt_seed}|"
                        f"{settings.adapt_teacher_model}".encode()).hexdigest()[:10]
     return f"{base}-ft{h}"

@@ -43,6 +43,15 @@ def service_url(settings: Settings, url: str | None) -> str:
     return (url or f"http://{host}:{settings.port}").rstrip("/")
 
 
+def api_headers(settings: Settings, tenant: str | None = None) -> dict[str, str]:
+    """What a command-line tool sends to the service: RAG_API_KEY as a Bearer token; ``X-Tenant`` (honoured in
+    open mode, or for an operator key acting for a tenant) when a tenant is named."""
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    if tenant:
+        headers["X-Tenant"] = tenant
+    return headers
+
+
 def service_is_up(url: str) -> bool:
     try:
         return httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200
@@ -83,12 +92,13 @@ def _wait(job_ids: list[str], fetch: Callable[[str], dict], bar: tqdm, poll_s: f
         time.sleep(poll_s)
 
 
-def add_via_api(url: str, paths: list[Path], *, tenant: str, files_per_request: int = 20) -> Summary:
+def add_via_api(url: str, paths: list[Path], *, tenant: str, files_per_request: int = 20,
+                headers: dict[str, str] | None = None) -> Summary:
     """Upload files to the running service and follow their jobs to the end."""
     started = time.perf_counter()
     files = list(iter_paths(paths, SUPPORTED_SUFFIXES))
     job_ids: list[str] = []
-    headers = {"X-Tenant": tenant}
+    headers = {"X-Tenant": tenant, **(headers or {})}
     with httpx.Client(base_url=url, timeout=120.0, headers=headers) as client:
         with tqdm(total=len(files), desc="upload", unit="file") as bar:
             for start in range(0, len(files), files_per_request):
@@ -126,7 +136,7 @@ def add_in_process(settings: Settings, paths: list[Path], *, tenant: str) -> Sum
     files = list(iter_paths(paths, SUPPORTED_SUFFIXES))
     services = Services.build(settings)
     try:
-        worker = IngestWorker(settings, services.registry, services.store, services.embedder)
+        worker = IngestWorker(settings, services.registry, services.store, services.embedder, encoders=services.pool())
         services.registry.requeue_running()
         batch = settings.uploads_dir / uuid.uuid4().hex
         batch.mkdir(parents=True, exist_ok=True)

@@ -1,43 +1,80 @@
 """``python -m ingest adapt`` and ``python -m ingest encoders list|promote|rollback|prune``.
 
 Through the running service's API when one answers (its worker owns the store and runs the job),
-otherwise in this process under the store's lock.
+otherwise in this process under the store's lock. Over HTTP the tools present RAG_API_KEY; labelled
+files named on the command line are read here and uploaded as the tenant's datasets (the service
+never opens a path a caller names). ``--tenant`` acts for one tenant (an operator key's ``X-Tenant``;
+in-process, that tenant's encoder), ``--all-tenants`` for the default encoder.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 
-from ingest.cli import service_is_up, service_url
+from ingest.cli import api_headers, service_is_up, service_url
 from rag.errors import RagError
 from rag.settings import Settings
 
 
-def _wait_job(url: str, job_id: str, timeout_s: float = 24 * 3600) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    with httpx.Client(base_url=url, timeout=30) as client:
+class ServiceClient:
+    """The running service, with the tool's key (and tenant) on every request."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        self.url = url
+        self.headers = headers
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = httpx.post(f"{self.url}{path}", json=body, headers=self.headers, timeout=120)
+        if r.status_code >= 400:
+            try:
+                message = r.json().get("error", {}).get("message", r.text)
+            except ValueError:
+                message = r.text
+            raise RagError(f"{path}: {r.status_code} {message}")
+        return r.json()
+
+    def get(self, path: str) -> dict[str, Any]:
+        r = httpx.get(f"{self.url}{path}", headers=self.headers, timeout=30)
+        if r.status_code >= 400:
+            raise RagError(f"{path}: {r.status_code} {r.text}")
+        return r.json()
+
+    def wait_job(self, job_id: str, timeout_s: float = 24 * 3600) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        last = ""
         while time.monotonic() < deadline:
-            job = client.get(f"/v1/jobs/{job_id}").json()
+            job = self.get(f"/v1/jobs/{job_id}")
             if job.get("stage") != last:
                 last = job.get("stage") or ""
                 print(f"  {job['status']}: {last}", flush=True)
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 return job
             time.sleep(2)
-    raise RagError(f"job {job_id} did not finish within {timeout_s:.0f}s")
+        raise RagError(f"job {job_id} did not finish within {timeout_s:.0f}s")
+
+    def upload_labelled(self, path: Path, split: str, name: str) -> str:
+        """Read a labelled file or BEIR folder here and upload its pairs as a dataset; its id."""
+        from ingest.pairs import read_labelled
+
+        pairs = [{"query": q, "document_id": d} for q, d in read_labelled(path, split)]
+        record = self.post("/v1/datasets", {"name": name, "pairs": pairs})
+        print(f"uploaded {path} ({len(pairs)} pairs) as dataset {record['id']}")
+        return str(record["id"])
 
 
-def _post(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    r = httpx.post(f"{url}{path}", json=body, timeout=30)
-    if r.status_code >= 400:
-        raise RagError(f"{path}: {r.json().get('error', {}).get('message', r.text)}")
-    return r.json()
+def _client(settings: Settings, args) -> ServiceClient | None:
+    url = service_url(settings, args.url)
+    if not args.local and service_is_up(url):
+        return ServiceClient(url, api_headers(settings, getattr(args, "tenant", None)))
+    if args.url:
+        raise RagError(f"no service answers at {url}")
+    return None
 
 
 def print_record(rec: dict[str, Any]) -> None:
@@ -75,11 +112,19 @@ def run_adapt(settings: Settings, args) -> int:
         max_pairs=args.max_pairs, tenant=args.tenant,
         promote=False if args.no_promote else (True if args.promote else None), force=args.force,
     )
-    url = service_url(settings, args.url)
-    if not args.local and service_is_up(url):
-        job = _post(url, "/v1/encoders/adapt", msgspec.to_builtins(options))
-        print(f"adaptation queued as job {job['job_id']}")
-        done = _wait_job(url, job["job_id"])
+    client = _client(settings, args)
+    if client is not None:
+        body = {k: v for k, v in msgspec.to_builtins(options).items()
+                if k not in ("pairs_file", "pairs_split", "validation_file", "validation_split", "tenant")}
+        if args.pairs:
+            body["pairs_dataset"] = client.upload_labelled(args.pairs, args.pairs_split, f"{args.pairs.name} pairs")
+        if args.validation:
+            body["validation_dataset"] = client.upload_labelled(args.validation, args.validation_split,
+                                                                f"{args.validation.name} validation")
+        body["all_tenants"] = bool(args.all_tenants)
+        job = client.post("/v1/encoders/adapt", body)
+        print(f"adaptation queued as job {job['job_id']} (for {job.get('tenant')})")
+        done = client.wait_job(job["job_id"])
         if done["outcome"].get("record"):
             print_record(done["outcome"]["record"])
         if done["outcome"].get("promotion"):
@@ -88,17 +133,19 @@ def run_adapt(settings: Settings, args) -> int:
             print(f"error: {done.get('error')}")
             return 1
         return 0
-    if args.url:
-        print(f"error: no service answers at {url}")
-        return 1
     from rag.services import Services
 
     services = Services.build(settings)
     try:
-        record = adapt(settings, services.store, services.embedder, options)
+        tenant = options.tenant
+        pool = services.pool()
+        embedder = pool.for_tenant(tenant, fresh=True) if tenant else services.embedder
+        record = adapt(settings, services.store, embedder, options)
         print_record(msgspec.to_builtins(record))
         if should_promote(settings, record, options):
-            print(f"promotion:  {json.dumps(promote(settings, services.store, record.version, force=options.force))}")
+            out = promote(settings, services.store, record.version, pointers=services.registry, tenant=tenant,
+                          force=options.force)
+            print(f"promotion:  {json.dumps(out)}")
     finally:
         services.close()
     return 0 if record.validation.get("passed") else 3
@@ -107,21 +154,25 @@ def run_adapt(settings: Settings, args) -> int:
 def run_encoders(settings: Settings, args) -> int:
     from rag.encoders import EncoderRegistry, describe, version_of_collection
 
-    url = service_url(settings, args.url)
-    remote = not args.local and service_is_up(url)
+    client = _client(settings, args)
     if args.action == "list":
-        if remote:
-            data = httpx.get(f"{url}/v1/encoders", timeout=30).json()
+        if client is not None:
+            data = client.get("/v1/encoders")
             active, records = data["active"], data["encoders"]
         else:
+            from rag.registry import SqliteRegistry
             from rag.store import open_store
 
             store = open_store(settings)
+            registry = SqliteRegistry(settings.registry_path)
             try:
-                active = version_of_collection(store.get_active())
+                active = (registry.get_tenant_encoder(args.tenant) if args.tenant else None) or \
+                    version_of_collection(store.get_active())
             finally:
+                registry.close()
                 store.close()
-            records = [describe(r, active) for r in EncoderRegistry(settings.encoders_dir).list()]
+            records = [describe(r, active) for r in EncoderRegistry(settings.encoders_dir).list()
+                       if r.tenant is None or r.tenant == args.tenant]
         print(f"active: {active}")
         for r in records:
             v = r.get("validation") or {}
@@ -129,30 +180,38 @@ def run_encoders(settings: Settings, args) -> int:
             score = f"{m} {v['active'][m]:.4f}→{v['candidate'][m]:.4f}" if m else ""
             print(f"{'*' if r['active'] else ' '} {r['version']:<48} {r['status']:<9} parent={r.get('parent')} {score}")
         return 0
-    if remote:
+    if client is not None:
+        scope = {"all_tenants": bool(args.all_tenants)}
         if args.action == "prune":
-            job = _post(url, "/v1/encoders/prune", {"keep": list(args.keep)})
+            job = client.post("/v1/encoders/prune", {"keep": list(args.keep), **scope})
         else:
             path = "/v1/encoders/promote" if args.action == "promote" else "/v1/encoders/rollback"
-            job = _post(url, path, {"version": args.version, "force": getattr(args, "force", False)})
-        done = _wait_job(url, job["job_id"])
+            body = {"version": args.version, **scope}
+            if args.action == "promote":
+                body["force"] = bool(args.force)
+            job = client.post(path, body)
+        done = client.wait_job(job["job_id"])
         print(json.dumps(done["outcome"].get("promotion") or done["outcome"].get("pruned") or {}, indent=2))
         if done["status"] != "succeeded":
             print(f"error: {done.get('error')}")
             return 1
         return 0
     from ingest import promotion
+    from rag.registry import SqliteRegistry
     from rag.store import open_store
 
     store = open_store(settings)
+    registry = SqliteRegistry(settings.registry_path)
+    tenant = args.tenant
     try:
         if args.action == "promote":
-            out = promotion.promote(settings, store, args.version, force=args.force)
+            out = promotion.promote(settings, store, args.version, pointers=registry, tenant=tenant, force=args.force)
         elif args.action == "prune":
-            out = promotion.prune(settings, store, keep=list(args.keep))
+            out = promotion.prune(settings, store, keep=list(args.keep), pointers=registry, tenant=tenant)
         else:
-            out = promotion.rollback(settings, store, args.version)
+            out = promotion.rollback(settings, store, args.version, pointers=registry, tenant=tenant)
     finally:
+        registry.close()
         store.close()
     print(json.dumps(out, indent=2))
     return 0

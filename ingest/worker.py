@@ -20,16 +20,17 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import structlog
 
 from rag.chunking import chunk
-from rag.embedding import Embedder, SentenceTransformerEmbedder, model_version
-from rag.encoders import resolve_encoder_model
-from rag.errors import BadRequest, RagError, StoreError, TransientError
-from rag.index import ensure_collection_for
+from rag.embedding import Embedder
+from rag.encoder_pool import EncoderPool
+from rag.errors import BadRequest, NotFound, RagError, StoreError, TransientError
+from rag.index import collection_name, ensure_collection_for
 from rag.loaders import LoadFailure, LoadLimits, load
 from rag.quotas import chunk_room
 from rag.registry import DocumentRecord, DocumentResult, Job, JobItem, JobKind, JobStatus, Registry
@@ -82,6 +83,15 @@ def content_hash(doc: Document, signature: str) -> str:
     return h.hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class WriteTarget:
+    """The encoder a tenant's documents are embedded with, its collection, and the content-hash signature."""
+
+    embedder: Embedder
+    collection: str
+    signature: str
+
+
 class IngestWorker:
     """Runs ingest jobs from the registry against one store, one dense encoder and one sparse (BM25) encoder."""
 
@@ -92,13 +102,17 @@ class IngestWorker:
         store: VectorStore,
         embedder: Embedder,
         sparse: SparseEncoder | None = None,
+        encoders: EncoderPool | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.store = store
-        self.embedder = embedder
+        self.embedder = embedder  # the default encoder; a tenant with its own writes with that (``_target``)
         # The default encoder is the one the query side builds too (rag.search.Retriever).
         self.sparse = sparse if sparse is not None else SparseEncoder()
+        self.encoders = encoders if encoders is not None else EncoderPool(settings, store, registry, embedder,
+                                                                          self.sparse)
+        self._ensured: set[str] = set()
         self.encoding = get_encoding(settings.tokenizer_encoding)
         self.limits = LoadLimits.from_settings(settings)
         # The sparse configuration is part of what a document's stored vectors depend on: changing
@@ -111,6 +125,15 @@ class IngestWorker:
         self.heartbeat = time.monotonic()
         self.current_job: str | None = None  # the job this worker holds, for a supervisor to requeue
         self._renewed = 0.0
+
+    def _target(self, tenant: str) -> WriteTarget:
+        """Where the tenant's chunks go: its encoder (own or default, read fresh) and that encoder's collection."""
+        embedder = self.encoders.for_tenant(tenant, fresh=True)
+        collection = collection_name(embedder.version)
+        if collection not in self._ensured:
+            self.store.ensure_collection(collection, embedder.dimension)
+            self._ensured.add(collection)
+        return WriteTarget(embedder, collection, self._signature(embedder))
 
     def _signature(self, embedder: Embedder) -> str:
         s = self.settings
@@ -261,24 +284,29 @@ class IngestWorker:
 
         progress = ad.Progress(on_progress)
         outcome: dict = {}
+        params = dict(job.params)
+        tenant = params.get("tenant")  # None: the default encoder, for every tenant without its own
         try:
             if job.kind == JobKind.ADAPT:
-                options = msgspec.convert(job.params, ad.AdaptOptions)
-                record = ad.adapt(self.settings, self.store, self.embedder, options, progress=progress,
-                                  work_key=job.id)
+                owner = params.pop("dataset_tenant", None) or tenant
+                options = msgspec.convert(params, ad.AdaptOptions)
+                record = ad.adapt(self.settings, self.store, self._encoder_of(tenant), options, progress=progress,
+                                  work_key=job.id, datasets=lambda ds: self._dataset(owner, ds))
                 outcome["record"] = msgspec.to_builtins(record)
                 self.registry.set_stage(job.id, "gated", outcome)
                 if ad.should_promote(self.settings, record, options):
-                    outcome["promotion"] = ad.promote(self.settings, self.store, record.version, force=options.force,
-                                                      progress=progress)
+                    outcome["promotion"] = ad.promote(self.settings, self.store, record.version, pointers=self.registry,
+                                                      tenant=tenant, force=options.force, progress=progress)
             elif job.kind == JobKind.PROMOTE:
-                outcome["promotion"] = ad.promote(self.settings, self.store, str(job.params["version"]),
-                                                  force=bool(job.params.get("force")), progress=progress)
+                outcome["promotion"] = ad.promote(self.settings, self.store, str(params["version"]),
+                                                  pointers=self.registry, tenant=tenant,
+                                                  force=bool(params.get("force")), progress=progress)
             elif job.kind == JobKind.ROLLBACK:
-                outcome["promotion"] = ad.rollback(self.settings, self.store, job.params.get("version"),
-                                                   progress=progress)
+                outcome["promotion"] = ad.rollback(self.settings, self.store, params.get("version"),
+                                                   pointers=self.registry, tenant=tenant, progress=progress)
             elif job.kind == JobKind.PRUNE:
-                outcome["pruned"] = ad.prune(self.settings, self.store, keep=list(job.params.get("keep") or []))
+                outcome["pruned"] = ad.prune(self.settings, self.store, keep=list(params.get("keep") or []),
+                                             pointers=self.registry, tenant=tenant)
             else:
                 raise BadRequest(f"unknown job kind {job.kind!r}")
         except BaseException:
@@ -286,17 +314,30 @@ class IngestWorker:
             raise
         finally:
             if outcome.get("promotion", {}).get("switched"):
-                self.reload_encoder()
+                self.encoders.forget()
+                if tenant is None:
+                    self.reload_encoder()
         self.registry.set_stage(job.id, "done", outcome)
         return "succeeded", None
 
+    def _encoder_of(self, tenant: str | None) -> Embedder:
+        """The encoder an adaptation starts from: the tenant's (own or default), or the default's for None."""
+        if tenant is None:
+            return self.encoders.embedder(self.encoders.default_version(fresh=True))
+        return self.encoders.for_tenant(tenant, fresh=True)
+
+    def _dataset(self, tenant: str | None, dataset_id: str) -> list[tuple[str, str]]:
+        pairs = self.registry.dataset_pairs(tenant or "", dataset_id) if tenant else None
+        if pairs is None:
+            raise NotFound(f"dataset {dataset_id!r} not found")
+        return pairs
+
     def reload_encoder(self) -> None:
         """Write with the encoder of the active collection (after a promotion or rollback)."""
-        model = resolve_encoder_model(self.settings, self.store)
-        if model_version(model) == self.embedder.version:
+        version = self.encoders.default_version(fresh=True)
+        if version == self.embedder.version:
             return
-        embedder = SentenceTransformerEmbedder(model, batch_size=self.settings.encoder_batch_size,
-                                               device=self.settings.encoder_device)
+        embedder = self.encoders.embedder(version)
         self.embedder = embedder
         self.signature = self._signature(embedder)
         self.collection = ensure_collection_for(self.store, embedder)
@@ -375,6 +416,7 @@ class IngestWorker:
             by_id[d.id] = d
         known = self.registry.get_documents(tenant, list(by_id))
         deleted = self.registry.deleted_since(tenant, list(by_id), job.created_at)
+        target = self._target(tenant)
         results: list[DocumentResult] = []
         todo: list[tuple[Document, str, list[Chunk]]] = []
         for doc in by_id.values():
@@ -383,7 +425,7 @@ class IngestWorker:
                                               error=DELETED_PENDING))
                 continue
             try:
-                digest = content_hash(doc, self.signature)
+                digest = content_hash(doc, target.signature)
                 old = known.get(doc.id)
                 if old is not None and old.status == "indexed" and old.content_hash == digest:
                     results.append(DocumentResult(document_id=doc.id, status="unchanged", chunks=old.chunk_count,
@@ -404,7 +446,7 @@ class IngestWorker:
         if not todo:
             return results
         try:
-            results += self._write(job, todo, known)
+            results += self._write(job, todo, known, target)
         except INFRASTRUCTURE:
             raise
         except Exception as exc:  # noqa: BLE001 - find the documents that cause it: each alone
@@ -415,7 +457,7 @@ class IngestWorker:
             for one in todo:
                 self._checkpoint(job)
                 try:
-                    results += self._write(job, [one], known)
+                    results += self._write(job, [one], known, target)
                 except INFRASTRUCTURE:
                     raise
                 except Exception as exc_one:  # noqa: BLE001 - this document, and only it, fails
@@ -428,13 +470,13 @@ class IngestWorker:
                               error=f"could not index: {describe(exc)}")
 
     def _write(self, job: Job, todo: list[tuple[Document, str, list[Chunk]]],
-               known: dict[str, DocumentRecord]) -> list[DocumentResult]:
+               known: dict[str, DocumentRecord], target: WriteTarget) -> list[DocumentResult]:
         """Embed, upsert (invisible), publish and register ``todo``; a document deleted meanwhile is not published."""
         tenant = job.tenant
         texts = [embedding_text(doc.title, c.heading_path, c.text) for doc, _, chunks in todo for c in chunks]
         self.beat()
         t0 = time.perf_counter()
-        vectors = self.embedder.embed_documents(texts)
+        vectors = target.embedder.embed_documents(texts)
         embed_s = time.perf_counter() - t0
         self.beat()
         t0 = time.perf_counter()
@@ -448,31 +490,31 @@ class IngestWorker:
                                           sparse=sparse[row], payload=ChunkPayload(
                     tenant=tenant, document_id=doc.id, content_hash=digest, live=False, chunk_index=c.index,
                     text=c.text, title=doc.title, source=doc.source, start=c.start, end=c.end,
-                    heading_path=c.heading_path, metadata=doc.metadata, encoder_version=self.embedder.version,
+                    heading_path=c.heading_path, metadata=doc.metadata, encoder_version=target.embedder.version,
                     token_count=c.token_count,
                 ).to_payload()))
                 row += 1
-        self._with_retries(lambda: self.store.upsert(self.collection, points))
+        self._with_retries(lambda: self.store.upsert(target.collection, points))
         self.beat()
         # A delete of one of these documents since the job was created wins: it is not published.
         deleted = self.registry.deleted_since(tenant, [d.id for d, _, _ in todo], job.created_at)
         publish = [(d, h, cs) for d, h, cs in todo if d.id not in deleted]
         if publish:
-            self._with_retries(lambda: self.store.publish_many(self.collection, tenant,
+            self._with_retries(lambda: self.store.publish_many(target.collection, tenant,
                                                                [(d.id, h) for d, h, _ in publish]))
         records = []
         for doc, digest, chunks in publish:
             old = known.get(doc.id)
             records.append(DocumentRecord(
                 tenant=tenant, id=doc.id, title=doc.title, source=doc.source, content_hash=digest,
-                chunk_count=len(chunks), encoder_version=self.embedder.version, status="indexed",
+                chunk_count=len(chunks), encoder_version=target.embedder.version, status="indexed",
                 metadata=doc.metadata, created_at=old.created_at if old else 0.0,
             ))
         # The registry row is written in one transaction with the deletion check: a delete that came
         # between the check above and here still wins, and the chunks just published go again.
         deleted |= self.registry.upsert_documents_unless_deleted(records, job.created_at)
         for doc_id in sorted(deleted):
-            self._with_retries(lambda doc_id=doc_id: self.store.delete_document(self.collection, tenant, doc_id))
+            self._with_retries(lambda doc_id=doc_id: self.store.delete_document(target.collection, tenant, doc_id))
         results = []
         for doc, digest, chunks in todo:
             if doc.id in deleted:

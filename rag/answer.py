@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
 import anyio.to_thread
@@ -130,8 +130,10 @@ class AnswerPipeline:
     """Owns the answer path's components; ``answer`` and ``stream`` share ``prepare``."""
 
     def __init__(self, *, retriever, reranker: Reranker, embedder: Embedder, prompts: PromptSet, llm: LLM | None,
-                 settings: Settings) -> None:
+                 settings: Settings, retriever_for: Callable[[str], Any] | None = None) -> None:
         self.retriever = retriever
+        # The tenant's retriever (its own encoder once it adapted one); without it every tenant uses ``retriever``.
+        self.retriever_for = retriever_for
         self.reranker = reranker
         self.embedder = embedder
         self.prompts = prompts
@@ -147,7 +149,9 @@ class AnswerPipeline:
         question = req.question.strip()
         t0 = time.perf_counter()
         depth = max(req.top_k, self.settings.rerank_depth)
-        retriever = self.retriever  # a promotion may swap it; this request keeps the one it started with
+        # One retriever for the whole request (a promotion may swap the tenant's): encoder and collection match.
+        retriever = (self.retriever if self.retriever_for is None
+                     else await anyio.to_thread.run_sync(self.retriever_for, tenant))
         hits = await retriever.asearch(question, tenant=tenant, top_k=depth, mode=req.mode, filter=req.filter)
         retrieve_ms = (time.perf_counter() - t0) * 1000
         rr = await anyio.to_thread.run_sync(

@@ -35,6 +35,7 @@ class EncoderRecord(msgspec.Struct, kw_only=True):
     path: str  # model folder (or hub name for a base encoder)
     base_model: str
     parent: str | None = None
+    tenant: str | None = None  # the tenant whose documents trained it (it serves only that tenant); None: shared
     kind: str = "adapted"  # adapted | base
     created_at: float = 0.0
     status: str = "candidate"  # candidate | promoted | rejected | base
@@ -140,25 +141,35 @@ def describe(record: EncoderRecord, active_version: str | None) -> dict[str, Any
 
 
 class AdaptOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """What one adaptation run does (the CLI's flags, the body of POST /v1/encoders/adapt); settings give the defaults.
+    """What one adaptation run does (the CLI's flags; the worker's job); settings give the defaults.
 
-    ``pairs_file``/``validation_file`` are paths on the server: JSONL ``{query, document_id}`` or a BEIR folder.
+    ``pairs_file``/``validation_file`` are paths on the machine running it: only the in-process CLI sets
+    them. Over HTTP labelled sets are the tenant's uploaded datasets, named by id (``pairs_dataset``,
+    ``validation_dataset``); the API's body (:class:`rag.api.encoders.AdaptIn`) has no path fields.
     """
 
     pairs_file: str | None = None  # labelled pairs: JSONL {query, document_id} or a BEIR folder
     pairs_split: str = "train"  # qrels split of a BEIR folder
+    pairs_dataset: str | None = None  # labelled pairs: an uploaded dataset of the tenant
     validation_file: str | None = None  # labelled validation set (same formats); else held-out generated pairs
     validation_split: str = "dev"
+    validation_dataset: str | None = None
     unsupervised: bool = True  # generate title/ICT pairs from the corpus (mixed with labelled ones if any)
     synthetic_questions: int = 0  # passages to write LLM questions for (needs an LLM)
     epochs: int | None = None
-    cv_folds: int = 0  # ≥ 2: choose the epochs from epoch_grid by K-fold cross-validation on the labelled pairs
+    # ≥ 2: choose the epochs from epoch_grid by K-fold cross-validation on the training pairs; 0: off;
+    # None: RAG_ADAPT_CV_FOLDS when labelled pairs are given and epochs is not, else off.
+    cv_folds: int | None = None
     epoch_grid: list[int] = msgspec.field(default_factory=lambda: [1, 2, 3, 4])
     max_pairs: int | None = None
     max_seq_length: int | None = None
-    tenant: str | None = None  # train on one tenant's documents (default: all)
+    tenant: str | None = None  # train on (and switch) one tenant; None: every tenant's documents, the default
     promote: bool | None = None  # promote when the gate passes (default: settings.adapt_auto_promote)
     force: bool = False  # promote even when the gate fails (recorded as such)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.pairs_file or self.pairs_dataset)
 
 
 def check_options(options: AdaptOptions) -> None:
@@ -167,14 +178,18 @@ def check_options(options: AdaptOptions) -> None:
         raise BadRequest("epochs must be between 1 and 20")
     if options.max_pairs is not None and options.max_pairs < 10:
         raise BadRequest("max_pairs must be at least 10")
-    if not options.unsupervised and not options.pairs_file and not options.synthetic_questions:
-        raise BadRequest("nothing to train on: set unsupervised, pairs_file or synthetic_questions")
+    if options.pairs_file and options.pairs_dataset:
+        raise BadRequest("give pairs_file or pairs_dataset, not both")
+    if options.validation_file and options.validation_dataset:
+        raise BadRequest("give validation_file or validation_dataset, not both")
+    if not options.unsupervised and not options.labelled and not options.synthetic_questions:
+        raise BadRequest("nothing to train on: set unsupervised, pairs_dataset (pairs_file) or synthetic_questions")
     if options.cv_folds:
         if not 2 <= options.cv_folds <= 10:
             raise BadRequest("cv_folds must be 0 (off) or between 2 and 10")
-        if not options.pairs_file:
-            raise BadRequest("cv_folds chooses epochs on labelled pairs: give pairs_file")
-        if not options.epoch_grid or any(not 1 <= e <= 20 for e in options.epoch_grid):
-            raise BadRequest("epoch_grid must list epoch counts between 1 and 20")
+        if not options.labelled:
+            raise BadRequest("cv_folds chooses epochs on labelled pairs: give pairs_dataset (or pairs_file)")
         if options.epochs is not None:
             raise BadRequest("give either epochs or cv_folds (which chooses the epochs), not both")
+    if options.cv_folds != 0 and (not options.epoch_grid or any(not 1 <= e <= 20 for e in options.epoch_grid)):
+        raise BadRequest("epoch_grid must list epoch counts between 1 and 20")

@@ -135,6 +135,9 @@ class Registry(Protocol):
     def set_quotas(self, tenant: str, limits: dict[str, int]) -> None: ...
     def tenant_usage(self, tenant: str) -> dict[str, int]: ...
     def add_llm_tokens(self, tenant: str, tokens: int) -> None: ...
+    def get_tenant_encoder(self, tenant: str) -> str | None: ...
+    def set_tenant_encoder(self, tenant: str, version: str | None) -> None: ...
+    def tenant_encoders(self) -> dict[str, str]: ...
     def create_key(self, key: ApiKey) -> None: ...
     def get_key(self, key_id: str) -> ApiKey | None: ...
     def list_keys(self, tenant: str | None = None) -> list[ApiKey]: ...
@@ -177,6 +180,8 @@ CREATE TABLE IF NOT EXISTS llm_usage (
     tenant TEXT NOT NULL, period TEXT NOT NULL, start REAL NOT NULL, tokens INTEGER NOT NULL,
     PRIMARY KEY (tenant, period)
 );
+-- Each tenant's own encoder version (absent: the tenant searches with the default, the store's active pointer).
+CREATE TABLE IF NOT EXISTS tenant_encoders (tenant TEXT PRIMARY KEY, version TEXT NOT NULL, updated_at REAL NOT NULL);
 -- When a document was last deleted: an upload created before that must not bring it back
 -- ("the delete wins"); marks older than every pending job are pruned.
 CREATE TABLE IF NOT EXISTS deletions (
@@ -632,6 +637,27 @@ class SqliteRegistry:
                     "tokens = CASE WHEN ? - start < ? THEN tokens + excluded.tokens ELSE excluded.tokens END, "
                     "start = CASE WHEN ? - start < ? THEN start ELSE excluded.start END",
                     (tenant, period, now, tokens, now, length, now, length))
+
+    # ---- per-tenant encoders -----------------------------------------------------------------
+    def get_tenant_encoder(self, tenant: str) -> str | None:
+        """The tenant's own encoder version, None when it follows the default."""
+        row = self._conn().execute("SELECT version FROM tenant_encoders WHERE tenant = ?", (tenant,)).fetchone()
+        return row["version"] if row else None
+
+    def set_tenant_encoder(self, tenant: str, version: str | None) -> None:
+        """Point the tenant at ``version`` (None: back to following the default)."""
+        with self._tx() as db:
+            if version is None:
+                db.execute("DELETE FROM tenant_encoders WHERE tenant = ?", (tenant,))
+            else:
+                db.execute("INSERT INTO tenant_encoders (tenant, version, updated_at) VALUES (?, ?, ?) "
+                           "ON CONFLICT (tenant) DO UPDATE SET version = excluded.version, "
+                           "updated_at = excluded.updated_at", (tenant, version, time.time()))
+
+    def tenant_encoders(self) -> dict[str, str]:
+        """Every tenant with an encoder of its own → that version."""
+        rows = self._conn().execute("SELECT tenant, version FROM tenant_encoders ORDER BY tenant").fetchall()
+        return {r["tenant"]: r["version"] for r in rows}
 
     # ---- API keys ----------------------------------------------------------------------------
     def create_key(self, key: ApiKey) -> None:

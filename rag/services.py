@@ -21,6 +21,7 @@ import structlog
 from rag.answer import AnswerPipeline
 from rag.auth import bootstrap_key
 from rag.embedding import Embedder, load_embedder, model_version
+from rag.encoder_pool import EncoderPool
 from rag.encoders import resolve_encoder_model
 from rag.errors import RagError
 from rag.index import collection_name, ensure_collection_for
@@ -46,7 +47,8 @@ class Services:
     settings: Settings
     registry: Registry
     store: VectorStore
-    embedder: Embedder
+    embedder: Embedder  # the default encoder (tenants without one of their own search with it)
+    encoders: EncoderPool | None = None  # each tenant's encoder; built with the services
     collection: str = ""
     query_encoder: QueryEncoder | None = None
     retriever: Retriever | None = None
@@ -69,7 +71,8 @@ class Services:
         except BaseException:
             store.close()
             raise
-        services = cls(settings=settings, registry=registry, store=store, embedder=embedder)
+        services = cls(settings=settings, registry=registry, store=store, embedder=embedder,
+                       encoders=EncoderPool(settings, store, registry, embedder))
         services.closers += [registry.close, store.close]
         return services
 
@@ -85,6 +88,7 @@ class Services:
         self.query_encoder = retriever.query_encoder
         self.embedder = embedder
         self.collection = retriever.collection
+        self.pool().set_default(embedder, retriever)
         if self.answers is not None:
             self.answers.retriever = retriever
             self.answers.embedder = embedder
@@ -107,6 +111,17 @@ class Services:
         self.collection = ensure_collection_for(self.store, self.embedder)
         self.retriever = Retriever(self.store, self.collection, self.embedder, SparseEncoder(), self.settings)
         self.query_encoder = self.retriever.query_encoder
+        self.pool().set_default(self.embedder, self.retriever)
+
+    def pool(self) -> EncoderPool:
+        """Each tenant's encoder (built on first use for services assembled by hand, as tests do)."""
+        if self.encoders is None:
+            self.encoders = EncoderPool(self.settings, self.store, self.registry, self.embedder)
+        return self.encoders
+
+    def retriever_for(self, tenant: str) -> Retriever:
+        """The retriever of the tenant's encoder: its own once it promoted one, else the default (blocking: may load)."""
+        return self.pool().retriever_for(tenant)
 
 
 # A component that runs beside the API for the app's lifetime (e.g. the embedded ingest worker).
@@ -177,7 +192,8 @@ async def running(settings: Settings, services: Services | None = None,
                 stack.push_async_callback(llm.aclose)
             reranker = await anyio.to_thread.run_sync(load_reranker, settings)
             svc.answers = AnswerPipeline(retriever=svc.retriever, reranker=reranker, embedder=svc.embedder,
-                                         prompts=load_prompts(prompts_dir(settings)), llm=llm, settings=settings)
+                                         prompts=load_prompts(prompts_dir(settings)), llm=llm, settings=settings,
+                                         retriever_for=svc.retriever_for)
             for component in background:
                 stack.enter_context(component(svc))
             tg = await stack.enter_async_context(anyio.create_task_group())

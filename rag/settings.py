@@ -39,6 +39,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     auth: Literal["auto", "open", "keys"] = "auto"
     # An operator key's secret from the environment (a compose/k8s secret), registered at start as key "bootstrap".
     bootstrap_key: str = ""
+    # The key the command-line tools (python -m ingest/eval with a running service) present as a Bearer token.
+    api_key: str = ""
     cors_allow_origins: str = ""  # comma-separated origins a browser may call from; empty: no CORS
     # Limits (with keys): requests per second per key, refilled continuously, up to a burst; 0 turns it off.
     rate_limit_per_s: float = 20.0
@@ -99,7 +101,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # worker thread is restarted by its supervisor.
     worker_stale_s: float = 600.0  # an adaptation's corpus read or negative mining can go minutes without a beat
     # Domain adaptation (`python -m ingest adapt`, POST /v1/encoders/adapt)
-    adapt_epochs: int = 1
+    adapt_epochs: int = 1  # when no labelled pairs are given (with them, cross-validation chooses)
+    adapt_cv_folds: int = 3  # folds that choose the epochs when labelled pairs are given (0: use adapt_epochs)
     adapt_batch_size: int = 64  # the contrastive batch (in-batch negatives); cached: memory stays at the mini batch
     adapt_mini_batch_size: int = 16
     adapt_max_seq_length: int = 160  # training length; 2 CPU cores train ~3x faster than at 256
@@ -115,6 +118,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # Also auto-promote on held-out generated pairs (titles, inverse cloze): off, because on SciFact they
     # favoured a candidate that was worse on real queries (README, "Domain adaptation").
     adapt_promote_unlabelled: bool = False
+    encoder_cache_size: int = 4  # adapted encoders kept loaded (LRU) besides the default one
     encoder_poll_s: float = 1.0  # how often the API checks whether a promotion moved the active collection
     # Drift monitoring. The API keeps a uniform sample of this many query embeddings (vectors only,
     # never text) for `python -m eval drift --queries`; 0 turns it off and costs nothing.
@@ -136,6 +140,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.chunk_tokens >= 16, "chunk_tokens", "must be at least 16"),
             (0 <= self.chunk_overlap < self.chunk_tokens, "chunk_overlap", "must be >= 0 and below RAG_CHUNK_TOKENS"),
             (self.encoder_batch_size >= 1, "encoder_batch_size", "must be at least 1"),
+            (self.encoder_cache_size >= 1, "encoder_cache_size", "must be at least 1"),
+            (self.adapt_cv_folds == 0 or 2 <= self.adapt_cv_folds <= 10, "adapt_cv_folds", "must be 0 or 2-10"),
             (1 <= self.port <= 65535, "port", "must be a TCP port (1-65535)"),
             (self.max_upload_bytes >= 1, "max_upload_bytes", "must be positive"),
             (self.max_top_k >= 1, "max_top_k", "must be positive"),

@@ -46,22 +46,30 @@ def corpus(shared_data: Path) -> list[dict]:
     return docs
 
 
-def _upload(client, corpus: list[dict]) -> None:
+def _upload(client, corpus: list[dict], headers: dict | None = None) -> None:
     body = "\n".join(json.dumps(d) for d in corpus).encode()
-    r = client.post("/v1/documents", files={"file": ("corpus.jsonl", body, "application/jsonl")})
+    r = client.post("/v1/documents", files={"file": ("corpus.jsonl", body, "application/jsonl")}, headers=headers)
     assert r.status_code == 202, r.text
     job_id = r.json()["jobs"][0]["job_id"]
-    job = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["status"] in ("succeeded", "failed") and j,
-                   timeout=300)
+    job = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}", headers=headers).json())["status"]
+                   in ("succeeded", "failed") and j, timeout=300)
     assert job["status"] == "succeeded", job
 
 
-def _run_job(client, path: str, body: dict, timeout: float = 300) -> dict:
-    r = client.post(path, json=body)
+def _run_job(client, path: str, body: dict, timeout: float = 300, headers: dict | None = None) -> dict:
+    r = client.post(path, json=body, headers=headers)
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
-    return wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["status"]
+    return wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}", headers=headers).json())["status"]
                     in ("succeeded", "failed", "cancelled") and j, timeout=timeout, interval=0.2)
+
+
+def _dataset(client, pairs: list[tuple[str, str]], headers: dict | None = None) -> str:
+    """Upload labelled pairs as a dataset of the caller's tenant; its id."""
+    r = client.post("/v1/datasets", json={"name": "pairs", "pairs": [{"query": q, "document_id": d} for q, d in pairs]},
+                    headers=headers)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
 
 
 def _versions_in(store, collection: str) -> set[str]:
@@ -146,7 +154,8 @@ def test_labelled_pairs_formats_and_errors(tmp_path: Path):
 # --- training, gate, promotion ------------------------------------------------------------------
 
 
-def test_adapt_promote_rollback_switch_what_search_uses(app_client, corpus, embedder):
+def test_the_operator_adapts_and_switches_the_default_encoder_for_every_tenant(app_client, corpus, embedder):
+    """``all_tenants``: the default encoder (every tenant without its own) is adapted, promoted, rolled back, pruned."""
     client = app_client
     _upload(client, corpus)
     base = embedder.version
@@ -154,11 +163,11 @@ def test_adapt_promote_rollback_switch_what_search_uses(app_client, corpus, embe
     before = client.post("/v1/search", json={"query": probe["title"], "top_k": 3, "mode": "dense"}).json()
     assert before["encoder_version"] == base and before["results"][0]["document_id"] == probe["_id"]
 
-    job = _run_job(client, "/v1/encoders/adapt", {"promote": False, "epochs": 1})
+    job = _run_job(client, "/v1/encoders/adapt", {"promote": False, "epochs": 1, "all_tenants": True})
     assert job["status"] == "succeeded", job
     rec = job["outcome"]["record"]
     version = rec["version"]
-    assert rec["parent"] == base and version != base
+    assert rec["parent"] == base and version != base and rec["tenant"] is None
     assert rec["training"]["pairs"] > 0 and set(rec["training"]["pairs_by_source"]) <= {"title", "ict"}
     assert rec["training"]["loss"] == "CachedMultipleNegativesRankingLoss"
     assert rec["validation"]["queries"] > 0 and "ndcg@10" in rec["validation"]["active"]
@@ -170,7 +179,7 @@ def test_adapt_promote_rollback_switch_what_search_uses(app_client, corpus, embe
     listing = client.get("/v1/encoders").json()
     assert listing["active"] == base and {e["version"] for e in listing["encoders"]} == {base, version}
 
-    job = _run_job(client, "/v1/encoders/promote", {"version": version, "force": True})
+    job = _run_job(client, "/v1/encoders/promote", {"version": version, "force": True, "all_tenants": True})
     assert job["status"] == "succeeded", job
     assert job["outcome"]["promotion"]["switched"] and job["outcome"]["promotion"]["points"] > 0
     wait_for(lambda: client.services.embedder.version == version, timeout=60)
@@ -190,7 +199,7 @@ def test_adapt_promote_rollback_switch_what_search_uses(app_client, corpus, embe
     hit = client.post("/v1/search", json={"query": "zebrafish fin regeneration", "top_k": 1}).json()
     assert hit["results"][0]["document_id"] == "extra-doc"
 
-    job = _run_job(client, "/v1/encoders/rollback", {})
+    job = _run_job(client, "/v1/encoders/rollback", {"all_tenants": True})
     assert job["status"] == "succeeded", job
     wait_for(lambda: client.services.embedder.version == base, timeout=60)
     back = client.post("/v1/search", json={"query": "zebrafish fin regeneration", "top_k": 1}).json()
@@ -200,21 +209,102 @@ def test_adapt_promote_rollback_switch_what_search_uses(app_client, corpus, embe
 
     # Prune drops what no longer serves (the base is active and has no parent); the registry keeps the version,
     # and promoting it again rebuilds its collection from the active one.
-    assert client.post("/v1/encoders/prune", json={"keep": ["nope"]}).status_code == 404
-    job = _run_job(client, "/v1/encoders/prune", {})
+    assert client.post("/v1/encoders/prune", json={"keep": ["nope"], "all_tenants": True}).status_code == 404
+    job = _run_job(client, "/v1/encoders/prune", {"all_tenants": True})
     assert job["status"] == "succeeded", job
     assert job["outcome"]["pruned"]["dropped"] == [collection_name(version)]
     assert collection_name(version) not in store.list_collections()
     assert client.post("/v1/search", json={"query": "zebrafish fin regeneration", "top_k": 1}).json()[
         "results"][0]["document_id"] == "extra-doc"
-    assert _run_job(client, "/v1/encoders/prune", {})["outcome"]["pruned"]["dropped"] == []
-    job = _run_job(client, "/v1/encoders/promote", {"version": version, "force": True})
+    assert _run_job(client, "/v1/encoders/prune", {"all_tenants": True})["outcome"]["pruned"]["dropped"] == []
+    job = _run_job(client, "/v1/encoders/promote", {"version": version, "force": True, "all_tenants": True})
     assert job["status"] == "succeeded", job
     rebuilt = job["outcome"]["promotion"]
     assert rebuilt["copied"] == rebuilt["points"] == rebuilt["embedded"] + rebuilt["reused_vectors"]
     wait_for(lambda: client.services.embedder.version == version, timeout=60)
     assert _versions_in(store, collection_name(version)) == {version}
     assert store.count(collection_name(version)) == store.count(collection_name(base))
+
+
+
+def _ranked(client, queries: list[str], headers: dict, mode: str) -> tuple[set[str], list[list[tuple[str, float]]]]:
+    """The encoder versions that answered and every query's (chunk id, score) ranking."""
+    versions, rankings = set(), []
+    for q in queries:
+        r = client.post("/v1/search", json={"query": q, "top_k": 5, "mode": mode}, headers=headers)
+        assert r.status_code == 200, r.text
+        versions.add(r.json()["encoder_version"])
+        rankings.append([(h["chunk_id"], h["score"]) for h in r.json()["results"]])
+    return versions, rankings
+
+
+def test_a_tenant_adapts_alone_and_no_other_tenant_result_moves(app_client, corpus, embedder):
+    """A adapts and promotes: B's results are identical (ids and scores) before and after, B cannot see, use or roll
+    back A's version, A's rollback restores A's exact results, and A's prune touches nothing of B's."""
+    client, store = app_client, app_client.services.store
+    A, B = {"X-Tenant": "acme"}, {"X-Tenant": "globex"}
+    base = embedder.version
+    _upload(client, corpus, A)
+    _upload(client, corpus, B)
+    queries = [d["title"] for d in corpus[:10]]
+
+    def snapshot(headers: dict) -> dict[str, tuple]:
+        return {mode: _ranked(client, queries, headers, mode) for mode in ("dense", "hybrid")}
+
+    a0, b0 = snapshot(A), snapshot(B)
+    assert a0["dense"][0] == b0["dense"][0] == {base}
+    job = _run_job(client, "/v1/encoders/adapt", {"promote": False, "epochs": 1}, headers=A)
+    assert job["status"] == "succeeded", job
+    rec = job["outcome"]["record"]
+    version = rec["version"]
+    assert rec["tenant"] == "acme" and rec["parent"] == base
+    assert rec["training"]["corpus_documents"] == len(corpus)  # A's documents only, not B's copy
+    # To B, A's version does not exist; B has nothing of its own to roll back.
+    assert version not in {e["version"] for e in client.get("/v1/encoders", headers=B).json()["encoders"]}
+    for path in ("/v1/encoders/promote", "/v1/encoders/rollback"):
+        r = client.post(path, json={"version": version}, headers=B)
+        assert r.status_code == 404 and version in r.json()["error"]["message"], r.text
+    r = client.post("/v1/encoders/rollback", json={}, headers=B)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "nothing_to_roll_back"
+    # The default cannot become A's version either.
+    r = client.post("/v1/encoders/promote", json={"version": version, "all_tenants": True}, headers=A)
+    assert r.status_code == 400 and "one tenant" in r.json()["error"]["message"]
+
+    job = _run_job(client, "/v1/encoders/promote", {"version": version, "force": True}, headers=A)
+    assert job["status"] == "succeeded", job
+    assert job["outcome"]["promotion"]["points"] == store.count(collection_name(base), tenant="acme")
+    wait_for(lambda: _ranked(client, queries[:1], A, "dense")[0] == {version}, timeout=60)
+    a1 = snapshot(A)
+    assert a1["dense"][0] == {version} and a1["dense"][1] != a0["dense"][1]
+    assert client.get("/v1/encoders", headers=A).json()["active"] == version
+    assert client.get("/v1/encoders", headers=B).json()["active"] == base == client.services.embedder.version
+    assert snapshot(B) == b0
+    assert store.count(collection_name(version), tenant="globex") == 0
+    assert _versions_in(store, collection_name(version)) == {version}
+
+    # A's uploads now go to A's collection under A's encoder; B's results still do not move.
+    extra = {"_id": "extra-doc", "title": "Zebrafish fin regeneration after amputation",
+             "text": "Zebrafish regenerate amputated fins through blastema formation within days."}
+    _upload(client, [extra], A)
+    assert store.count(collection_name(version), tenant="acme", document_id="extra-doc") > 0
+    assert store.count(collection_name(base), tenant="acme", document_id="extra-doc") == 0
+    assert snapshot(B) == b0
+    assert client.post("/v1/search", json={"query": "zebrafish fin regeneration", "top_k": 1},
+                       headers=B).json()["results"][0]["document_id"] != "extra-doc"
+
+    job = _run_job(client, "/v1/encoders/rollback", {}, headers=A)
+    assert job["status"] == "succeeded", job
+    wait_for(lambda: _ranked(client, queries[:1], A, "dense")[0] == {base}, timeout=60)
+    assert snapshot(A) == a0  # A's exact rankings and scores again
+    hit = client.post("/v1/search", json={"query": "zebrafish fin regeneration", "top_k": 1}, headers=A).json()
+    assert hit["results"][0]["document_id"] == "extra-doc"  # synced back: written while A's version served
+    assert snapshot(B) == b0
+
+    # A's prune drops A's copy under the version it left (and that collection, A's own and now empty).
+    job = _run_job(client, "/v1/encoders/prune", {}, headers=A)
+    assert job["status"] == "succeeded", job
+    assert job["outcome"]["pruned"]["dropped"] == [collection_name(version)]
+    assert snapshot(A) == a0 and snapshot(B) == b0
 
 
 def test_adapting_an_empty_corpus_fails_the_job_with_the_reason(app_client):
@@ -230,15 +320,11 @@ def test_gate_rejects_a_candidate_trained_on_shuffled_pairs(app_client, corpus, 
     _upload(client, corpus)
     ids = [d["_id"] for d in corpus]
     wrong = ids[1:] + ids[:1]  # every title points at another document
-    shuffled = tmp_path / "shuffled.jsonl"
     # Training queries (each abstract's first sentence) all name the wrong document; the gate asks with the second.
-    shuffled.write_text("\n".join(json.dumps({"query": d["text"].split(". ")[0], "document_id": w})
-                                  for d, w in zip(corpus, wrong)))
-    truth = tmp_path / "truth.jsonl"
-    truth.write_text("\n".join(json.dumps({"query": d["text"].split(". ")[1], "document_id": d["_id"]})
-                               for d in corpus))
-    job = _run_job(client, "/v1/encoders/adapt", {"pairs_file": str(shuffled), "unsupervised": False,
-                                                  "validation_file": str(truth), "cv_folds": 2,
+    shuffled = _dataset(client, [(d["text"].split(". ")[0], w) for d, w in zip(corpus, wrong)])
+    truth = _dataset(client, [(d["text"].split(". ")[1], d["_id"]) for d in corpus])
+    job = _run_job(client, "/v1/encoders/adapt", {"pairs_dataset": shuffled, "unsupervised": False,
+                                                  "validation_dataset": truth, "cv_folds": 2,
                                                   "epoch_grid": [2, 3]})
     assert job["status"] == "succeeded", job
     rec = job["outcome"]["record"]
@@ -270,7 +356,7 @@ def test_searches_keep_answering_while_the_corpus_is_re_embedded(app_client, cor
         versions.add(res.json()["encoder_version"])
     assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
     assert answers and sum(answers) >= 0.9 * len(answers)
-    wait_for(lambda: client.services.embedder.version == version, timeout=60)
+    assert client.get("/v1/encoders").json()["active"] == version
 
 
 def test_training_resumes_from_its_last_checkpoint_after_a_crash(settings, embedder, corpus, tmp_path: Path):
@@ -323,14 +409,19 @@ def test_cross_validation_chooses_epochs_on_held_out_documents(settings, embedde
 
 
 def test_adapt_requests_that_cannot_run_get_a_400_naming_the_problem(app_client):
-    for body, problem in (({"cv_folds": 3}, "pairs_file"), ({"cv_folds": 1, "pairs_file": "x"}, "cv_folds"),
-                          ({"cv_folds": 2, "pairs_file": "x", "epochs": 2}, "either epochs or cv_folds"),
-                          ({"cv_folds": 2, "pairs_file": "x", "epoch_grid": [0]}, "epoch_grid"),
+    for body, problem in (({"cv_folds": 3}, "pairs_dataset"), ({"cv_folds": 1, "pairs_dataset": "x"}, "cv_folds"),
+                          ({"cv_folds": 2, "pairs_dataset": "x", "epochs": 2}, "either epochs or cv_folds"),
+                          ({"cv_folds": 2, "pairs_dataset": "x", "epoch_grid": [0]}, "epoch_grid"),
+                          # No field names a path on the server: labelled sets are uploaded datasets.
+                          ({"pairs_file": "/etc/passwd"}, "pairs_file"), ({"validation_file": "/x"}, "validation_file"),
+                          ({"tenant": "other"}, "tenant"),
                           ({"epochs": 50}, "epochs"), ({"unsupervised": False}, "nothing to train on"),
                           ({"cv_fold": 2}, "cv_fold")):
         r = app_client.post("/v1/encoders/adapt", json=body)
         assert r.status_code == 400, (body, r.text)
         assert problem in r.text, (body, r.text)
+    r = app_client.post("/v1/encoders/adapt", json={"pairs_dataset": "ds_nope"})
+    assert r.status_code == 404 and "ds_nope" in r.json()["error"]["message"]
     assert not [j for j in app_client.get("/v1/encoders").json()["jobs"] if j["kind"] == "adapt"]
 
 
@@ -350,3 +441,20 @@ def test_auto_promotion_needs_a_labelled_gate(settings):
     assert not should_promote(settings, record(True, True), AdaptOptions(promote=False))
     unlabelled_ok = msgspec.structs.replace(settings, adapt_promote_unlabelled=True)
     assert should_promote(unlabelled_ok, record(True, False), default)
+
+
+def test_labelled_pairs_without_epochs_get_cross_validated_epochs_by_default(settings):
+    """The API's default recipe is the one validation chose: with labelled pairs and no epoch count,
+    RAG_ADAPT_CV_FOLDS-fold cross-validation picks the epochs; without labels, RAG_ADAPT_EPOCHS runs."""
+    from ingest.adapt import cv_folds
+    from rag.encoders import AdaptOptions
+
+    assert settings.adapt_cv_folds == 3
+    assert cv_folds(settings, AdaptOptions(pairs_dataset="ds_x")) == 3
+    assert cv_folds(settings, AdaptOptions(pairs_file="pairs.jsonl")) == 3
+    assert cv_folds(settings, AdaptOptions()) == 0  # nothing labelled to cross-validate on
+    assert cv_folds(settings, AdaptOptions(pairs_dataset="ds_x", epochs=2)) == 0  # asked for: as asked
+    assert cv_folds(settings, AdaptOptions(pairs_dataset="ds_x", cv_folds=0)) == 0
+    assert cv_folds(settings, AdaptOptions(pairs_dataset="ds_x", cv_folds=5)) == 5
+    off = msgspec.structs.replace(settings, adapt_cv_folds=0)
+    assert cv_folds(off, AdaptOptions(pairs_dataset="ds_x")) == 0

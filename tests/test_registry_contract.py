@@ -660,6 +660,32 @@ class TestEncoderJobs:
 # ---- queued_count --------------------------------------------------------------------------------------
 
 
+class TestTenantEncoders:
+    def test_a_tenant_follows_the_default_until_pointed(self, registry: Registry) -> None:
+        assert registry.get_tenant_encoder("t1") is None
+        assert registry.tenant_encoders() == {}
+
+    def test_pointers_are_per_tenant_and_move(self, registry: Registry) -> None:
+        registry.set_tenant_encoder("t1", "v1")
+        registry.set_tenant_encoder("t2", "v2")
+        registry.set_tenant_encoder("t1", "v3")
+        assert registry.get_tenant_encoder("t1") == "v3"
+        assert registry.get_tenant_encoder("t2") == "v2"
+        assert registry.tenant_encoders() == {"t1": "v3", "t2": "v2"}
+
+    def test_clearing_returns_a_tenant_to_the_default(self, registry: Registry) -> None:
+        registry.set_tenant_encoder("t1", "v1")
+        registry.set_tenant_encoder("t1", None)
+        registry.set_tenant_encoder("t9", None)  # clearing what was never set is harmless
+        assert registry.get_tenant_encoder("t1") is None
+        assert registry.tenant_encoders() == {}
+
+    def test_a_second_handle_sees_the_pointer(self, open_registry: Opener) -> None:
+        first, second = open_registry(), open_registry()
+        first.set_tenant_encoder("t1", "v1")
+        assert second.get_tenant_encoder("t1") == "v1"
+
+
 class TestQueuedCount:
     def test_counts_jobs_not_yet_final(self, registry: Registry) -> None:
         assert registry.queued_count() == 0

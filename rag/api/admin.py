@@ -6,11 +6,13 @@ routes are for operators only: keep ``/v1/admin/`` off the public network (READM
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import get, post
+from litestar.params import Parameter
 
 from rag.api.deps import access
+from rag.auth import TENANT_PATTERN
 from rag.errors import NotFound
 from rag.query_sample import QuerySample, QuerySampleOut
 from rag.services import Services
@@ -18,8 +20,9 @@ from rag.services import Services
 QUERY_SAMPLE_FILE = "query-sample.npy"
 
 
-def _sample(svc: Services) -> QuerySample:
-    retriever = svc.retriever
+def _sample(svc: Services, tenant: str | None) -> QuerySample:
+    # Each encoder version samples the queries it embeds; a tenant's encoder is its own once it adapted one.
+    retriever = svc.retriever if tenant is None else svc.retriever_for(tenant)
     sample = getattr(retriever, "query_sample", None)
     if sample is None:
         raise NotFound("query sampling is off; set RAG_QUERY_SAMPLE_SIZE to a positive size to turn it on",
@@ -28,15 +31,16 @@ def _sample(svc: Services) -> QuerySample:
 
 
 @get("/v1/admin/query-sample", sync_to_thread=True, summary="The sample of query embeddings (vectors only)", **access("operator", 404))
-def query_sample(svc: Services) -> QuerySampleOut:
-    """Rows in arrival order with their arrival number and time; 404 ``query_sample_disabled`` when off."""
-    return _sample(svc).snapshot()
+def query_sample(svc: Services, tenant: Annotated[str | None, Parameter(query="tenant", pattern=TENANT_PATTERN)] = None) -> QuerySampleOut:
+    """Rows in arrival order with their arrival number and time (of the default encoder, or of the encoder
+    ``tenant`` searches with); 404 ``query_sample_disabled`` when off."""
+    return _sample(svc, tenant).snapshot()
 
 
 @post("/v1/admin/query-sample/export", sync_to_thread=True, status_code=200,
       summary="Write the query sample to <data_dir>/query-sample.npy (+ .json)", **access("operator", 404))
 def export_query_sample(svc: Services) -> dict[str, Any]:
-    sample = _sample(svc)
+    sample = _sample(svc, None)
     path = sample.save(svc.settings.data_dir / QUERY_SAMPLE_FILE)
     return {"path": str(path), "metadata": str(path.with_suffix(".json")), "count": len(sample), "seen": sample.seen,
             "encoder_version": sample.encoder_version}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import anyio.to_thread
 from litestar import post
 
 from rag.api.deps import Caller, access, check_query
@@ -17,7 +18,8 @@ async def search(data: SearchIn, svc: Services, caller: Caller) -> SearchOut:
     """``mode``: ``dense``, ``sparse`` or ``hybrid`` (RRF of both in one store query); default RAG_SEARCH_MODE."""
     # Checked before paying for the query encode.
     query = check_query(svc.settings, data.query, data.top_k, data.filter)
-    retriever = svc.retriever  # one retriever for the whole request: its encoder and collection belong together
+    # One retriever for the whole request, the tenant's: its encoder and collection belong together.
+    retriever = await anyio.to_thread.run_sync(svc.retriever_for, caller.tenant)
     mode = retriever.mode_of(data.mode)
     started = time.perf_counter()
     hits = await retriever.asearch(query, tenant=caller.tenant, top_k=data.top_k, mode=mode, filter=data.filter)

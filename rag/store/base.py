@@ -336,6 +336,18 @@ class QdrantLikeStore(ABC):
                     self._flush(handle)
         return removed
 
+    def delete_tenant(self, collection: str, tenant: str) -> int:
+        """Delete every point of the tenant in ``collection``; returns how many there were, counted just before."""
+        flt = self._filter(must=[self._eq("tenant", tenant)])
+        with self._writing():
+            handle = self._collection(collection)
+            with self._errors(f"deleting from {collection!r}", collection):
+                removed = self._count_raw(handle, flt)
+                if removed:
+                    self._delete_raw(handle, flt)
+                    self._flush(handle)
+        return removed
+
     # -- shared: reads -----------------------------------------------------------------------------
 
     def search(
@@ -408,7 +420,9 @@ class QdrantLikeStore(ABC):
             yield ([str((r.payload or {}).get("document_id", "")) for r in records],
                    [list(r.vector[VECTOR_NAME]) for r in records])
 
-    def iter_points(self, collection: str, *, batch_size: int = 256) -> Iterator[list[PointRecord]]:
-        """Every point with payload and vectors, scrolled in batches (each its own short engine call)."""
-        for records in self._scroll(collection, batch_size=batch_size):
+    def iter_points(self, collection: str, *, tenant: str | None = None,
+                    batch_size: int = 256) -> Iterator[list[PointRecord]]:
+        """Every point (of ``tenant`` when given) with payload and vectors, scrolled in batches (each its own short engine call)."""
+        flt = self._fields(tenant=tenant, live=None) if tenant is not None else None
+        for records in self._scroll(collection, batch_size=batch_size, flt=flt):
             yield [_record_from(r.id, r.payload, r.vector) for r in records]

@@ -115,6 +115,10 @@ class VectorStore(Protocol):
         """Remove every point of the document (any generation); returns how many were removed."""
         ...
 
+    def delete_tenant(self, collection: str, tenant: str) -> int:
+        """Delete every point of ``tenant`` in ``collection`` (a tenant's copy under an encoder it left); the count removed."""
+        ...
+
     def search(
         self,
         collection: str,
@@ -162,9 +166,9 @@ class VectorStore(Protocol):
         ...
 
     def iter_points(
-        self, collection: str, *, batch_size: int = 256
+        self, collection: str, *, tenant: str | None = None, batch_size: int = 256
     ) -> Iterator[list[PointRecord]]:
-        """Every point (any tenant, live or not) with payload, dense and sparse vectors, a batch at a time.
+        """Every point (of ``tenant``, else any tenant; live or not) with payload, dense and sparse vectors, a batch at a time.
 
         Re-embedding into a new encoder's collection copies payloads and sparse vectors from here.
         """

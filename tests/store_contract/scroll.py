@@ -33,6 +33,16 @@ class ScrollTest:
                 stored = dict(zip(back.sparse.indices, back.sparse.values, strict=True))
                 assert stored == pytest.approx(dict(zip(p.sparse.indices, p.sparse.values, strict=True)))
 
+    def test_iter_points_of_one_tenant_yields_only_its_points(self, store: VectorStore) -> None:
+        a = index(store, "a", "d1", "h", unit_vectors(3, 126))
+        staged = make_points("a", "d2", "h", unit_vectors(2, 127))
+        store.upsert(COLL, staged)  # live or not, a tenant's points all come
+        index(store, "b", "d1", "h", unit_vectors(4, 128))
+        got = [p for b in store.iter_points(COLL, tenant="a", batch_size=2) for p in b]
+        assert sorted(p.id for p in got) == sorted(p.id for p in a + staged)
+        assert {p.payload["tenant"] for p in got} == {"a"}
+        assert list(store.iter_points(COLL, tenant="nobody")) == []
+
     def test_iter_dense_yields_the_vectors_a_filter_selects(self, store: VectorStore) -> None:
         a = index(store, "a", "d1", "h", unit_vectors(3, 123))
         index(store, "b", "d2", "h", unit_vectors(2, 124))

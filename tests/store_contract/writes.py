@@ -37,6 +37,17 @@ class WriteTest:
         assert store.delete_document(COLL, "a", "doc") == 2
         assert store.count(COLL, tenant="b", document_id="doc") == 2
 
+    def test_delete_tenant_removes_its_points_and_only_its(self, store: VectorStore) -> None:
+        index(store, "a", "d1", "h1", unit_vectors(3, 15))
+        store.upsert(COLL, make_points("a", "d2", "h1", unit_vectors(2, 16)))  # staged ones go too
+        kept = index(store, "b", "d1", "h1", unit_vectors(2, 17))
+        assert store.delete_tenant(COLL, "a") == 5
+        assert store.count(COLL, tenant="a") == 0
+        assert store.count(COLL, tenant="b") == 2
+        hits = store.search(COLL, kept[0].vector, tenant="b", top_k=10)
+        assert {h.id for h in hits} == {p.id for p in kept}
+        assert store.delete_tenant(COLL, "a") == 0
+
 
 class PublishTest:
     """A generation is invisible until published; publishing replaces the older generations."""
