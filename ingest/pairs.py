@@ -15,7 +15,6 @@ the current encoder scores nearly as high as the positive.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
@@ -28,6 +27,7 @@ import msgspec
 import numpy as np
 import structlog
 
+from rag.datasets import DatasetLimits, parse_beir, parse_jsonl
 from rag.errors import BadRequest
 from rag.extractive import split_sentences
 from rag.store import VectorStore
@@ -39,6 +39,10 @@ ICT_KEEP_SENTENCE = 0.1
 MIN_QUERY_WORDS = 4
 # A labelled file (pairs JSONL, BEIR queries or qrels) is read whole; larger than this is refused.
 MAX_LABELLED_FILE_BYTES = 256 * 1024 * 1024
+# An operator's local files: the file bound above, and none on pairs or text lengths (uploads have theirs).
+LOCAL_FILE_LIMITS = DatasetLimits(max_bytes=MAX_LABELLED_FILE_BYTES, max_pairs=2**62,
+                                  max_query_chars=MAX_LABELLED_FILE_BYTES,
+                                  max_document_id_chars=MAX_LABELLED_FILE_BYTES, max_json_depth=256)
 
 
 class Passage(msgspec.Struct, kw_only=True):
@@ -127,8 +131,8 @@ def best_passage_per_document(passages: Sequence[Passage]) -> dict[tuple[str, st
     return by_doc
 
 
-def read_regular_text(path: Path, limit: int = MAX_LABELLED_FILE_BYTES) -> str:
-    """The UTF-8 text of a regular file of at most ``limit`` bytes.
+def read_regular_bytes(path: Path, limit: int = MAX_LABELLED_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes.
 
     The path comes from a caller: a FIFO would block the reading worker forever, a device never
     ends, so anything but a regular file is refused (checked on the opened file, so that a path
@@ -149,6 +153,12 @@ def read_regular_text(path: Path, limit: int = MAX_LABELLED_FILE_BYTES) -> str:
         data = f.read(limit + 1)
     if len(data) > limit:  # it grew after the size check
         raise BadRequest(f"{path} has more than {limit} bytes; a labelled file may have at most {limit}")
+    return data
+
+
+def read_regular_text(path: Path, limit: int = MAX_LABELLED_FILE_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most ``limit`` bytes (see :func:`read_regular_bytes`)."""
+    data = read_regular_bytes(path, limit)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -156,42 +166,20 @@ def read_regular_text(path: Path, limit: int = MAX_LABELLED_FILE_BYTES) -> str:
 
 
 def read_labelled(path: Path, split: str = "train") -> list[tuple[str, str]]:
-    """(query, document id) pairs from a JSONL file, or from a BEIR folder's queries and qrels/<split>.tsv."""
+    """(query, document id) pairs from a JSONL file, or from a BEIR folder's queries and qrels/<split>.tsv.
+
+    The files are read here (regular files only, bounded); their text is parsed by ``rag.datasets``, the
+    parser that tenants' uploaded datasets go through too.
+    """
     path = Path(path)
-    out: list[tuple[str, str]] = []
     if path.is_dir():
-        queries: dict[str, str] = {}
         qfile = path / "queries.jsonl"
         qrels = path / "qrels" / f"{split}.tsv"
         if not qfile.exists() or not qrels.exists():
             raise BadRequest(f"{path} is not a BEIR folder with queries.jsonl and qrels/{split}.tsv")
-        for n, line in enumerate(read_regular_text(qfile).splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    queries[str(row["_id"])] = str(row["text"])
-                except (ValueError, KeyError) as exc:
-                    raise BadRequest(f"{qfile}:{n}: not a query line ({exc})") from exc
-        for n, line in enumerate(read_regular_text(qrels).splitlines(), 1):
-            cols = line.strip().split("\t")
-            if len(cols) < 3 or cols[0] in ("query-id", "query_id"):
-                continue
-            try:
-                score = float(cols[2])
-            except ValueError as exc:
-                raise BadRequest(f"{qrels}:{n}: score {cols[2]!r} is not a number") from exc
-            if score > 0 and cols[0] in queries:
-                out.append((queries[cols[0]], cols[1]))
-        return out
-    for n, line in enumerate(read_regular_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            out.append((str(row["query"]), str(row["document_id"])))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise BadRequest(f"{path}:{n}: expected {{\"query\": ..., \"document_id\": ...}} ({exc})") from exc
-    return out
+        return parse_beir(read_regular_bytes(qfile), read_regular_bytes(qrels), queries_source=str(qfile),
+                          qrels_source=str(qrels), limits=LOCAL_FILE_LIMITS)
+    return parse_jsonl(read_regular_bytes(path), source=str(path), limits=LOCAL_FILE_LIMITS)
 
 
 def labelled_pairs(labels: Iterable[tuple[str, str]], passages: Sequence[Passage], vectors: np.ndarray,

@@ -1,4 +1,5 @@
-"""Per-tenant quotas (documents, chunks, concurrent ingest jobs, LLM tokens per minute and per day).
+"""Per-tenant quotas (documents, chunks, concurrent ingest jobs, LLM tokens per minute and per day, labelled
+datasets).
 
 Defaults come from settings (``RAG_QUOTA_*``, 0: none); an operator overrides them for one tenant with
 ``PUT /v1/quotas/{tenant}``, stored in the registry so every API process and worker applies the same.
@@ -13,14 +14,16 @@ from typing import Any, Protocol
 from rag.errors import TooManyRequests
 from rag.settings import Settings
 
-__all__ = ["QUOTAS", "check_llm_tokens", "check_upload", "chunk_room", "effective_quotas", "quota_report"]
+__all__ = ["QUOTAS", "check_datasets", "check_llm_tokens", "check_upload", "chunk_room", "effective_quotas",
+           "quota_report", "usage"]
 
-QUOTAS = ("documents", "chunks", "concurrent_jobs", "llm_tokens_per_minute", "llm_tokens_per_day")
+QUOTAS = ("documents", "chunks", "concurrent_jobs", "llm_tokens_per_minute", "llm_tokens_per_day", "datasets")
 
 
 class QuotaStore(Protocol):
     def get_quotas(self, tenant: str) -> dict[str, int]: ...
     def tenant_usage(self, tenant: str) -> dict[str, int]: ...
+    def list_datasets(self, tenant: str) -> list[Any]: ...
 
 
 def effective_quotas(registry: QuotaStore, settings: Settings, tenant: str) -> dict[str, int]:
@@ -29,9 +32,14 @@ def effective_quotas(registry: QuotaStore, settings: Settings, tenant: str) -> d
     return {name: int(overrides.get(name, getattr(settings, f"quota_{name}"))) for name in QUOTAS}
 
 
+def usage(registry: QuotaStore, tenant: str) -> dict[str, int]:
+    """What the tenant uses now of every quota (the registry's usage, and its datasets)."""
+    return {**registry.tenant_usage(tenant), "datasets": len(registry.list_datasets(tenant))}
+
+
 def quota_report(registry: QuotaStore, settings: Settings, tenant: str) -> dict[str, Any]:
     return {"tenant": tenant, "quotas": effective_quotas(registry, settings, tenant),
-            "usage": registry.tenant_usage(tenant)}
+            "usage": usage(registry, tenant)}
 
 
 def _over(name: str, limit: int, used: int, retry_after_s: float) -> TooManyRequests:
@@ -47,6 +55,16 @@ def check_upload(registry: QuotaStore, settings: Settings, tenant: str, new_jobs
         raise _over("documents", quotas["documents"], usage["documents"], 3600)
     if quotas["concurrent_jobs"] and usage["concurrent_jobs"] + new_jobs > quotas["concurrent_jobs"]:
         raise _over("concurrent_jobs", quotas["concurrent_jobs"], usage["concurrent_jobs"], 5)
+
+
+def check_datasets(registry: QuotaStore, settings: Settings, tenant: str) -> None:
+    """Before a dataset is stored: the tenant keeps fewer datasets than its quota."""
+    limit = effective_quotas(registry, settings, tenant)["datasets"]
+    if not limit:
+        return
+    used = len(registry.list_datasets(tenant))
+    if used >= limit:
+        raise _over("datasets", limit, used, 3600)
 
 
 def chunk_room(registry: QuotaStore, settings: Settings, tenant: str) -> int | None:

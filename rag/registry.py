@@ -24,6 +24,7 @@ import msgspec
 import structlog
 
 from rag.auth import ApiKey
+from rag.datasets import DatasetFormat, DatasetRecord, new_dataset_id
 
 log = structlog.get_logger("rag.registry")
 
@@ -142,6 +143,14 @@ class Registry(Protocol):
     def get_key(self, key_id: str) -> ApiKey | None: ...
     def list_keys(self, tenant: str | None = None) -> list[ApiKey]: ...
     def revoke_key(self, key_id: str) -> bool: ...
+    # ---- datasets: every method takes the tenant; another tenant's id is the same as a missing one ----
+    def create_dataset(self, tenant: str, name: str, pairs: Sequence[tuple[str, str]], *, split: str,
+                       format: DatasetFormat, size: int, sha256: str) -> DatasetRecord: ...
+    def get_dataset(self, tenant: str, dataset_id: str) -> DatasetRecord | None: ...
+    def list_datasets(self, tenant: str) -> list[DatasetRecord]: ...
+    def delete_dataset(self, tenant: str, dataset_id: str) -> bool: ...
+    def dataset_pairs(self, tenant: str, dataset_id: str) -> list[tuple[str, str]] | None: ...
+    # ---- end datasets ----
     def close(self) -> None: ...
 
 
@@ -188,6 +197,18 @@ CREATE TABLE IF NOT EXISTS deletions (
     tenant TEXT NOT NULL, document_id TEXT NOT NULL, deleted_at REAL NOT NULL,
     PRIMARY KEY (tenant, document_id)
 );
+-- ---- datasets: labelled (query, document id) pairs a tenant uploaded (rag/datasets.py) ----
+CREATE TABLE IF NOT EXISTS datasets (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, split TEXT NOT NULL, format TEXT NOT NULL,
+    pairs INTEGER NOT NULL, queries INTEGER NOT NULL, bytes INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS datasets_tenant ON datasets (tenant, created_at);
+CREATE TABLE IF NOT EXISTS dataset_pairs (
+    dataset_id TEXT NOT NULL, seq INTEGER NOT NULL, query TEXT NOT NULL, document_id TEXT NOT NULL,
+    PRIMARY KEY (dataset_id, seq)
+);
+-- ---- end datasets ----
 """
 
 # The next job, fairly across tenants: first the tenant with the fewest jobs running now (a per-tenant
@@ -687,6 +708,66 @@ class SqliteRegistry:
             cur = db.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                              (time.time(), key_id))
             return cur.rowcount > 0
+
+    # ---- datasets (labelled pairs a tenant uploaded; every query carries the tenant) ----------------
+    _DATASET_COLUMNS = "id, tenant, name, split, format, pairs, queries, bytes, sha256, created_at"
+
+    def create_dataset(self, tenant: str, name: str, pairs: Sequence[tuple[str, str]], *, split: str,
+                       format: DatasetFormat, size: int, sha256: str) -> DatasetRecord:
+        """Store a dataset and its pairs (in their order) in one transaction; its id is new and random."""
+        pairs = list(pairs)
+        record = DatasetRecord(id=new_dataset_id(), tenant=tenant, name=name, split=split, format=format,
+                               pairs=len(pairs), queries=len({q for q, _ in pairs}), bytes=size, sha256=sha256,
+                               created_at=time.time())
+        with self._tx() as db:
+            db.execute(f"INSERT INTO datasets ({self._DATASET_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (record.id, tenant, name, split, format, record.pairs, record.queries, size, sha256,
+                        record.created_at))
+            db.executemany("INSERT INTO dataset_pairs (dataset_id, seq, query, document_id) VALUES (?, ?, ?, ?)",
+                           ((record.id, i, q, d) for i, (q, d) in enumerate(pairs)))
+        return record
+
+    def get_dataset(self, tenant: str, dataset_id: str) -> DatasetRecord | None:
+        row = self._conn().execute(f"SELECT {self._DATASET_COLUMNS} FROM datasets WHERE tenant = ? AND id = ?",
+                                   (tenant, dataset_id)).fetchone()
+        return self._dataset_record(row) if row else None
+
+    def list_datasets(self, tenant: str) -> list[DatasetRecord]:
+        """The tenant's datasets, oldest first."""
+        rows = self._conn().execute(
+            f"SELECT {self._DATASET_COLUMNS} FROM datasets WHERE tenant = ? ORDER BY created_at, id", (tenant,)
+        ).fetchall()
+        return [self._dataset_record(r) for r in rows]
+
+    def delete_dataset(self, tenant: str, dataset_id: str) -> bool:
+        """Delete a dataset and its pairs; False when the tenant has no such dataset."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM datasets WHERE tenant = ? AND id = ?", (tenant, dataset_id))
+            if not cur.rowcount:
+                return False
+            db.execute("DELETE FROM dataset_pairs WHERE dataset_id = ?", (dataset_id,))
+        return True
+
+    def dataset_pairs(self, tenant: str, dataset_id: str) -> list[tuple[str, str]] | None:
+        """A dataset's (query, document id) pairs in upload order; None when the tenant has no such dataset."""
+        db = self._conn()
+        db.execute("BEGIN")  # one snapshot: a delete between the two reads cannot show a dataset without pairs
+        try:
+            if self.get_dataset(tenant, dataset_id) is None:
+                return None
+            rows = db.execute("SELECT query, document_id FROM dataset_pairs WHERE dataset_id = ? ORDER BY seq",
+                              (dataset_id,)).fetchall()
+        finally:
+            db.execute("COMMIT")
+        return [(r["query"], r["document_id"]) for r in rows]
+
+    @staticmethod
+    def _dataset_record(row: sqlite3.Row) -> DatasetRecord:
+        return DatasetRecord(id=row["id"], tenant=row["tenant"], name=row["name"], split=row["split"],
+                             format=row["format"], pairs=row["pairs"], queries=row["queries"], bytes=row["bytes"],
+                             sha256=row["sha256"], created_at=row["created_at"])
+
+    # ---- end datasets ----------------------------------------------------------------------------------
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -51,6 +51,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     quota_concurrent_jobs: int = 0
     quota_llm_tokens_per_minute: int = 0
     quota_llm_tokens_per_day: int = 0
+    quota_datasets: int = 100  # labelled datasets a tenant keeps (POST /v1/datasets)
     port: int = 8000
     max_upload_bytes: int = 50 * 1024 * 1024
     max_files_per_upload: int = 100
@@ -63,6 +64,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_title_chars: int = 1000
     max_json_depth: int = 32  # nesting of any JSON body, multipart metadata or JSONL line
     max_query_chars: int = 2000
+    # Labelled datasets (POST /v1/datasets): the file or JSON body as sent, and the pairs in one dataset.
+    dataset_max_bytes: int = 32 * 1024 * 1024
+    dataset_max_pairs: int = 200_000
     max_top_k: int = 100
     page_size_max: int = 500
     # Retrieval (hybrid fusion and reranking)
@@ -145,6 +149,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (1 <= self.port <= 65535, "port", "must be a TCP port (1-65535)"),
             (self.max_upload_bytes >= 1, "max_upload_bytes", "must be positive"),
             (self.max_top_k >= 1, "max_top_k", "must be positive"),
+            (self.dataset_max_bytes >= 1, "dataset_max_bytes", "must be positive"),
+            (self.dataset_max_pairs >= 1, "dataset_max_pairs", "must be positive"),
+            (self.quota_datasets >= 0, "quota_datasets", "must be >= 0 (0: no quota)"),
             (self.max_decompressed_bytes >= 1, "max_decompressed_bytes", "must be positive"),
             (self.max_pdf_pages >= 1, "max_pdf_pages", "must be positive"),
             (self.max_metadata_bytes >= 2, "max_metadata_bytes", "must be at least 2"),

@@ -45,6 +45,10 @@ SPEC_SCOPES: dict[tuple[str, str], str | None] = {
     ("POST", "/v1/keys"): "admin",
     ("DELETE", "/v1/keys/{key_id}"): "admin",
     ("GET", "/v1/quotas"): "admin",
+    ("GET", "/v1/datasets"): "admin",
+    ("POST", "/v1/datasets"): "admin",
+    ("GET", "/v1/datasets/{dataset_id}"): "admin",
+    ("DELETE", "/v1/datasets/{dataset_id}"): "admin",
     ("PUT", "/v1/quotas/{tenant}"): "operator",
     ("POST", "/v1/encoders/adapt"): "admin",
     ("POST", "/v1/encoders/promote"): "admin",
@@ -64,6 +68,7 @@ BODIES: dict[tuple[str, str], dict] = {
     ("POST", "/v1/chat/completions"): {"messages": [{"role": "user", "content": "How do basalt columns form?"}]},
     ("POST", "/v1/keys"): {"scopes": ["read"], "name": "matrix"},
     ("PUT", "/v1/quotas/{tenant}"): {"chunks": 0},  # 0: no quota (what it already is)
+    ("POST", "/v1/datasets"): {"name": "matrix", "pairs": [{"query": "basalt columns", "document_id": A_DOC}]},
     ("POST", "/v1/encoders/adapt"): {"epochs": 0},  # refused with 400 before anything is queued
     ("POST", "/v1/encoders/promote"): {"version": "no-such-version"},  # 404
     ("POST", "/v1/encoders/rollback"): {"version": "no-such-version"},  # 404
@@ -72,7 +77,8 @@ BODIES: dict[tuple[str, str], dict] = {
 
 # Routes that destroy what they name: callers of tenant A (and the operator) get a placeholder id (a 404 is
 # fine); the other tenant gets A's real id and must get a 404 that leaves A's resource in place.
-DESTRUCTIVE = {("DELETE", "/v1/documents/{document_id}"), ("DELETE", "/v1/keys/{key_id}")}
+DESTRUCTIVE = {("DELETE", "/v1/documents/{document_id}"), ("DELETE", "/v1/keys/{key_id}"),
+               ("DELETE", "/v1/datasets/{dataset_id}")}
 
 CALLERS = ["no key", "revoked key", "expired key", "other tenant", "read", "write", "admin", "operator"]
 
@@ -110,6 +116,7 @@ class World:
     key_ids: dict[str, str] = field(default_factory=dict)
     scopes: dict[str, set[str]] = field(default_factory=dict)
     job_id: str = ""
+    dataset_id: str = ""  # tenant A's labelled dataset
 
     def call(self, method: str, path: str, secret: str | None, body=None, **headers: str):
         return self.client.request(method, path, headers=bearer(secret, **headers),
@@ -161,6 +168,9 @@ def world(tmp_path_factory, embedder) -> Iterator[World]:
                 return job if job.get("status") in ("succeeded", "failed", "cancelled") else None
 
             assert wait_for(done, timeout=120)["status"] == "succeeded"
+            made = w.call("POST", "/v1/datasets", w.secrets["admin"], BODIES[("POST", "/v1/datasets")])
+            assert made.status_code == 201, made.text
+            w.dataset_id = made.json()["id"]
             yield w
     finally:
         registry.close()
@@ -195,6 +205,7 @@ def _path_values(w: World, method: str, template: str, who: str) -> dict[str, st
     return {
         "document_id": "matrix-missing-doc" if destructive else A_DOC,
         "job_id": w.job_id,
+        "dataset_id": "ds_matrix_missing" if destructive else w.dataset_id,
         "key_id": "ffffffffffff" if destructive else w.key_ids["read"],
         "tenant": A,
     }
@@ -202,7 +213,7 @@ def _path_values(w: World, method: str, template: str, who: str) -> dict[str, st
 
 def _a_leaks(w: World, text: str) -> list[str]:
     """Which of tenant A's identifiers or content a response body shows."""
-    leaks = [s for s in (A_DOC, A_MARKER, w.job_id) if s in text]
+    leaks = [s for s in (A_DOC, A_MARKER, w.job_id, w.dataset_id) if s in text]
     leaks += [f"key {k}" for who, k in w.key_ids.items() if who in ("read", "write", "admin", "A writer") and k in text]
     return leaks
 
@@ -264,6 +275,7 @@ def test_authorization_matrix_from_the_route_table(world):
 
     # The other tenant's attempts changed nothing of A's.
     assert w.call("GET", f"/v1/documents/{A_DOC}", w.secrets["read"]).status_code == 200
+    assert w.call("GET", f"/v1/datasets/{w.dataset_id}", w.secrets["admin"]).status_code == 200
     assert w.call("GET", "/v1/documents", w.secrets["read"]).status_code == 200
     expected_cells = len(declared) * len(CALLERS)
     assert cells == expected_cells

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import msgspec
 import pytest
 
+from rag.datasets import DatasetRecord
 from rag.registry import (
     GAVE_UP,
     DocumentRecord,
@@ -737,3 +738,82 @@ class TestConcurrency:
         assert set(every) == jobs
         assert all(shared.get_job(j).attempts == 1 and shared.get_job(j).status == "succeeded" for j in jobs)
         assert shared.queued_count() == 0
+
+
+# ---- datasets: labelled pairs owned by a tenant ------------------------------------------------------
+
+
+def make_dataset(registry: Registry, tenant: str = "t1", name: str = "feedback",
+                 pairs: list[tuple[str, str]] | None = None, **kw: Any) -> DatasetRecord:
+    pairs = [("what is x?", "d1"), ("what is y?", "d2"), ("what is x?", "d3")] if pairs is None else pairs
+    base: dict[str, Any] = dict(split="train", format="jsonl", size=123, sha256="ab" * 32)
+    return registry.create_dataset(tenant, name, pairs, **(base | kw))
+
+
+class TestDatasets:
+    def test_a_created_dataset_reads_back_with_its_counts(self, registry: Registry) -> None:
+        before = time.time()
+        record = make_dataset(registry, split="dev", format="beir-zip", size=4567, sha256="cd" * 32)
+        assert record.id.startswith("ds_") and len(record.id) > 16
+        assert (record.tenant, record.name, record.split, record.format) == ("t1", "feedback", "dev", "beir-zip")
+        assert (record.pairs, record.queries, record.bytes, record.sha256) == (3, 2, 4567, "cd" * 32)
+        assert before <= record.created_at <= time.time()
+        assert registry.get_dataset("t1", record.id) == record
+        assert registry.list_datasets("t1") == [record]
+
+    def test_pairs_read_back_in_their_order_duplicates_and_all(self, registry: Registry) -> None:
+        pairs = [("q ü €", "d/1"), ("q2", "d2"), ("q ü €", "d/1"), ("\u2028 odd", "7")]
+        record = make_dataset(registry, pairs=pairs)
+        assert registry.dataset_pairs("t1", record.id) == pairs
+        assert (record.pairs, record.queries) == (4, 3)
+
+    def test_many_pairs_round_trip(self, registry: Registry) -> None:
+        pairs = [(f"query {n}", f"doc-{n % 97}") for n in range(5000)]
+        record = make_dataset(registry, pairs=pairs)
+        assert registry.dataset_pairs("t1", record.id) == pairs
+
+    def test_ids_are_unique_even_for_the_same_content(self, registry: Registry) -> None:
+        ids = {make_dataset(registry).id for _ in range(5)}
+        assert len(ids) == 5
+        assert len(registry.list_datasets("t1")) == 5
+
+    def test_an_unknown_id_is_none_everywhere(self, registry: Registry) -> None:
+        assert registry.get_dataset("t1", "ds_missing") is None
+        assert registry.dataset_pairs("t1", "ds_missing") is None
+        assert registry.delete_dataset("t1", "ds_missing") is False
+        assert registry.list_datasets("t1") == []
+
+    def test_another_tenants_id_behaves_exactly_like_a_missing_one(self, registry: Registry) -> None:
+        mine = make_dataset(registry, tenant="t1")
+        assert registry.get_dataset("t2", mine.id) is None
+        assert registry.dataset_pairs("t2", mine.id) is None
+        assert registry.delete_dataset("t2", mine.id) is False
+        assert registry.list_datasets("t2") == []
+        # Nothing of t1's changed.
+        assert registry.get_dataset("t1", mine.id) == mine
+        assert registry.dataset_pairs("t1", mine.id) == [("what is x?", "d1"), ("what is y?", "d2"),
+                                                        ("what is x?", "d3")]
+
+    def test_lists_hold_only_the_tenants_own_oldest_first(self, registry: Registry) -> None:
+        first = make_dataset(registry, name="first")
+        theirs = make_dataset(registry, tenant="t2", name="theirs")
+        time.sleep(0.01)
+        second = make_dataset(registry, name="second")
+        assert [d.id for d in registry.list_datasets("t1")] == [first.id, second.id]
+        assert registry.list_datasets("t2") == [theirs]
+
+    def test_delete_removes_the_dataset_and_its_pairs_only(self, registry: Registry) -> None:
+        gone, kept = make_dataset(registry), make_dataset(registry, pairs=[("q", "d")])
+        assert registry.delete_dataset("t1", gone.id) is True
+        assert registry.get_dataset("t1", gone.id) is None
+        assert registry.dataset_pairs("t1", gone.id) is None
+        assert registry.delete_dataset("t1", gone.id) is False
+        assert registry.list_datasets("t1") == [kept]
+        assert registry.dataset_pairs("t1", kept.id) == [("q", "d")]
+
+    def test_a_second_handle_sees_the_same_datasets(self, open_registry: Opener) -> None:
+        a, b = open_registry(), open_registry()
+        record = make_dataset(a)
+        assert b.get_dataset("t1", record.id) == record
+        assert b.delete_dataset("t1", record.id) is True
+        assert a.get_dataset("t1", record.id) is None

@@ -1,6 +1,7 @@
 """The Litestar application: ``create_app(settings, services=None, background=())``.
 
-Routes live in one module per resource (documents, jobs, search, answers, encoders, admin, health);
+Routes live in one module per resource (documents, jobs, search, answers, encoders, keys, quotas, datasets,
+admin, health);
 handlers receive the services and the tenant by dependency injection (``rag.api.deps``); resources
 are built and started by the core (``rag.services.running``), never here.
 """
@@ -16,18 +17,18 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
-from rag.api import admin, answers, documents, encoders, health, jobs, keys, quotas, search
+from rag.api import admin, answers, datasets, documents, encoders, health, jobs, keys, quotas, search
 from rag.api.deps import DEPENDENCIES, authorize, declared_scope, undeclared
 from rag.api.errors import EXCEPTION_HANDLERS
 from rag.api.middleware import RequestContextMiddleware, reject_deep_json
-from rag.api.openapi import add_links, describe_upload, mark_public
+from rag.api.openapi import add_links, describe_dataset_upload, describe_upload, mark_public
 from rag.services import Background, Services, running
 from rag.settings import Settings
 
 __all__ = ["create_app"]
 
 ROUTES = [*documents.ROUTES, *jobs.ROUTES, *search.ROUTES, *answers.ROUTES, *encoders.ROUTES, *keys.ROUTES, *quotas.ROUTES,
-          *admin.ROUTES, *health.ROUTES]
+          *datasets.ROUTES, *admin.ROUTES, *health.ROUTES]
 
 
 def create_app(settings: Settings, services: Services | None = None, background: tuple[Background, ...] = ()) -> Litestar:
@@ -64,5 +65,5 @@ def create_app(settings: Settings, services: Services | None = None, background:
     # Generated once and cached: the served document carries these additions.
     public = [(path, method.lower()) for h in ROUTES if declared_scope(h) is None
               for path in h.paths for method in h.http_methods]
-    add_links(describe_upload(mark_public(app.openapi_schema, public)))
+    add_links(describe_dataset_upload(describe_upload(mark_public(app.openapi_schema, public))))
     return app

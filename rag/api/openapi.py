@@ -10,7 +10,7 @@ from __future__ import annotations
 from litestar.openapi.spec import Link, OpenAPI, OpenAPIMediaType, RequestBody, Schema
 from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 
-__all__ = ["add_links", "describe_upload", "mark_public"]
+__all__ = ["add_links", "describe_dataset_upload", "describe_upload", "mark_public"]
 
 # (source path, method, status) → [(link name, target path, target method, {parameter: runtime expression})]
 _LINKS: dict[tuple[str, str, str], list[tuple[str, str, str, dict[str, str]]]] = {
@@ -23,6 +23,10 @@ _LINKS: dict[tuple[str, str, str], list[tuple[str, str, str, dict[str, str]]]] =
     ],
     ("/v1/documents/{document_id}", "get", "200"): [
         ("DeleteDocument", "/v1/documents/{document_id}", "delete", {"document_id": "$response.body#/id"}),
+    ],
+    ("/v1/datasets", "post", "201"): [
+        ("GetDataset", "/v1/datasets/{dataset_id}", "get", {"dataset_id": "$response.body#/id"}),
+        ("DeleteDataset", "/v1/datasets/{dataset_id}", "delete", {"dataset_id": "$response.body#/id"}),
     ],
     ("/v1/encoders/adapt", "post", "202"): [
         ("GetJob", "/v1/jobs/{job_id}", "get", {"job_id": "$response.body#/job_id"}),
@@ -76,6 +80,38 @@ def describe_upload(schema: OpenAPI) -> OpenAPI:
                 "document_id": document_id,
                 "title": text,
                 "metadata": Schema(type=OpenAPIType.STRING, description="a JSON object"),
+            },
+        )),
+    })
+    return schema
+
+
+def describe_dataset_upload(schema: OpenAPI) -> OpenAPI:
+    """The dataset upload reads its body itself too (a multipart file or JSON pairs): declare both shapes."""
+    operation = getattr((schema.paths or {}).get("/v1/datasets"), "post", None)
+    if operation is None:
+        return schema
+    name = Schema(type=OpenAPIType.STRING, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    split = Schema(type=OpenAPIType.STRING, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                   description="the BEIR qrels split (qrels/<split>.tsv); default train")
+    pair = Schema(type=OpenAPIType.OBJECT, required=["query", "document_id"], additional_properties=False,
+                  properties={"query": Schema(type=OpenAPIType.STRING, min_length=1, max_length=2000),
+                              "document_id": Schema(type=OpenAPIType.STRING, min_length=1, max_length=512)})
+    operation.request_body = RequestBody(required=True, content={
+        "application/json": OpenAPIMediaType(schema=Schema(
+            type=OpenAPIType.OBJECT, required=["name", "pairs"], additional_properties=False,
+            properties={"name": name, "split": split,
+                        "pairs": Schema(type=OpenAPIType.ARRAY, items=pair, min_items=1,
+                                        description="at most RAG_DATASET_MAX_PAIRS")},
+        )),
+        "multipart/form-data": OpenAPIMediaType(schema=Schema(
+            type=OpenAPIType.OBJECT, required=["file"],
+            properties={
+                "file": Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY,
+                               description="JSONL {query, document_id} lines, or a BEIR folder (queries.jsonl, "
+                                           "qrels/<split>.tsv) as a .zip or .tar(.gz); at most RAG_DATASET_MAX_BYTES"),
+                "name": name,
+                "split": split,
             },
         )),
     })

@@ -28,6 +28,7 @@ class QuotasIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     concurrent_jobs: Limit | None = None
     llm_tokens_per_minute: Limit | None = None
     llm_tokens_per_day: Limit | None = None
+    datasets: Limit | None = None
 
 
 @get("/v1/quotas", sync_to_thread=True, summary="The tenant's quotas and what it uses now", **access("admin"))

@@ -19,21 +19,26 @@ libraries trust declared sizes and counts. Whatever a parser raises (``Recursion
 Rooms: ``core`` (``load``, ``load_document``, dispatch by suffix, ``default_document_id``),
 ``base`` (``LoadLimits``, ``LoadFailure`` and the wording of refusals), ``normalize`` (text
 normalisation and decoding), and one module per format: ``plain`` (.txt, .md), ``html``, ``pdf``,
-``docx`` (with its zip inspector), ``jsonl``. Import from the package, not from those modules.
+``docx``, ``jsonl``; and ``zipcheck``, the zip inspector that .docx parsing and labelled datasets
+(``rag.datasets``) share, which fails with ``Failed``. Import from the package, not from those modules.
 """
 
 from __future__ import annotations
 
-from rag.loaders.base import LoadFailure, LoadLimits
+from rag.loaders.base import Failed, LoadFailure, LoadLimits
 from rag.loaders.core import SUPPORTED_SUFFIXES, default_document_id, load, load_document
 from rag.loaders.normalize import normalize_text
+from rag.loaders.zipcheck import check_zip_member, zip_members
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
+    "Failed",
     "LoadFailure",
     "LoadLimits",
     "default_document_id",
     "load",
     "load_document",
+    "check_zip_member",
     "normalize_text",
+    "zip_members",
 ]

@@ -1,7 +1,7 @@
 """Word (.docx): paragraphs and tables in document order, "Heading N" styles as Markdown headings.
 
-The zip is inspected before python-docx opens it (``_check_docx_zip``), because ``zipfile``
-trusts the sizes a member declares.
+The zip is inspected before python-docx opens it (``_check_docx_zip``, with ``rag.loaders.zipcheck``),
+because ``zipfile`` trusts the sizes a member declares.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import zlib
 from typing import Any
 
 from rag.loaders.base import INFLATE_SETTING, Failed, LoadLimits, Parsed, describe, over, text_over
+from rag.loaders.zipcheck import check_zip_member, zip_members
 
 _DOCX_HEADING = re.compile(r"heading\s*([1-9])", re.I)
 
@@ -87,27 +88,16 @@ def _docx_table_rows(table: Any) -> list[str]:
     return rows
 
 
-# -- the zip inspector ---------------------------------------------------------------------------
-
-_INFLATE_CHUNK = 1 << 20  # output bytes per zlib call while checking members: bounds memory
-_RAW_CHUNK = 1 << 16  # compressed bytes fed per call (unconsumed_tail copies at most this)
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
+# -- the zip inspector (rag.loaders.zipcheck) ----------------------------------------------------
 
 
 def _check_docx_zip(data: bytes, limits: LoadLimits) -> None:
     """Refuse a .docx zip before python-docx reads it: too big inflated, odd methods, lying sizes.
 
-    ``ZipFile.read`` inflates a whole member in one zlib call of up to 2 GiB and only then cuts it
-    to the declared size, so a member that declares 3 KB and inflates to 1 GiB costs 1 GiB of
-    memory there. Each member is therefore inflated here first, in bounded chunks that are
-    counted and dropped, and must stop at exactly its declared size; the declared sizes together
-    must fit ``max_decompressed_bytes``.
+    Each member is inflated first in bounded chunks (``check_zip_member``) and must stop at exactly
+    its declared size; the declared sizes together must fit ``max_decompressed_bytes``.
     """
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            infos = zf.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error) as exc:
-        raise Failed(f"corrupt .docx ({describe(exc)})") from exc
+    infos = zip_members(data, kind=".docx")
     declared = sum(info.file_size for info in infos)
     if declared > limits.max_decompressed_bytes:
         raise Failed(
@@ -115,61 +105,4 @@ def _check_docx_zip(data: bytes, limits: LoadLimits) -> None:
         )
     view = memoryview(data)
     for info in infos:
-        _check_member(view, info)
-
-
-def _check_member(view: memoryview, info: zipfile.ZipInfo) -> None:
-    """Fail unless the member ``info`` is plain or deflated and inflates to exactly its declared size."""
-    name = repr(info.filename[:100])
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise Failed(f"unsupported zip compression method {info.compress_type} ({name})")
-    if info.flag_bits & 0x1:
-        raise Failed(f"encrypted .docx ({name})")
-    start = info.header_offset
-    header = view[start : start + _LOCAL_HEADER.size]
-    if len(header) < _LOCAL_HEADER.size:
-        raise Failed(f"corrupt .docx (member {name} lies outside the file)")
-    signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-    if signature != b"PK\x03\x04":
-        raise Failed(f"corrupt .docx (bad local header for {name})")
-    begin = start + _LOCAL_HEADER.size + name_len + extra_len
-    raw = view[begin : begin + info.compress_size]
-    if len(raw) < info.compress_size:
-        raise Failed(f"corrupt .docx (member {name} is truncated)")
-    if info.compress_type == zipfile.ZIP_STORED:
-        size = len(raw)
-    else:
-        try:
-            size = _inflated_size(raw, info.file_size)
-        except zlib.error as exc:
-            raise Failed(f"corrupt .docx ({name}: {str(exc)[:200]})") from exc
-    if size > info.file_size:
-        raise Failed(
-            f"corrupt .docx (member {name} inflates to more than its declared "
-            f"{info.file_size:,} bytes)"
-        )
-    if size < info.file_size:
-        raise Failed(f"corrupt .docx (member {name} is shorter than declared)")
-
-
-def _inflated_size(raw: memoryview, cap: int) -> int:
-    """How many bytes the raw deflate stream ``raw`` inflates to, stopping once past ``cap``."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    size = 0
-    for offset in range(0, len(raw), _RAW_CHUNK):
-        pending: bytes | memoryview = raw[offset : offset + _RAW_CHUNK]
-        while pending and not inflater.eof:
-            size += len(inflater.decompress(pending, _INFLATE_CHUNK))
-            if size > cap:
-                return size
-            pending = inflater.unconsumed_tail
-        if inflater.eof:
-            break
-    while not inflater.eof:  # output zlib still holds after the last input (bounded calls too)
-        out = inflater.decompress(b"", _INFLATE_CHUNK)
-        if not out:
-            break
-        size += len(out)
-        if size > cap:
-            break
-    return size
+        check_zip_member(view, info, kind=".docx")
