@@ -32,7 +32,7 @@ from rag.encoder_pool import EncoderPool
 from rag.errors import BadRequest, NotFound, RagError, StoreError, TransientError
 from rag.index import collection_name, ensure_collection_for
 from rag.loaders import LoadFailure, LoadLimits, load
-from rag.quotas import chunk_room
+from rag.quotas import room
 from rag.registry import DocumentRecord, DocumentResult, Job, JobItem, JobKind, JobStatus, Registry
 from rag.settings import Settings
 from rag.sparse import SparseEncoder
@@ -72,6 +72,11 @@ def describe(exc: BaseException, limit: int = 300) -> str:
     if len(message) > limit:
         message = message[:limit] + "…"
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _stored_bytes(chunks: list[Chunk]) -> int:
+    """What a document's chunks hold in the store: the UTF-8 bytes of their text."""
+    return sum(len(c.text.encode("utf-8", "surrogatepass")) for c in chunks)
 
 
 def content_hash(doc: Document, signature: str) -> str:
@@ -442,7 +447,7 @@ class IngestWorker:
                 results.append(DocumentResult(document_id=doc.id, status="failed", source=doc.source, error="empty document"))
                 continue
             todo.append((doc, digest, chunks))
-        todo = self._within_chunk_quota(tenant, todo, known, results)
+        todo = self._within_quotas(tenant, todo, known, results)
         if not todo:
             return results
         try:
@@ -508,6 +513,7 @@ class IngestWorker:
             records.append(DocumentRecord(
                 tenant=tenant, id=doc.id, title=doc.title, source=doc.source, content_hash=digest,
                 chunk_count=len(chunks), encoder_version=target.embedder.version, status="indexed",
+                bytes=_stored_bytes(chunks),
                 metadata=doc.metadata, created_at=old.created_at if old else 0.0,
             ))
         # The registry row is written in one transaction with the deletion check: a delete that came
@@ -527,24 +533,32 @@ class IngestWorker:
                  embed_s=round(embed_s, 3), sparse_s=round(sparse_s, 4))
         return results
 
-    def _within_chunk_quota(self, tenant: str, todo: list[tuple[Document, str, list[Chunk]]],
-                            known: dict[str, DocumentRecord], results: list[DocumentResult]) -> list:
-        """The documents of a group that fit the tenant's chunk quota; the others fail with its name (a
-        replaced document frees its old chunks). Nothing stored is touched for a document that does not fit."""
-        room = chunk_room(self.registry, self.settings, tenant)
-        if room is None:
+    def _within_quotas(self, tenant: str, todo: list[tuple[Document, str, list[Chunk]]],
+                       known: dict[str, DocumentRecord], results: list[DocumentResult]) -> list:
+        """The documents of a group that fit the tenant's chunks and stored-bytes quotas; the others fail with
+        the quota's name (a replaced document frees what it held). Nothing stored is touched for a document
+        that does not fit."""
+        rooms = {name: room(self.registry, self.settings, tenant, name) for name in ("chunks", "stored_bytes")}
+        if all(r is None for r in rooms.values()):
             return todo
         kept = []
         for doc, digest, chunks in todo:
             old = known.get(doc.id)
-            need = len(chunks) - (old.chunk_count if old is not None and old.status == "indexed" else 0)
-            if need > room:
+            held = old is not None and old.status == "indexed"
+            wants = {"chunks": len(chunks), "stored_bytes": _stored_bytes(chunks)}
+            needs = {"chunks": wants["chunks"] - (old.chunk_count if held else 0),
+                     "stored_bytes": wants["stored_bytes"] - (old.bytes if held else 0)}
+            over = [name for name, left in rooms.items() if left is not None and needs[name] > left]
+            if over:
+                name = over[0]
                 results.append(DocumentResult(
                     document_id=doc.id, status="failed", source=doc.source,
-                    error=f"the tenant's chunks quota would be exceeded: {len(chunks)} chunks, {room} left "
-                          "(RAG_QUOTA_CHUNKS, or PUT /v1/quotas/{tenant})"))
+                    error=f"the tenant's {name} quota would be exceeded: {wants[name]} {name.replace('_', ' ')}, "
+                          f"{rooms[name]} left (RAG_QUOTA_{name.upper()}, or PUT /v1/quotas/{{tenant}})"))
                 continue
-            room -= need
+            for name, left in rooms.items():
+                if left is not None:
+                    rooms[name] = left - needs[name]
             kept.append((doc, digest, chunks))
         return kept
 

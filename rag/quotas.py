@@ -1,4 +1,4 @@
-"""Per-tenant quotas (documents, chunks, concurrent ingest jobs, LLM tokens per minute and per day, labelled
+"""Per-tenant quotas (documents, chunks, stored bytes, concurrent ingest jobs, LLM tokens per minute and per day, labelled
 datasets).
 
 Defaults come from settings (``RAG_QUOTA_*``, 0: none); an operator overrides them for one tenant with
@@ -15,9 +15,10 @@ from rag.errors import TooManyRequests
 from rag.settings import Settings
 
 __all__ = ["QUOTAS", "check_datasets", "check_llm_tokens", "check_upload", "chunk_room", "effective_quotas",
-           "quota_report", "usage"]
+           "quota_report", "room", "usage"]
 
-QUOTAS = ("documents", "chunks", "concurrent_jobs", "llm_tokens_per_minute", "llm_tokens_per_day", "datasets")
+QUOTAS = ("documents", "chunks", "stored_bytes", "concurrent_jobs", "llm_tokens_per_minute", "llm_tokens_per_day",
+          "datasets")
 
 
 class QuotaStore(Protocol):
@@ -53,6 +54,8 @@ def check_upload(registry: QuotaStore, settings: Settings, tenant: str, new_jobs
     usage = registry.tenant_usage(tenant)
     if quotas["documents"] and usage["documents"] >= quotas["documents"]:
         raise _over("documents", quotas["documents"], usage["documents"], 3600)
+    if quotas["stored_bytes"] and usage["stored_bytes"] >= quotas["stored_bytes"]:
+        raise _over("stored_bytes", quotas["stored_bytes"], usage["stored_bytes"], 3600)
     if quotas["concurrent_jobs"] and usage["concurrent_jobs"] + new_jobs > quotas["concurrent_jobs"]:
         raise _over("concurrent_jobs", quotas["concurrent_jobs"], usage["concurrent_jobs"], 5)
 
@@ -69,10 +72,15 @@ def check_datasets(registry: QuotaStore, settings: Settings, tenant: str) -> Non
 
 def chunk_room(registry: QuotaStore, settings: Settings, tenant: str) -> int | None:
     """How many more chunks the tenant may store (None: no chunk quota)."""
-    limit = effective_quotas(registry, settings, tenant)["chunks"]
+    return room(registry, settings, tenant, "chunks")
+
+
+def room(registry: QuotaStore, settings: Settings, tenant: str, name: str) -> int | None:
+    """How much more of ``name`` (chunks, stored_bytes) the tenant may store (None: no such quota)."""
+    limit = effective_quotas(registry, settings, tenant)[name]
     if not limit:
         return None
-    return max(0, limit - registry.tenant_usage(tenant)["chunks"])
+    return max(0, limit - registry.tenant_usage(tenant)[name])
 
 
 def check_llm_tokens(registry: QuotaStore, settings: Settings, tenant: str) -> None:

@@ -55,6 +55,7 @@ class DocumentRecord(msgspec.Struct, kw_only=True):
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
+    bytes: int = 0  # UTF-8 bytes of its chunks' text: what it occupies in the store (the stored-bytes quota)
 
 
 class JobItem(msgspec.Struct, kw_only=True):
@@ -231,7 +232,7 @@ _BATCH_DIR = re.compile(r"^[0-9a-f]{32}$")
 
 _DOC_COLUMNS = (
     "tenant, id, title, source, content_hash, chunk_count, encoder_version, status, error, metadata, "
-    "created_at, updated_at"
+    "created_at, updated_at, bytes"
 )
 
 
@@ -241,6 +242,7 @@ def _doc(row: sqlite3.Row) -> DocumentRecord:
         content_hash=row["content_hash"], chunk_count=row["chunk_count"],
         encoder_version=row["encoder_version"], status=row["status"], error=row["error"],
         metadata=json.loads(row["metadata"]), created_at=row["created_at"], updated_at=row["updated_at"],
+        bytes=row["bytes"],
     )
 
 
@@ -274,6 +276,12 @@ class SqliteRegistry:
                     if "duplicate column" not in str(exc):
                         raise
         db.execute("CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant, status)")
+        if "bytes" not in {r["name"] for r in db.execute("PRAGMA table_info(documents)")}:
+            try:
+                db.execute("ALTER TABLE documents ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -531,15 +539,15 @@ class SqliteRegistry:
     def _upsert(db: sqlite3.Connection, records: Sequence[DocumentRecord]) -> None:
         now = time.time()
         db.executemany(
-            f"INSERT INTO documents ({_DOC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"INSERT INTO documents ({_DOC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (tenant, id) DO UPDATE SET title = excluded.title, source = excluded.source, "
             "content_hash = excluded.content_hash, chunk_count = excluded.chunk_count, "
             "encoder_version = excluded.encoder_version, status = excluded.status, error = excluded.error, "
-            "metadata = excluded.metadata, updated_at = excluded.updated_at",
+            "metadata = excluded.metadata, updated_at = excluded.updated_at, bytes = excluded.bytes",
             [
                 (
                     r.tenant, r.id, r.title, r.source, r.content_hash, r.chunk_count, r.encoder_version,
-                    r.status, r.error, json.dumps(r.metadata), r.created_at or now, now,
+                    r.status, r.error, json.dumps(r.metadata), r.created_at or now, now, r.bytes,
                 )
                 for r in records
             ],
@@ -633,14 +641,16 @@ class SqliteRegistry:
                        "limits = excluded.limits", (tenant, json.dumps(limits, sort_keys=True)))
 
     def tenant_usage(self, tenant: str) -> dict[str, int]:
-        """What a tenant uses now: documents, chunks, ingest jobs queued or running, LLM tokens this minute/day."""
+        """What a tenant uses now: documents, chunks, stored bytes, ingest jobs queued or running, LLM tokens
+        this minute/day."""
         db = self._conn()
-        docs, chunks = db.execute("SELECT COUNT(*), COALESCE(SUM(chunk_count), 0) FROM documents WHERE tenant = ?",
-                                  (tenant,)).fetchone()
+        docs, chunks, stored = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(chunk_count), 0), COALESCE(SUM(bytes), 0) FROM documents WHERE tenant = ?",
+            (tenant,)).fetchone()
         jobs = db.execute("SELECT COUNT(*) FROM jobs WHERE tenant = ? AND kind = 'ingest' AND status IN "
                           "('queued', 'running')", (tenant,)).fetchone()[0]
         now = time.time()
-        usage = {"documents": docs, "chunks": chunks, "concurrent_jobs": jobs}
+        usage = {"documents": docs, "chunks": chunks, "stored_bytes": stored, "concurrent_jobs": jobs}
         for period, length in (("minute", 60.0), ("day", 86400.0)):
             row = db.execute("SELECT start, tokens FROM llm_usage WHERE tenant = ? AND period = ?",
                              (tenant, period)).fetchone()

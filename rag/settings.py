@@ -48,6 +48,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # Quotas per tenant (0: none); PUT /v1/quotas/{tenant} overrides them for one tenant.
     quota_documents: int = 0
     quota_chunks: int = 0
+    quota_stored_bytes: int = 0  # UTF-8 bytes of a tenant's chunks' text in the store
     quota_concurrent_jobs: int = 0
     quota_llm_tokens_per_minute: int = 0
     quota_llm_tokens_per_day: int = 0
@@ -152,6 +153,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.dataset_max_bytes >= 1, "dataset_max_bytes", "must be positive"),
             (self.dataset_max_pairs >= 1, "dataset_max_pairs", "must be positive"),
             (self.quota_datasets >= 0, "quota_datasets", "must be >= 0 (0: no quota)"),
+            (self.quota_stored_bytes >= 0, "quota_stored_bytes", "must be >= 0 (0: no quota)"),
             (self.max_decompressed_bytes >= 1, "max_decompressed_bytes", "must be positive"),
             (self.max_pdf_pages >= 1, "max_pdf_pages", "must be positive"),
             (self.max_metadata_bytes >= 2, "max_metadata_bytes", "must be at least 2"),

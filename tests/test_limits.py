@@ -131,6 +131,31 @@ def test_a_chunks_quota_fails_the_document_that_would_exceed_it(limited):
     assert usage["chunks"] == 1 and usage["documents"] == 1
 
 
+def test_a_stored_bytes_quota_fails_the_document_that_would_exceed_it_and_then_refuses_uploads(limited):
+    first_text = "Basalt columns form as lava cools."  # 34 bytes, one chunk
+    _set_quota(limited, stored_bytes=50)
+    first = limited.post("/v1/documents", json={"id": "one", "text": first_text}, headers=limited.user)
+    assert _finish(limited, first.json()["job_ids"][0])["status"] == "succeeded"
+    time.sleep(0.5)
+    second = limited.post("/v1/documents", json={"id": "two", "text": "Granite cools slowly, deep underground."},
+                          headers=limited.user)
+    job = _finish(limited, second.json()["job_ids"][0])
+    assert job["status"] == "failed" and "stored_bytes quota" in job["errors"][0]["error"]
+    assert "RAG_QUOTA_STORED_BYTES" in job["errors"][0]["error"]
+    time.sleep(0.5)
+    report = limited.get("/v1/quotas", headers=limited.operator, params={"tenant": TENANT}).json()
+    assert report["usage"]["stored_bytes"] == len(first_text) and report["usage"]["documents"] == 1
+    # Once the tenant holds its quota, an upload is refused up front and keeps nothing.
+    _set_quota(limited, stored_bytes=len(first_text))
+    time.sleep(0.5)
+    over = limited.post("/v1/documents", json={"id": "three", "text": "x"}, headers=limited.user)
+    assert over.status_code == 429 and over.json()["error"]["code"] == "quota_exceeded"
+    assert "stored_bytes" in over.json()["error"]["message"] and "Retry-After" in over.headers
+    time.sleep(0.5)
+    listing = limited.get("/v1/documents", headers=limited.user).json()
+    assert [d["id"] for d in listing["documents"]] == ["one"]
+
+
 def test_concurrent_jobs_quota(tmp_path, embedder):
     from litestar.testing import TestClient
 

@@ -452,6 +452,16 @@ class TestDocuments:
         assert got is not None and without_times(got) == record
         assert before <= got.created_at <= got.updated_at <= time.time()
 
+    def test_usage_sums_documents_chunks_and_stored_bytes_per_tenant(self, registry: Registry) -> None:
+        registry.upsert_documents([doc("a", chunks=2, bytes=100), doc("b", chunks=3, bytes=50),
+                                   doc("c", tenant="t2", chunks=7, bytes=999)])
+        assert registry.get_document("t1", "a").bytes == 100
+        usage = registry.tenant_usage("t1")
+        assert (usage["documents"], usage["chunks"], usage["stored_bytes"]) == (2, 5, 150)
+        registry.upsert_documents([doc("a", chunks=1, bytes=10)])  # a replaced document frees what it held
+        assert registry.tenant_usage("t1")["stored_bytes"] == 60
+        assert registry.tenant_usage("nobody")["stored_bytes"] == 0
+
     def test_a_given_creation_time_is_kept(self, registry: Registry) -> None:
         registry.upsert_documents([doc("a", created_at=1000.0)])
         assert registry.get_document("t1", "a").created_at == 1000.0

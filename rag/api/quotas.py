@@ -18,6 +18,7 @@ from rag.services import Services
 log = structlog.get_logger("rag.audit")
 
 Limit = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+ByteLimit = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 
 
 class QuotasIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -25,6 +26,7 @@ class QuotasIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     documents: Limit | None = None
     chunks: Limit | None = None
+    stored_bytes: ByteLimit | None = None  # UTF-8 bytes of the tenant's chunks' text
     concurrent_jobs: Limit | None = None
     llm_tokens_per_minute: Limit | None = None
     llm_tokens_per_day: Limit | None = None
