@@ -216,3 +216,24 @@ def test_stream_refusal_appends_the_supported_sentences(make_client):
     assert (done["mode"], done["answerable"], done["fallback_reason"]) == (
         body["mode"], body["answerable"], body["fallback_reason"]) == ("extractive", True, "the LLM said it does not know")
     assert events[-2][1] == body["citations"]
+
+
+def test_the_llm_token_quota_stops_answers_that_would_call_the_llm(make_client):
+    """Over the tenant's LLM tokens per minute: a 429 naming the quota with Retry-After, before the LLM is called;
+    another tenant still gets answers."""
+    with run_fake_llm(reply="Paris [1]") as llm:
+        client = make_client(llm_base_url=llm.base_url, llm_max_retries=0, quota_llm_tokens_per_minute=1)
+        first = client.post("/v1/answer", json={"question": "What is the capital of France?"})
+        assert first.status_code == 200 and first.json()["mode"] == "generative", first.text
+        assert first.json()["usage"]["total_tokens"] > 1  # counted against the tenant's minute
+        calls = llm.count
+        for path, body in (("/v1/answer", {"question": "What is the capital of France?"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Capital of France?"}]})):
+            over = client.post(path, json=body)
+            assert over.status_code == 429 and "Retry-After" in over.headers, over.text
+            assert over.json()["error"]["code"] == "quota_exceeded"
+            assert "llm_tokens_per_minute" in over.json()["error"]["message"]
+        assert llm.count == calls  # refused before any LLM call
+        other = client.post("/v1/answer", json={"question": "What is the capital of France?"},
+                            headers={"X-Tenant": "other"})
+        assert other.status_code == 200, other.text
