@@ -123,16 +123,19 @@ class World:
                                    json=body if body is not None else None)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, embedder) -> Iterator[World]:
+@pytest.fixture(scope="module", params=["embedded", "server"])
+def world(request, tmp_path_factory, embedder) -> Iterator[World]:
+    """The real app with keys on, over the embedded engine and over qdrant-client (its ``:memory:`` server
+    stand-in, the worker in this process as beside a server): tenant isolation must hold on both."""
     from litestar.testing import TestClient
 
     from rag.registry import SqliteRegistry
     from rag.services import Services
     from rag.store import open_store
 
+    server = {"qdrant_url": ":memory:", "run_worker": "yes"} if request.param == "server" else {}
     settings = Settings(data_dir=tmp_path_factory.mktemp("auth") / "data", auth="keys", llm_local="no",
-                        worker_poll_s=0.05, log_format="json")
+                        worker_poll_s=0.05, log_format="json", **server)
     settings.data_dir.mkdir(parents=True)
     store = open_store(settings)
     registry = SqliteRegistry(settings.registry_path)
