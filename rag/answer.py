@@ -26,6 +26,7 @@ from rag.rerank import Reranker
 from rag.settings import Settings
 from rag.tokens import get_encoding
 from rag.types import ScoredPoint
+from rag.vector_cache import VectorCache
 
 log = structlog.get_logger("rag.answer")
 
@@ -140,6 +141,8 @@ class AnswerPipeline:
         self.llm = llm
         self.settings = settings
         self.encoding = get_encoding(settings.context_encoding)
+        # Context sentences embedded once per tenant and encoder (RAG_SENTENCE_CACHE_SIZE), not at every question.
+        self.sentence_cache = VectorCache(settings.sentence_cache_size)
 
     @property
     def prompt_version(self) -> str:
@@ -161,7 +164,8 @@ class AnswerPipeline:
         top = rr.hits[: req.top_k]
         t1 = time.perf_counter()
         context = build_context(top, budget_tokens=self.settings.context_tokens, encoding=self.encoding)
-        ranked = await anyio.to_thread.run_sync(lambda: rank_sentences(question, None, context, self.embedder))
+        ranked = await anyio.to_thread.run_sync(lambda: rank_sentences(
+            question, None, context, self.embedder, cache=self.sentence_cache, namespace=tenant))
         extractive = answer_from_ranked(ranked, max_sentences=2)
         answerable = bool(context.sources) and extractive.best_score >= self.settings.abstain_threshold
         timings = {"retrieve_ms": round(retrieve_ms, 2), "rerank_ms": round(rr.ms, 2), "context_ms": _ms(t1)}

@@ -38,6 +38,7 @@ import numpy as np
 
 from rag.context import Context, Source
 from rag.embedding import Embedder
+from rag.vector_cache import VectorCache
 
 __all__ = [
     "LEXICAL_WEIGHT",
@@ -207,8 +208,10 @@ def _candidates(context: Context) -> list[_Candidate]:
     return out
 
 
-def _scores(query: str, query_vec: np.ndarray, candidates: list[_Candidate], embedder: Embedder) -> np.ndarray:
-    vectors = embedder.embed_documents([c.text for c in candidates])
+def _scores(query: str, query_vec: np.ndarray, candidates: list[_Candidate], embedder: Embedder,
+            cache: VectorCache | None = None, namespace: str = "") -> np.ndarray:
+    texts = [c.text for c in candidates]
+    vectors = embedder.embed_documents(texts) if cache is None else cache.documents(embedder, texts, namespace=namespace)
     cosine = vectors @ np.asarray(query_vec, dtype=np.float32).reshape(-1)
     words = _content_words(query)
     lexical = np.array([_overlap(words, c.text) for c in candidates], dtype=np.float32)
@@ -228,15 +231,21 @@ def _supporting(c: _Candidate, score: float) -> SupportingSentence:
 
 
 def rank_sentences(
-    question: str, question_vec: np.ndarray | None, context: Context, embedder: Embedder
+    question: str, question_vec: np.ndarray | None, context: Context, embedder: Embedder, *,
+    cache: VectorCache | None = None, namespace: str = "",
 ) -> list[SupportingSentence]:
-    """Every sentence of the context scored against ``question``, best first (see :func:`extract_answer`)."""
+    """Every sentence of the context scored against ``question``, best first (see :func:`extract_answer`).
+
+    With a ``cache``, sentences (and the question) embedded before under ``namespace`` (the tenant) and
+    this encoder are not embedded again: a chunk retrieved for many questions costs one embedding.
+    """
     candidates = _candidates(context)
     if not candidates:
         return []
     if question_vec is None:
-        question_vec = embedder.embed_queries([question])[0]
-    scores = _scores(question, question_vec, candidates, embedder)
+        question_vec = (embedder.embed_queries([question]) if cache is None
+                        else cache.queries(embedder, [question], namespace=namespace))[0]
+    scores = _scores(question, question_vec, candidates, embedder, cache, namespace)
     return [_supporting(candidates[i], scores[i]) for i in _ranked(candidates, scores)]
 
 

@@ -20,6 +20,7 @@ from rag.query_sample import QuerySample
 from rag.sparse import SparseEncoder
 from rag.store import SEARCH_MODES, FusionMethod, VectorStore
 from rag.types import ScoredPoint, SparseVector
+from rag.vector_cache import VectorCache
 
 if TYPE_CHECKING:
     from rag.settings import Settings
@@ -96,6 +97,8 @@ class Retriever:
         self.query_sample = (QuerySample(settings.query_sample_size, encoder_version=embedder.version)
                              if settings.query_sample_size > 0 else None)
         self.query_encoder = QueryEncoder(embedder, sample=self.query_sample)
+        # The tenant's recent queries (RAG_QUERY_CACHE_SIZE): a repeated question costs no encode.
+        self.query_cache = VectorCache(settings.query_cache_size)
         weights = (float(settings.dense_weight), float(settings.sparse_weight))
         self.fusion: FusionMethod = "rrf" if weights == (1.0, 1.0) else "weighted"
         self.weights = weights
@@ -139,6 +142,14 @@ class Retriever:
         dense = self.embedder.embed_queries([query])[0].tolist() if mode != "sparse" else None
         return self._store_search(mode, dense, query, tenant=tenant, top_k=top_k, filter=filter)
 
+    async def query_vector(self, query: str, tenant: str) -> np.ndarray:
+        """The query's dense vector: from the tenant's query cache, else encoded (batched with concurrent ones)."""
+        vec = self.query_cache.lookup(self.embedder.version, query, namespace=tenant)
+        if vec is None:
+            vec = await self.query_encoder.embed(query)
+            self.query_cache.store(self.embedder.version, query, vec, namespace=tenant)
+        return vec
+
     async def asearch(
         self,
         query: str,
@@ -150,7 +161,7 @@ class Retriever:
     ) -> list[ScoredPoint]:
         """:meth:`search` for the event loop: concurrent query encodes share a batch, the store runs in a thread."""
         mode = self.mode_of(mode)
-        dense = (await self.query_encoder.embed(query)).tolist() if mode != "sparse" else None
+        dense = (await self.query_vector(query, tenant)).tolist() if mode != "sparse" else None
         return await anyio.to_thread.run_sync(
             lambda: self._store_search(mode, dense, query, tenant=tenant, top_k=top_k, filter=filter)
         )

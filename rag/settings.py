@@ -123,6 +123,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # Also auto-promote on held-out generated pairs (titles, inverse cloze): off, because on SciFact they
     # favoured a candidate that was worse on real queries (README, "Domain adaptation").
     adapt_promote_unlabelled: bool = False
+    query_cache_size: int = 1024  # recent query vectors kept per encoder (keyed by tenant; 0: off)
+    sentence_cache_size: int = 20000  # context-sentence vectors kept for extractive answers (~1.6 KB each; 0: off)
     encoder_cache_size: int = 4  # adapted encoders kept loaded (LRU) besides the default one
     encoder_poll_s: float = 1.0  # how often the API checks whether a promotion moved the active collection
     # Drift monitoring. The API keeps a uniform sample of this many query embeddings (vectors only,
@@ -146,6 +148,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (0 <= self.chunk_overlap < self.chunk_tokens, "chunk_overlap", "must be >= 0 and below RAG_CHUNK_TOKENS"),
             (self.encoder_batch_size >= 1, "encoder_batch_size", "must be at least 1"),
             (self.encoder_cache_size >= 1, "encoder_cache_size", "must be at least 1"),
+            (self.query_cache_size >= 0, "query_cache_size", "must be >= 0 (0: off)"),
+            (self.sentence_cache_size >= 0, "sentence_cache_size", "must be >= 0 (0: off)"),
             (self.adapt_cv_folds == 0 or 2 <= self.adapt_cv_folds <= 10, "adapt_cv_folds", "must be 0 or 2-10"),
             (1 <= self.port <= 65535, "port", "must be a TCP port (1-65535)"),
             (self.max_upload_bytes >= 1, "max_upload_bytes", "must be positive"),
