@@ -68,6 +68,19 @@ def _add_bench_commands(sub):
     se.add_argument("--mode", choices=["dense", "sparse", "hybrid"], default="hybrid")
     se.add_argument("--out", type=Path, default=Path("bench"))
 
+    me = which.add_parser("memory", help="API RSS over many mixed requests (search, answer, upload), per malloc setting")
+    me.add_argument("--dataset", type=Path, required=True, help="a QA folder with qa.jsonl and corpus.jsonl")
+    me.add_argument("--requests", type=int, default=10000)
+    me.add_argument("--every", type=int, default=500, help="sample RSS every N requests (default 500)")
+    me.add_argument("--settle", type=int, default=1000, help="growth is measured from this many requests on")
+    me.add_argument("--concurrency", type=int, default=4)
+    me.add_argument("--data-dir", type=Path, default=Path(".eval-data/bench-memory"))
+    me.add_argument("--port", type=int, default=8774)
+    me.add_argument("--tenant", default="eval")
+    me.add_argument("--seed", type=int, default=13)
+    me.add_argument("--only", nargs="+", help="run only these configurations (e.g. 'malloc arenas 2')")
+    me.add_argument("--out", type=Path, default=Path("bench"))
+
     en = which.add_parser("encoders", help="per-tenant encoder cache: memory per loaded encoder, load vs cached query")
     en.add_argument("--tenants", type=int, default=6, help="tenants with an encoder of their own (default 6)")
     en.add_argument("--cache-size", type=int, default=4, help="RAG_ENCODER_CACHE_SIZE for the run (default 4)")
@@ -227,6 +240,12 @@ def _answers(args) -> int:
 def _bench(args) -> int:
     if args.bench == "answer":
         return _bench_answer(args)
+    if args.bench == "memory":
+        from eval.bench import write_report
+        from eval.bench_memory import bench_memory
+
+        print(f"wrote {write_report(bench_memory(args), args.out, 'memory')}")
+        return 0
     from rag.logs import configure_logging
     from rag.settings import load_settings
 

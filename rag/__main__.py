@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(msgspec.json.format(msgspec.json.encode(shown, enc_hook=str)).decode())
         return 0
 
+    from rag.runtime import tune_allocator
+
+    tune_allocator(settings.malloc_arena_max)  # before the server's threads start allocating
     import uvicorn
 
     from ingest.supervisor import worker_beside_api

@@ -125,6 +125,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     adapt_promote_unlabelled: bool = False
     query_cache_size: int = 1024  # recent query vectors kept per encoder (keyed by tenant; 0: off)
     sentence_cache_size: int = 20000  # context-sentence vectors kept for extractive answers (~1.6 KB each; 0: off)
+    malloc_arena_max: int = 2  # glibc malloc arenas for the serving process (0: glibc's default, 8 per core)
     encoder_cache_size: int = 4  # adapted encoders kept loaded (LRU) besides the default one
     encoder_poll_s: float = 1.0  # how often the API checks whether a promotion moved the active collection
     # Drift monitoring. The API keeps a uniform sample of this many query embeddings (vectors only,
@@ -148,6 +149,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (0 <= self.chunk_overlap < self.chunk_tokens, "chunk_overlap", "must be >= 0 and below RAG_CHUNK_TOKENS"),
             (self.encoder_batch_size >= 1, "encoder_batch_size", "must be at least 1"),
             (self.encoder_cache_size >= 1, "encoder_cache_size", "must be at least 1"),
+            (self.malloc_arena_max >= 0, "malloc_arena_max", "must be >= 0 (0: glibc's default)"),
             (self.query_cache_size >= 0, "query_cache_size", "must be >= 0 (0: off)"),
             (self.sentence_cache_size >= 0, "sentence_cache_size", "must be >= 0 (0: off)"),
             (self.adapt_cv_folds == 0 or 2 <= self.adapt_cv_folds <= 10, "adapt_cv_folds", "must be 0 or 2-10"),
