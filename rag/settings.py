@@ -24,6 +24,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     qdrant_url: str = ""
     qdrant_api_key: str = ""
     qdrant_timeout_s: float = 10.0
+    # Collection layout on a Qdrant server or cluster, fixed when a collection is created (README, "Scaling out").
+    qdrant_shards: int = 1
+    qdrant_replication_factor: int = 1
+    qdrant_write_consistency_factor: int = 1
+    qdrant_on_disk: bool = False  # original vectors memory-mapped on disk
+    qdrant_on_disk_payload: bool = False
+    qdrant_quantization: Literal["none", "int8"] = "none"  # int8: a 4x smaller in-RAM copy for search
+    qdrant_write_ordering: Literal["weak", "medium", "strong"] = "weak"
     # Encoder: a local sentence-transformers folder or a hub name; empty means the bundled MiniLM.
     encoder_model: str = ""
     encoder_batch_size: int = 64
@@ -149,6 +157,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (0 <= self.chunk_overlap < self.chunk_tokens, "chunk_overlap", "must be >= 0 and below RAG_CHUNK_TOKENS"),
             (self.encoder_batch_size >= 1, "encoder_batch_size", "must be at least 1"),
             (self.encoder_cache_size >= 1, "encoder_cache_size", "must be at least 1"),
+            (self.qdrant_shards >= 1, "qdrant_shards", "must be at least 1"),
+            (self.qdrant_replication_factor >= 1, "qdrant_replication_factor", "must be at least 1"),
+            (1 <= self.qdrant_write_consistency_factor <= self.qdrant_replication_factor,
+             "qdrant_write_consistency_factor", "must be between 1 and RAG_QDRANT_REPLICATION_FACTOR"),
             (self.malloc_arena_max >= 0, "malloc_arena_max", "must be >= 0 (0: glibc's default)"),
             (self.query_cache_size >= 0, "query_cache_size", "must be >= 0 (0: off)"),
             (self.sentence_cache_size >= 0, "sentence_cache_size", "must be >= 0 (0: off)"),

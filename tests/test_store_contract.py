@@ -14,6 +14,7 @@ import pytest
 
 from rag.errors import BadRequest, StoreError
 from rag.store import (
+    ClusterOptions,
     EdgeVectorStore,
     FieldMatch,
     FieldMatchAny,
@@ -24,6 +25,7 @@ from rag.store import (
     parse_filter,
     point_id,
 )
+from rag.store.server import collection_config
 from tests.store_contract import VectorStoreContract
 from tests.store_contract.helpers import (
     BIO,
@@ -66,6 +68,42 @@ class TestQdrantServerStore(VectorStoreContract):
         from qdrant_client import QdrantClient
 
         yield from _with_collection(QdrantServerStore(QdrantClient(":memory:")))
+
+
+CLUSTER = ClusterOptions(shards=2, replication_factor=2, write_consistency_factor=2, on_disk=True,
+                         on_disk_payload=True, quantization="int8", write_ordering="strong")
+
+
+class TestQdrantServerStoreClusterLayout(VectorStoreContract):
+    """The whole contract again with a cluster's collection options: sharded, replicated, on-disk vectors
+    with an int8 copy in RAM, strongly ordered writes (local mode accepts them; a server applies them)."""
+
+    @pytest.fixture
+    def store(self) -> Iterator[VectorStore]:
+        from qdrant_client import QdrantClient
+
+        yield from _with_collection(QdrantServerStore(QdrantClient(":memory:"), CLUSTER))
+
+    def test_the_options_reach_the_collection(self, store: VectorStore) -> None:
+        params = store.client.get_collection(COLL).config.params
+        assert params.vectors["dense"].on_disk is True  # local mode keeps what it can represent
+        config = collection_config(CLUSTER, 384)
+        assert (config["shard_number"], config["replication_factor"], config["write_consistency_factor"]) == (2, 2, 2)
+        assert config["on_disk_payload"] is True and config["sparse_vectors_config"]["bm25"].index.on_disk is True
+        assert config["quantization_config"].scalar.type == "int8" and config["quantization_config"].scalar.always_ram
+        assert "quantization_config" not in collection_config(ClusterOptions(), 384)
+
+    def test_settings_name_the_options(self, tmp_path) -> None:
+        from rag.settings import Settings
+
+        s = Settings(data_dir=tmp_path, qdrant_url=":memory:", qdrant_shards=3, qdrant_replication_factor=2,
+                     qdrant_write_consistency_factor=2, qdrant_on_disk=True, qdrant_quantization="int8",
+                     qdrant_write_ordering="strong")
+        assert ClusterOptions.from_settings(s) == ClusterOptions(3, 2, 2, True, False, "int8", "strong")
+        from rag.errors import SettingsError
+
+        with pytest.raises(SettingsError, match="RAG_QDRANT_WRITE_CONSISTENCY_FACTOR"):
+            Settings(data_dir=tmp_path, qdrant_replication_factor=1, qdrant_write_consistency_factor=2)
 
 
 # -- congruence ------------------------------------------------------------------------------------

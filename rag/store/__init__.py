@@ -31,7 +31,7 @@ from rag.store.protocol import (
     VectorStore,
     point_id,
 )
-from rag.store.server import QdrantServerStore
+from rag.store.server import ClusterOptions, QdrantServerStore
 
 if TYPE_CHECKING:
     from rag.settings import Settings
@@ -48,6 +48,7 @@ __all__ = [
     "FieldRange",
     "FilterCondition",
     "FusionMethod",
+    "ClusterOptions",
     "QdrantServerStore",
     "SearchMode",
     "VectorStore",
@@ -63,4 +64,5 @@ def open_store(settings: Settings) -> VectorStore:
     """The store the settings name: embedded under ``settings.qdrant_dir``, or the server at ``qdrant_url``."""
     if settings.embedded:
         return EdgeVectorStore(settings.qdrant_dir)
-    return QdrantServerStore.from_url(settings.qdrant_url, settings.qdrant_api_key or None, settings.qdrant_timeout_s)
+    return QdrantServerStore.from_url(settings.qdrant_url, settings.qdrant_api_key or None, settings.qdrant_timeout_s,
+                                      ClusterOptions.from_settings(settings))

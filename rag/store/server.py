@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rag.errors import NotFound, RagError, StoreError
@@ -28,7 +29,53 @@ from rag.types import PointRecord, SparseVector
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
 
-__all__ = ["QdrantServerStore"]
+__all__ = ["ClusterOptions", "QdrantServerStore", "collection_config"]
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How a collection is laid out on a Qdrant server or cluster (settings ``RAG_QDRANT_*``), fixed at creation.
+
+    ``shards`` split a collection over the nodes (one per node is the usual start; more lets a cluster
+    grow); ``replication_factor`` copies each shard (2 survives a node); ``write_consistency_factor`` is
+    how many replicas acknowledge a write before it returns. ``on_disk`` keeps the original vectors
+    memory-mapped on disk, with ``quantization`` ``int8`` keeping a 4x smaller copy in RAM for search
+    (rescored with the originals). ``write_ordering`` ``strong`` routes writes through the shard leader,
+    so a job's upsert is seen by every replica's next read (the job → search handoff).
+    """
+
+    shards: int = 1
+    replication_factor: int = 1
+    write_consistency_factor: int = 1
+    on_disk: bool = False
+    on_disk_payload: bool = False
+    quantization: str = "none"  # none | int8
+    write_ordering: str = "weak"  # weak | medium | strong
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ClusterOptions:
+        return cls(shards=settings.qdrant_shards, replication_factor=settings.qdrant_replication_factor,
+                   write_consistency_factor=settings.qdrant_write_consistency_factor,
+                   on_disk=settings.qdrant_on_disk, on_disk_payload=settings.qdrant_on_disk_payload,
+                   quantization=settings.qdrant_quantization, write_ordering=settings.qdrant_write_ordering)
+
+
+def collection_config(options: ClusterOptions, dimension: int) -> dict[str, Any]:
+    """The keyword arguments of ``create_collection`` for our collections under ``options``."""
+    from qdrant_client import models
+
+    dense = models.VectorParams(size=dimension, distance=models.Distance.COSINE, on_disk=options.on_disk)
+    sparse = models.SparseVectorParams(modifier=models.Modifier.IDF,
+                                       index=models.SparseIndexParams(on_disk=options.on_disk))
+    config: dict[str, Any] = {
+        "vectors_config": {VECTOR_NAME: dense}, "sparse_vectors_config": {SPARSE_VECTOR_NAME: sparse},
+        "shard_number": options.shards, "replication_factor": options.replication_factor,
+        "write_consistency_factor": options.write_consistency_factor, "on_disk_payload": options.on_disk_payload,
+    }
+    if options.quantization == "int8":
+        config["quantization_config"] = models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
+            type=models.ScalarType.INT8, quantile=0.99, always_ram=True))
+    return config
 
 
 def _server_errors_types() -> tuple[type[BaseException], ...]:
@@ -46,22 +93,24 @@ def _server_errors_types() -> tuple[type[BaseException], ...]:
 class QdrantServerStore(QdrantLikeStore):
     """A Qdrant server through qdrant-client; the active pointer is the alias ``rag_active``."""
 
-    def __init__(self, client: QdrantClient) -> None:
+    def __init__(self, client: QdrantClient, options: ClusterOptions | None = None) -> None:
         """Wrap an existing client (the store closes it in :meth:`close`)."""
         self.client = client
+        self.options = options or ClusterOptions()
         self._closed = False
         self._error_types = _server_errors_types()
 
     @classmethod
-    def from_url(cls, url: str, api_key: str | None = None, timeout: float = 10) -> QdrantServerStore:
+    def from_url(cls, url: str, api_key: str | None = None, timeout: float = 10,
+                 options: ClusterOptions | None = None) -> QdrantServerStore:
         """Connect to the server at ``url`` (``":memory:"`` gives qdrant-client's in-process stand-in)."""
         from qdrant_client import QdrantClient
 
         if url == ":memory:":
-            return cls(QdrantClient(":memory:"))
+            return cls(QdrantClient(":memory:"), options)
         # qdrant-client takes whole seconds; round up so a sub-second setting never becomes 0 (no limit).
         client = QdrantClient(url=url, api_key=api_key or None, timeout=max(1, math.ceil(timeout)))
-        return cls(client)
+        return cls(client, options)
 
     @contextlib.contextmanager
     def _errors(self, action: str, collection: str | None = None) -> Iterator[None]:
@@ -101,10 +150,7 @@ class QdrantServerStore(QdrantLikeStore):
                     )
             else:
                 try:
-                    dense = models.VectorParams(size=dimension, distance=models.Distance.COSINE)
-                    sparse = models.SparseVectorParams(modifier=models.Modifier.IDF)
-                    self.client.create_collection(name, vectors_config={VECTOR_NAME: dense},
-                                                  sparse_vectors_config={SPARSE_VECTOR_NAME: sparse})
+                    self.client.create_collection(name, **collection_config(self.options, dimension))
                 except self._error_types:
                     # Another process may have created it between the check and the create.
                     if not self.client.collection_exists(name):
@@ -204,16 +250,23 @@ class QdrantServerStore(QdrantLikeStore):
 
         return models.PointStruct(id=point.id, vector=vectors, payload=point.payload)
 
+    def _ordering(self) -> Any:
+        from qdrant_client import models
+
+        return models.WriteOrdering(self.options.write_ordering)
+
+    # Every write waits until applied, in the configured ordering: a job that finished has its points searchable.
     def _upsert_raw(self, handle: str, points: list[Any]) -> None:
-        self.client.upsert(handle, points=points, wait=True)
+        self.client.upsert(handle, points=points, wait=True, ordering=self._ordering())
 
     def _set_payload_raw(self, handle: str, flt: Any, payload: dict[str, Any]) -> None:
-        self.client.set_payload(handle, payload=payload, points=flt, wait=True)
+        self.client.set_payload(handle, payload=payload, points=flt, wait=True, ordering=self._ordering())
 
     def _delete_raw(self, handle: str, flt: Any) -> None:
         from qdrant_client import models
 
-        self.client.delete(handle, points_selector=models.FilterSelector(filter=flt), wait=True)
+        self.client.delete(handle, points_selector=models.FilterSelector(filter=flt), wait=True,
+                           ordering=self._ordering())
 
     def _count_raw(self, handle: str, flt: Any) -> int:
         return self.client.count(handle, count_filter=flt, exact=True).count
