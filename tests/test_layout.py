@@ -370,6 +370,29 @@ def test_compose_settings_load_and_point_at_the_qdrant_service(compose):
     assert (urlparse(api_env["RAG_QDRANT_URL"]).port or 6333) == 6333
 
 
+def test_compose_cluster_profile_has_a_qdrant_cluster_postgres_and_replicas(compose):
+    from rag.settings import load_settings
+
+    services = compose["services"]
+    cluster = {n for n, svc in services.items() if "cluster" in (svc.get("profiles") or [])}
+    assert {"qdrant-1", "qdrant-2", "qdrant-3", "postgres", "cluster-api", "cluster-worker"} <= cluster
+    for name in ("qdrant-1", "qdrant-2", "qdrant-3"):
+        assert _environment(services[name]).get("QDRANT__CLUSTER__ENABLED") == "true"
+        assert services[name].get("healthcheck", {}).get("test")
+    for name in ("qdrant-2", "qdrant-3"):
+        assert "--bootstrap" in services[name]["command"] and "http://qdrant-1:6335" in services[name]["command"]
+    for name in ("cluster-api", "cluster-worker"):
+        assert services[name]["deploy"]["replicas"] == 2
+        env = {k: v for k, v in _environment(services[name]).items() if k.startswith("RAG_")}
+        env = {k: v.replace("${RAG_POSTGRES_PASSWORD:?set RAG_POSTGRES_PASSWORD}", "pw") for k, v in env.items()}
+        settings = load_settings(env=env)
+        assert settings.database_url.startswith("postgresql://rag:pw@postgres:5432/")
+        assert urlparse(settings.qdrant_url).hostname == "qdrant-1" and settings.qdrant_replication_factor == 2
+        assert settings.qdrant_write_ordering == "strong"
+    # Nothing of the cluster starts with a plain `docker compose up`.
+    assert not {"qdrant", "api", "worker", "llm"} & cluster
+
+
 # ---- README, CI, packaging ----------------------------------------------------------------------
 
 
