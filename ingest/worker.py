@@ -32,6 +32,7 @@ from rag.encoder_pool import EncoderPool
 from rag.errors import BadRequest, NotFound, RagError, StoreError, TransientError
 from rag.index import collection_name, ensure_collection_for
 from rag.loaders import LoadFailure, LoadLimits, load
+from rag.metrics import Metrics
 from rag.quotas import room
 from rag.registry import DocumentRecord, DocumentResult, Job, JobItem, JobKind, JobStatus, Registry
 from rag.settings import Settings
@@ -108,6 +109,7 @@ class IngestWorker:
         embedder: Embedder,
         sparse: SparseEncoder | None = None,
         encoders: EncoderPool | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -118,6 +120,7 @@ class IngestWorker:
         self.encoders = encoders if encoders is not None else EncoderPool(settings, store, registry, embedder,
                                                                           self.sparse)
         self._ensured: set[str] = set()
+        self.metrics = metrics
         self.encoding = get_encoding(settings.tokenizer_encoding)
         self.limits = LoadLimits.from_settings(settings)
         # The sparse configuration is part of what a document's stored vectors depend on: changing
@@ -216,33 +219,39 @@ class IngestWorker:
         self._finish_guarded(job, bound, body)
 
     def _finish_guarded(self, job: Job, bound, body: Callable[[Job, object], tuple[JobStatus, str | None]]) -> None:
+        outcome = self._end_job(job, bound, body)
+        if self.metrics is not None:
+            self.metrics.jobs.labels(kind=str(job.kind), outcome=outcome).inc()
+
+    def _end_job(self, job: Job, bound, body: Callable[[Job, object], tuple[JobStatus, str | None]]) -> str:
         """How every job ends, whatever its kind: cancelled on request; infrastructure failures (store, transient,
         OS) back to the queue until the attempts run out; a refused request (bad options, unknown version) failed
-        with its reason; anything else failed as an internal error, the worker living on."""
+        with its reason; anything else failed as an internal error, the worker living on. Returns the outcome."""
         try:
             status, error = body(job, bound)
         except JobCancelled:
             self.registry.finish_job(job.id, "cancelled", "cancelled on request")
             bound.info("job_cancelled")
-            return
+            return "cancelled"
         except JobYielded:
             self.registry.yield_job(job.id)
             bound.info("job_yielded", reason="another tenant's job is waiting")
-            return
+            return "yielded"
         except INFRASTRUCTURE as exc:
             self._retry_or_fail(job, exc, bound)
-            return
+            return "retried"
         except (RagError, ValueError, msgspec.ValidationError) as exc:
             message = exc.message if isinstance(exc, RagError) else str(exc)
             self.registry.finish_job(job.id, "failed", message)
             bound.warning("job_failed", error=message)
-            return
+            return "failed"
         except Exception as exc:  # noqa: BLE001 - a bug, or an upload nobody foresaw, fails the job, not the worker
             bound.exception("job_crashed")
             self.registry.finish_job(job.id, "failed", f"internal error: {describe(exc)}")
-            return
+            return "failed"
         self.registry.finish_job(job.id, status, error)  # also removes an ingest job's uploaded files
         bound.info("job_finished", status=status)
+        return status
 
     def _run_ingest_job(self, job: Job, bound) -> tuple[JobStatus, str | None]:
         bound.info("job_started", files=len(job.items))
@@ -363,6 +372,10 @@ class IngestWorker:
             results = pending + (self._index_group(job, group) if group else [])
             failed += sum(r.status == "failed" for r in results)
             self.registry.record_results(job.id, results, total=total)
+            if self.metrics is not None:
+                for r in results:
+                    self.metrics.documents.labels(outcome=r.status).inc()
+                    self.metrics.chunks.inc(r.chunks if r.status == "indexed" else 0)
             group, group_chunks, pending = [], 0, []
 
         for item in job.items:

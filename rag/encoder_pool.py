@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -55,6 +56,7 @@ class EncoderPool:
         self._default: tuple[str, float] = (default.version, float("-inf"))
         self._lock = threading.RLock()
         self._loading = threading.Lock()  # one model load at a time: loads are rare and memory-heavy
+        self.observe: Callable[[str, float], None] | None = None  # stage timings of the retrievers made here
 
     # ---- which version --------------------------------------------------------------------------
     def default_version(self, *, fresh: bool = False) -> str:
@@ -148,6 +150,7 @@ class EncoderPool:
             retriever = self._retrievers.get(version)
             if retriever is None or retriever.embedder is not embedder:
                 retriever = Retriever(self.store, collection_name(version), embedder, self.sparse, self.settings)
+                retriever.observe = self.observe
                 self._retrievers[version] = retriever
             return retriever
 

@@ -137,6 +137,8 @@ class Registry(Protocol):
     def set_quotas(self, tenant: str, limits: dict[str, int]) -> None: ...
     def tenant_usage(self, tenant: str) -> dict[str, int]: ...
     def add_llm_tokens(self, tenant: str, tokens: int) -> None: ...
+    def queue_stats(self) -> dict[str, Any]: ...
+    def tenants_usage(self, limit: int) -> dict[str, tuple[int, int]]: ...
     def get_tenant_encoder(self, tenant: str) -> str | None: ...
     def set_tenant_encoder(self, tenant: str, version: str | None) -> None: ...
     def tenant_encoders(self) -> dict[str, str]: ...
@@ -668,6 +670,27 @@ class SqliteRegistry:
                     "tokens = CASE WHEN ? - start < ? THEN tokens + excluded.tokens ELSE excluded.tokens END, "
                     "start = CASE WHEN ? - start < ? THEN start ELSE excluded.start END",
                     (tenant, period, now, tokens, now, length, now, length))
+
+    # ---- what /metrics reads at scrape time --------------------------------------------------
+    def queue_stats(self) -> dict[str, Any]:
+        """Jobs waiting by kind, when the oldest of them was created, and how many are running."""
+        db = self._conn()
+        by_kind = {r["kind"]: r["n"] for r in db.execute(
+            "SELECT kind, COUNT(*) AS n FROM jobs WHERE status = 'queued' GROUP BY kind")}
+        oldest = db.execute("SELECT MIN(created_at) FROM jobs WHERE status = 'queued'").fetchone()[0]
+        running = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'running'").fetchone()[0]
+        return {"queued_by_kind": by_kind, "oldest_queued_at": oldest, "running": running}
+
+    def tenants_usage(self, limit: int) -> dict[str, tuple[int, int]]:
+        """(documents, chunks) of the ``limit`` tenants with the most chunks; the rest summed as ``_other``."""
+        rows = self._conn().execute(
+            "SELECT tenant, COUNT(*) AS docs, COALESCE(SUM(chunk_count), 0) AS chunks FROM documents "
+            "GROUP BY tenant ORDER BY chunks DESC, tenant").fetchall()
+        out = {r["tenant"]: (r["docs"], r["chunks"]) for r in rows[:limit]}
+        rest = rows[limit:]
+        if rest:
+            out["_other"] = (sum(r["docs"] for r in rest), sum(r["chunks"] for r in rest))
+        return out
 
     # ---- per-tenant encoders -----------------------------------------------------------------
     def get_tenant_encoder(self, tenant: str) -> str | None:

@@ -7,7 +7,8 @@ measures exactly what the service serves.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -99,6 +100,7 @@ class Retriever:
         self.query_encoder = QueryEncoder(embedder, sample=self.query_sample)
         # The tenant's recent queries (RAG_QUERY_CACHE_SIZE): a repeated question costs no encode.
         self.query_cache = VectorCache(settings.query_cache_size)
+        self.observe: Callable[[str, float], None] | None = None  # (stage, seconds), e.g. the process's metrics
         weights = (float(settings.dense_weight), float(settings.sparse_weight))
         self.fusion: FusionMethod = "rrf" if weights == (1.0, 1.0) else "weighted"
         self.weights = weights
@@ -144,10 +146,13 @@ class Retriever:
 
     async def query_vector(self, query: str, tenant: str) -> np.ndarray:
         """The query's dense vector: from the tenant's query cache, else encoded (batched with concurrent ones)."""
+        t0 = time.perf_counter()
         vec = self.query_cache.lookup(self.embedder.version, query, namespace=tenant)
         if vec is None:
             vec = await self.query_encoder.embed(query)
             self.query_cache.store(self.embedder.version, query, vec, namespace=tenant)
+        if self.observe is not None:
+            self.observe("query_encode", time.perf_counter() - t0)
         return vec
 
     async def asearch(
@@ -162,6 +167,10 @@ class Retriever:
         """:meth:`search` for the event loop: concurrent query encodes share a batch, the store runs in a thread."""
         mode = self.mode_of(mode)
         dense = (await self.query_vector(query, tenant)).tolist() if mode != "sparse" else None
-        return await anyio.to_thread.run_sync(
+        t0 = time.perf_counter()
+        hits = await anyio.to_thread.run_sync(
             lambda: self._store_search(mode, dense, query, tenant=tenant, top_k=top_k, filter=filter)
         )
+        if self.observe is not None:
+            self.observe("store_search", time.perf_counter() - t0)
+        return hits

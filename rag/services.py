@@ -26,6 +26,7 @@ from rag.encoders import resolve_encoder_model
 from rag.errors import RagError
 from rag.index import collection_name, ensure_collection_for
 from rag.llm import LLM, OpenAICompatibleLLM
+from rag.metrics import Metrics
 from rag.local_llm import MODEL_NAME, LocalLLMServer, local_llm_paths
 from rag.prompts import load_prompts
 from rag.registry import Registry, SqliteRegistry
@@ -56,9 +57,11 @@ class Services:
     ready: bool = False
     unfollowed: str = ""  # an active collection whose encoder is unknown here, checked once
     closers: list[Callable[[], None]] = field(default_factory=list)
+    _watching: bool = False
     # Set by whatever runs the ingest worker in this process: False once its thread died or its
     # heartbeat went stale. None when no worker runs here.
     worker_alive: Callable[[], bool] | None = None
+    metrics: Metrics = field(default_factory=Metrics)  # this process's Prometheus metrics (GET /metrics)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -84,6 +87,7 @@ class Services:
         """Serve with ``embedder`` and its own collection; the retriever pairs the two, so no query is
         embedded by one version and searched against another's vectors."""
         retriever = Retriever(self.store, collection_name(embedder.version), embedder, SparseEncoder(), self.settings)
+        retriever.observe = self.metrics.stage
         self.retriever = retriever
         self.query_encoder = retriever.query_encoder
         self.embedder = embedder
@@ -112,6 +116,11 @@ class Services:
         self.retriever = Retriever(self.store, self.collection, self.embedder, SparseEncoder(), self.settings)
         self.query_encoder = self.retriever.query_encoder
         self.pool().set_default(self.embedder, self.retriever)
+        self.pool().observe = self.metrics.stage
+        self.retriever.observe = self.metrics.stage
+        if not self._watching:
+            self._watching = True
+            self.metrics.watch_registry(self.registry, lambda: self.pool().default_version())
 
     def pool(self) -> EncoderPool:
         """Each tenant's encoder (built on first use for services assembled by hand, as tests do)."""

@@ -56,6 +56,7 @@ SPEC_SCOPES: dict[tuple[str, str], str | None] = {
     ("POST", "/v1/encoders/prune"): "admin",
     ("GET", "/v1/admin/query-sample"): "operator",
     ("POST", "/v1/admin/query-sample/export"): "operator",
+    ("GET", "/metrics"): "operator",
     ("GET", "/healthz"): None,
     ("GET", "/readyz"): None,
 }

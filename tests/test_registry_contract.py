@@ -671,6 +671,27 @@ class TestEncoderJobs:
 # ---- queued_count --------------------------------------------------------------------------------------
 
 
+class TestScrapeReads:
+    def test_queue_stats_count_waiting_jobs_by_kind_and_the_oldest(self, registry: Registry) -> None:
+        assert registry.queue_stats() == {"queued_by_kind": {}, "oldest_queued_at": None, "running": 0}
+        first = registry.create_job("t1", [item("a")])
+        registry.create_job("t2", [], kind=JobKind.ADAPT)
+        registry.create_job("t1", [item("b")])
+        claimed = registry.claim_job(LONG_LEASE_S)
+        stats = registry.queue_stats()
+        assert stats["running"] == 1 and sum(stats["queued_by_kind"].values()) == 2
+        waiting = [j for j in (registry.get_job(first.id),) if j.status == "queued"]
+        assert stats["oldest_queued_at"] is not None and stats["oldest_queued_at"] >= first.created_at
+        assert claimed is not None and (waiting or stats["oldest_queued_at"] > first.created_at)
+
+    def test_tenants_usage_keeps_the_largest_and_sums_the_rest(self, registry: Registry) -> None:
+        registry.upsert_documents([doc("a", tenant="big", chunks=50), doc("b", tenant="big", chunks=50),
+                                   doc("c", tenant="mid", chunks=30), doc("d", tenant="s1", chunks=2),
+                                   doc("e", tenant="s2", chunks=1)])
+        assert registry.tenants_usage(2) == {"big": (2, 100), "mid": (1, 30), "_other": (2, 3)}
+        assert registry.tenants_usage(10) == {"big": (2, 100), "mid": (1, 30), "s1": (1, 2), "s2": (1, 1)}
+
+
 class TestTenantEncoders:
     def test_a_tenant_follows_the_default_until_pointed(self, registry: Registry) -> None:
         assert registry.get_tenant_encoder("t1") is None

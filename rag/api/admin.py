@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from litestar import get, post
+from litestar import Response, get, post
 from litestar.params import Parameter
 
 from rag.api.deps import access
 from rag.auth import TENANT_PATTERN
 from rag.errors import NotFound
+from rag.metrics import CONTENT_TYPE_LATEST
 from rag.query_sample import QuerySample, QuerySampleOut
 from rag.services import Services
 
@@ -46,4 +47,11 @@ def export_query_sample(svc: Services) -> dict[str, Any]:
             "encoder_version": sample.encoder_version}
 
 
-ROUTES = [query_sample, export_query_sample]
+@get("/metrics", sync_to_thread=True, summary="This process's metrics in Prometheus text format", include_in_schema=False,
+     **access("operator"))
+def metrics(svc: Services) -> Response[bytes]:
+    """Request and stage latency, ingest and job counts, queue depth and age, LLM tokens, tenants and encoders."""
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES = [query_sample, export_query_sample, metrics]

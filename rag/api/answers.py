@@ -47,9 +47,16 @@ async def _check_llm_quota(svc: Services, caller: Caller) -> None:
 
 
 async def _count_llm_tokens(svc: Services, caller: Caller, usage: dict[str, Any]) -> None:
+    svc.metrics.llm_tokens.labels(direction="in").inc(int(usage.get("prompt_tokens") or 0))
+    svc.metrics.llm_tokens.labels(direction="out").inc(int(usage.get("completion_tokens") or 0))
     tokens = int(usage.get("total_tokens") or 0)
     if tokens:
         await anyio.to_thread.run_sync(svc.registry.add_llm_tokens, caller.tenant, tokens)
+
+
+def _observe(svc: Services, mode: str, timings: dict[str, Any]) -> None:
+    svc.metrics.answers.labels(mode=mode).inc()
+    svc.metrics.stages_from_timings(timings)
 
 
 def _sse(event: str, data: Any) -> bytes:
@@ -66,6 +73,7 @@ async def answer(data: AnswerRequest, svc: Services, caller: Caller) -> Response
     if not data.stream:
         result = await pipeline.answer(data, caller.tenant)
         await _count_llm_tokens(svc, caller, result.usage)
+        _observe(svc, result.mode, result.timings)
         log.info("answered", mode=result.mode, answerable=result.answerable, prompt=result.prompt,
                  encoder_version=result.encoder_version, ms=result.latency_ms)
         return Response(result)
@@ -75,8 +83,10 @@ async def answer(data: AnswerRequest, svc: Services, caller: Caller) -> Response
             async for event, payload in pipeline.stream(data, caller.tenant):
                 if event == "done":
                     await _count_llm_tokens(svc, caller, payload.get("usage") or {})
+                    _observe(svc, str(payload.get("mode", "")), payload.get("timings") or {})
                 yield _sse(event, payload)
         except RagError as exc:
+            svc.metrics.llm_errors.labels(kind=exc.code).inc()
             yield _sse("error", {"code": exc.code, "message": exc.message})
 
     return Stream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -42,9 +42,22 @@ class RequestContextMiddleware(ASGIMiddleware):
         try:
             await next_app(scope, receive, send_with_id)
         finally:
-            log.info("request", method=scope["method"], path=scope["path"], status=status,
-                     ms=round((time.perf_counter() - started) * 1000, 2))
+            seconds = time.perf_counter() - started
+            log.info("request", method=scope["method"], path=scope["path"], status=status, ms=round(seconds * 1000, 2))
             structlog.contextvars.unbind_contextvars("request_id")
+            _count(scope, status, seconds)
+
+
+def _count(scope: Scope, status: int, seconds: float) -> None:
+    """The request in the process's metrics, by route template (bounded), never by raw path."""
+    app = scope.get("app")
+    svc = getattr(getattr(app, "state", None), "services", None)
+    metrics = getattr(svc, "metrics", None)
+    if metrics is None:
+        return
+    route = scope.get("path_template") or "unmatched"
+    metrics.requests.labels(route=route, method=scope["method"], status=str(status)).inc()
+    metrics.request_seconds.labels(route=route, method=scope["method"]).observe(seconds)
 
 
 async def reject_deep_json(request: Request) -> None:
