@@ -99,3 +99,44 @@ def test_managed_services_replace_the_bundled_ones() -> None:
 def test_missing_secrets_and_endpoints_fail_the_render_naming_them(values: dict, problem: str) -> None:
     with pytest.raises(helm.HelmError, match=problem):
         render(values)
+
+
+# ---- dashboards and alerts ------------------------------------------------------------------------
+
+DEPLOY = CHART.parents[1]
+
+
+def exported_metric_names(tmp_path) -> set[str]:
+    """Every sample name this service's /metrics can carry (counters' _total, histograms' _bucket, ...)."""
+    from rag.metrics import Metrics
+    from rag.registry import SqliteRegistry
+
+    registry = SqliteRegistry(tmp_path / "registry.sqlite3")
+    metrics = Metrics()
+    metrics.watch_registry(registry, lambda: "v1")
+    metrics.stage("search", 0.01)  # a labelled histogram shows its samples once observed
+    names = set()
+    for family in metrics.registry.collect():
+        names.add(family.name)
+        names.update(s.name for s in family.samples)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        if family.type == "histogram":
+            names.update(family.name + suffix for suffix in ("_bucket", "_count", "_sum"))
+    registry.close()
+    return names
+
+
+def test_every_metric_the_alerts_and_the_dashboard_name_exists(tmp_path) -> None:
+    import json
+    import re
+
+    known = exported_metric_names(tmp_path)
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    dashboard = json.loads((DEPLOY / "grafana" / "rag-dashboard.json").read_text())
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    named = {m for e in exprs for m in re.findall(r"\brag_[a-z_]+\b", e)}
+    assert named and not named - known, f"not exported: {sorted(named - known)}"
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    assert {"RagSearchLatencySLOBurn", "RagQueueStuck", "RagJobFailureRate", "RagLLMErrors"} <= alerts
