@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     from rag.keys_cli import add_keys_command
 
     add_keys_command(sub)
+    from rag.doctor_cli import add_doctor_command
+
+    add_doctor_command(sub)
     llm = sub.add_parser("llm", help="run the bundled llama-server (SmolLM2-135M) in the foreground")
     llm.add_argument("--host", default="127.0.0.1")
     llm.add_argument("--port", type=int, default=8081)
@@ -58,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         from rag.keys_cli import run_keys
 
         return run_keys(settings, args)
+    if args.command == "doctor":
+        from rag.doctor_cli import run_doctor
+
+        return run_doctor(settings, args)
     if args.command == "settings":
         import msgspec
 

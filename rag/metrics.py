@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -58,6 +58,10 @@ class Metrics:
         self.llm_errors = Counter("rag_llm_errors", "LLM calls that failed, by error code", ["kind"], registry=r)
         self.answers = Counter("rag_answers", "Answers given, by mode (generative, extractive, abstained)",
                                ["mode"], registry=r)
+        self.inconsistencies = Gauge("rag_index_inconsistencies", "What the last reconcile found, by problem "
+                                     "(registry vs store; python -m rag doctor)", ["problem"], registry=r)
+        self.reconciled_at = Gauge("rag_index_reconciled_timestamp_seconds", "When the last reconcile ran",
+                                   registry=r)
 
     def watch_registry(self, registry: Any, default_version: Callable[[], str | None]) -> None:
         """Export what the registry knows at scrape time (queue, tenants, encoders)."""
@@ -75,6 +79,11 @@ class Metrics:
             stage = names.get(key)
             if stage is not None and isinstance(value, (int, float)):
                 self.stage(stage, value / 1000)
+
+    def reconciled(self, counts: dict[str, int]) -> None:
+        for problem, n in counts.items():
+            self.inconsistencies.labels(problem=problem).set(n)
+        self.reconciled_at.set_to_current_time()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -29,6 +29,7 @@ from rag.llm import LLM, OpenAICompatibleLLM
 from rag.metrics import Metrics
 from rag.local_llm import MODEL_NAME, LocalLLMServer, local_llm_paths
 from rag.prompts import load_prompts
+from rag.reconcile import ReconcileReport, reconcile
 from rag.registry import Registry, SqliteRegistry
 from rag.rerank import load_reranker
 from rag.search import QueryEncoder, Retriever
@@ -128,6 +129,14 @@ class Services:
             self.encoders = EncoderPool(self.settings, self.store, self.registry, self.embedder)
         return self.encoders
 
+    def reconcile(self, *, repair: bool = False, tenants: list[str] | None = None) -> ReconcileReport:
+        """Compare registry and store per tenant (and repair); the counts go to /metrics (blocking)."""
+        pool = self.pool()
+        report = reconcile(self.registry, self.store, version_for=lambda t: pool.version_for(t, fresh=True),
+                           embedder_for=pool.embedder, tenants=tenants, repair=repair)
+        self.metrics.reconciled(report.counts())
+        return report
+
     def retriever_for(self, tenant: str) -> Retriever:
         """The retriever of the tenant's encoder: its own once it promoted one, else the default (blocking: may load)."""
         return self.pool().retriever_for(tenant)
@@ -164,6 +173,19 @@ def start_llm(settings: Settings, stack: AsyncExitStack) -> LLM | None:
         server.base_url, MODEL_NAME, connect_timeout_s=settings.llm_connect_timeout_s, timeout_s=settings.llm_timeout_s,
         max_tokens=settings.llm_max_tokens, max_retries=settings.llm_max_retries, temperature=settings.llm_temperature,
     )
+
+
+async def reconcile_on_schedule(svc: Services) -> None:
+    """Every RAG_RECONCILE_INTERVAL_S: compare registry and store (report only; repair is on demand)."""
+    while True:
+        await anyio.sleep(svc.settings.reconcile_interval_s)
+        try:
+            report = await anyio.to_thread.run_sync(svc.reconcile)
+        except RagError as exc:
+            log.warning("reconcile_failed", error=exc.message)
+            continue
+        if report.findings:
+            log.warning("index_inconsistent", **report.counts())
 
 
 async def follow_active_encoder(svc: Services) -> None:
@@ -207,6 +229,8 @@ async def running(settings: Settings, services: Services | None = None,
                 stack.enter_context(component(svc))
             tg = await stack.enter_async_context(anyio.create_task_group())
             tg.start_soon(follow_active_encoder, svc)
+            if settings.reconcile_interval_s > 0:
+                tg.start_soon(reconcile_on_schedule, svc)
             stack.callback(tg.cancel_scope.cancel)
             svc.ready = True
             log.info("service_ready", encoder_version=svc.embedder.version, collection=svc.collection,

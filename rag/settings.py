@@ -133,6 +133,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     adapt_promote_unlabelled: bool = False
     query_cache_size: int = 1024  # recent query vectors kept per encoder (keyed by tenant; 0: off)
     sentence_cache_size: int = 20000  # context-sentence vectors kept for extractive answers (~1.6 KB each; 0: off)
+    reconcile_interval_s: float = 3600.0  # compare registry and store this often (report only; 0: never)
     malloc_arena_max: int = 2  # glibc malloc arenas for the serving process (0: glibc's default, 8 per core)
     encoder_cache_size: int = 4  # adapted encoders kept loaded (LRU) besides the default one
     encoder_poll_s: float = 1.0  # how often the API checks whether a promotion moved the active collection
@@ -161,6 +162,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.qdrant_replication_factor >= 1, "qdrant_replication_factor", "must be at least 1"),
             (1 <= self.qdrant_write_consistency_factor <= self.qdrant_replication_factor,
              "qdrant_write_consistency_factor", "must be between 1 and RAG_QDRANT_REPLICATION_FACTOR"),
+            (self.reconcile_interval_s >= 0, "reconcile_interval_s", "must be >= 0 (0: never)"),
             (self.malloc_arena_max >= 0, "malloc_arena_max", "must be >= 0 (0: glibc's default)"),
             (self.query_cache_size >= 0, "query_cache_size", "must be >= 0 (0: off)"),
             (self.sentence_cache_size >= 0, "sentence_cache_size", "must be >= 0 (0: off)"),

@@ -57,6 +57,7 @@ SPEC_SCOPES: dict[tuple[str, str], str | None] = {
     ("GET", "/v1/admin/query-sample"): "operator",
     ("POST", "/v1/admin/query-sample/export"): "operator",
     ("GET", "/metrics"): "operator",
+    ("POST", "/v1/admin/reconcile"): "operator",
     ("GET", "/healthz"): None,
     ("GET", "/readyz"): None,
 }

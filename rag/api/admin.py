@@ -8,17 +8,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import anyio.to_thread
+import msgspec
+import structlog
 from litestar import Response, get, post
 from litestar.params import Parameter
 
 from rag.api.deps import access
-from rag.auth import TENANT_PATTERN
+from rag.auth import TENANT_PATTERN, Caller
 from rag.errors import NotFound
 from rag.metrics import CONTENT_TYPE_LATEST
 from rag.query_sample import QuerySample, QuerySampleOut
 from rag.services import Services
 
 QUERY_SAMPLE_FILE = "query-sample.npy"
+audit = structlog.get_logger("rag.audit")
 
 
 def _sample(svc: Services, tenant: str | None) -> QuerySample:
@@ -47,6 +51,22 @@ def export_query_sample(svc: Services) -> dict[str, Any]:
             "encoder_version": sample.encoder_version}
 
 
+class ReconcileIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    repair: bool = False
+    tenants: Annotated[list[Annotated[str, msgspec.Meta(pattern=TENANT_PATTERN)]], msgspec.Meta(max_length=1000)] | None = None
+
+
+@post("/v1/admin/reconcile", status_code=200, summary="Compare the registry with the store per tenant, and repair",
+      **access("operator"))
+async def reconcile(data: ReconcileIn, svc: Services, caller: Caller) -> dict[str, Any]:
+    """What differs (missing, incomplete or orphan points, wrong sizes or hashes, several generations, another
+    encoder's vectors) per tenant; with ``repair``, fixed so that both agree (README, "Operating it")."""
+    report = await anyio.to_thread.run_sync(lambda: svc.reconcile(repair=data.repair, tenants=data.tenants))
+    audit.info("audit", action="reconcile", key_id=caller.key_id, tenant=caller.tenant, repair=data.repair,
+               outcome="ok", **report.counts())
+    return report.to_dict()
+
+
 @get("/metrics", sync_to_thread=True, summary="This process's metrics in Prometheus text format", include_in_schema=False,
      **access("operator"))
 def metrics(svc: Services) -> Response[bytes]:
@@ -54,4 +74,4 @@ def metrics(svc: Services) -> Response[bytes]:
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-ROUTES = [query_sample, export_query_sample, metrics]
+ROUTES = [query_sample, export_query_sample, reconcile, metrics]
