@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     from rag.doctor_cli import add_doctor_command
 
     add_doctor_command(sub)
+    from rag.backup_cli import add_backup_commands
+
+    add_backup_commands(sub)
     llm = sub.add_parser("llm", help="run the bundled llama-server (SmolLM2-135M) in the foreground")
     llm.add_argument("--host", default="127.0.0.1")
     llm.add_argument("--port", type=int, default=8081)
@@ -61,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         from rag.keys_cli import run_keys
 
         return run_keys(settings, args)
+    if args.command in ("backup", "restore"):
+        from rag.backup_cli import run_backup, run_restore
+
+        return (run_backup if args.command == "backup" else run_restore)(settings, args)
     if args.command == "doctor":
         from rag.doctor_cli import run_doctor
 

@@ -802,6 +802,14 @@ class SqliteRegistry:
 
     # ---- end datasets ----------------------------------------------------------------------------------
 
+    def backup_to(self, dest: Path) -> None:
+        """A consistent copy of the whole registry in the SQLite file ``dest`` (SQLite's online backup)."""
+        target = sqlite3.connect(dest)
+        try:
+            self._conn().backup(target)
+        finally:
+            target.close()
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:

@@ -58,6 +58,7 @@ SPEC_SCOPES: dict[tuple[str, str], str | None] = {
     ("POST", "/v1/admin/query-sample/export"): "operator",
     ("GET", "/metrics"): "operator",
     ("POST", "/v1/admin/reconcile"): "operator",
+    ("POST", "/v1/admin/backup"): "operator",
     ("GET", "/healthz"): None,
     ("GET", "/readyz"): None,
 }

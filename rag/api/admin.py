@@ -6,6 +6,7 @@ routes are for operators only: keep ``/v1/admin/`` off the public network (READM
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -16,6 +17,7 @@ from litestar.params import Parameter
 
 from rag.api.deps import access
 from rag.auth import TENANT_PATTERN, Caller
+from rag.backup import backup
 from rag.errors import NotFound
 from rag.metrics import CONTENT_TYPE_LATEST
 from rag.query_sample import QuerySample, QuerySampleOut
@@ -67,6 +69,17 @@ async def reconcile(data: ReconcileIn, svc: Services, caller: Caller) -> dict[st
     return report.to_dict()
 
 
+@post("/v1/admin/backup", status_code=201, summary="Back up store, registry, uploads and encoders into the data dir",
+      **access("operator"))
+async def make_backup(svc: Services, caller: Caller) -> dict[str, Any]:
+    """Written to ``<data_dir>/backups/<UTC time>/`` (a folder the server chooses; ``python -m rag backup DIR``
+    copies it out). Writes wait while the store and the registry are copied; searches go on."""
+    dest = svc.settings.data_dir / "backups" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    result = await anyio.to_thread.run_sync(lambda: backup(svc.settings, svc.store, svc.registry, dest))
+    audit.info("audit", action="backup", key_id=caller.key_id, tenant=caller.tenant, outcome="ok", path=str(dest))
+    return result
+
+
 @get("/metrics", sync_to_thread=True, summary="This process's metrics in Prometheus text format", include_in_schema=False,
      **access("operator"))
 def metrics(svc: Services) -> Response[bytes]:
@@ -74,4 +87,4 @@ def metrics(svc: Services) -> Response[bytes]:
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-ROUTES = [query_sample, export_query_sample, reconcile, metrics]
+ROUTES = [query_sample, export_query_sample, reconcile, make_backup, metrics]

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -410,6 +410,29 @@ class EdgeVectorStore(QdrantLikeStore):
             filter=flt,
             with_payload=True,
         ))
+
+    def snapshot(self, dest: Path, during: Callable[[], None] | None = None) -> dict[str, int]:
+        """Copy every collection and the active pointer to ``dest`` as one consistent state.
+
+        Writes wait meanwhile (searches go on): every shard is flushed and copied under the write lock.
+        ``during`` runs under the same lock once the copy is done (a backup copies the registry there, so
+        that both describe one moment). Returns the points per collection.
+        """
+        dest = Path(dest)
+        with self._write_lock:
+            self._check_open()
+            counts: dict[str, int] = {}
+            for name in self.list_collections():
+                shard = self._shard(name)
+                with _edge_errors(f"flushing {name!r}"):
+                    shard.flush()
+                shutil.copytree(self._shard_path(name), dest / "collections" / name)
+                counts[name] = self.count(name)
+            if self._active_path.exists():
+                shutil.copy2(self._active_path, dest / "active")
+            if during is not None:
+                during()
+        return counts
 
     def optimize(self, collection: str) -> bool:
         """Run the engine's optimizers (HNSW build, merges, vacuum) now; blocks the process meanwhile.
