@@ -41,7 +41,8 @@ class WorkerSupervisor:
 
     def _new_worker(self, embedder) -> IngestWorker:
         s = self.services
-        return IngestWorker(s.settings, s.registry, s.store, embedder, encoders=s.pool(), metrics=s.metrics)
+        return IngestWorker(s.settings, s.registry, s.store, embedder, encoders=s.pool(), metrics=s.metrics,
+                            tracing=s.tracing)
 
     def alive(self) -> bool:
         """The worker thread runs and has beaten its heartbeat within ``worker_stale_s``."""

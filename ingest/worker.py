@@ -33,6 +33,7 @@ from rag.errors import BadRequest, NotFound, RagError, StoreError, TransientErro
 from rag.index import collection_name, ensure_collection_for
 from rag.loaders import LoadFailure, LoadLimits, load
 from rag.metrics import Metrics
+from rag.tracing import Tracing, span
 from rag.quotas import room
 from rag.registry import DocumentRecord, DocumentResult, Job, JobItem, JobKind, JobStatus, Registry
 from rag.settings import Settings
@@ -110,6 +111,7 @@ class IngestWorker:
         sparse: SparseEncoder | None = None,
         encoders: EncoderPool | None = None,
         metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -121,6 +123,7 @@ class IngestWorker:
                                                                           self.sparse)
         self._ensured: set[str] = set()
         self.metrics = metrics
+        self.tracing = tracing or Tracing()
         self.encoding = get_encoding(settings.tokenizer_encoding)
         self.limits = LoadLimits.from_settings(settings)
         # The sparse configuration is part of what a document's stored vectors depend on: changing
@@ -216,7 +219,8 @@ class IngestWorker:
         """Run one job of any kind under the one policy for how a job ends (:meth:`_finish_guarded`)."""
         bound = log.bind(job_id=job.id, tenant=job.tenant, kind=str(job.kind), attempt=job.attempts)
         body = self._run_ingest_job if job.kind == JobKind.INGEST else self._run_encoder_job
-        self._finish_guarded(job, bound, body)
+        with self.tracing.root(f"job {job.kind}", job_id=job.id, tenant=job.tenant, attempt=job.attempts):
+            self._finish_guarded(job, bound, body)
 
     def _finish_guarded(self, job: Job, bound, body: Callable[[Job, object], tuple[JobStatus, str | None]]) -> None:
         outcome = self._end_job(job, bound, body)
@@ -494,7 +498,8 @@ class IngestWorker:
         texts = [embedding_text(doc.title, c.heading_path, c.text) for doc, _, chunks in todo for c in chunks]
         self.beat()
         t0 = time.perf_counter()
-        vectors = target.embedder.embed_documents(texts)
+        with span("embed", chunks=len(texts), encoder_version=target.embedder.version):
+            vectors = target.embedder.embed_documents(texts)
         embed_s = time.perf_counter() - t0
         self.beat()
         t0 = time.perf_counter()
@@ -512,7 +517,8 @@ class IngestWorker:
                     token_count=c.token_count,
                 ).to_payload()))
                 row += 1
-        self._with_retries(lambda: self.store.upsert(target.collection, points))
+        with span("upsert", points=len(points), collection=target.collection):
+            self._with_retries(lambda: self.store.upsert(target.collection, points))
         self.beat()
         # A delete of one of these documents since the job was created wins: it is not published.
         deleted = self.registry.deleted_since(tenant, [d.id for d, _, _ in todo], job.created_at)

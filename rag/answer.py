@@ -26,6 +26,7 @@ from rag.rerank import Reranker
 from rag.settings import Settings
 from rag.tokens import get_encoding
 from rag.types import ScoredPoint
+from rag.tracing import span
 from rag.vector_cache import VectorCache
 
 log = structlog.get_logger("rag.answer")
@@ -157,15 +158,17 @@ class AnswerPipeline:
                      else await anyio.to_thread.run_sync(self.retriever_for, tenant))
         hits = await retriever.asearch(question, tenant=tenant, top_k=depth, mode=req.mode, filter=req.filter)
         retrieve_ms = (time.perf_counter() - t0) * 1000
-        rr = await anyio.to_thread.run_sync(
-            lambda: self.reranker.rerank(question, hits, depth=self.settings.rerank_depth,
-                                         budget_ms=self.settings.rerank_budget_ms)
-        )
+        with span("rerank", reranker=self.reranker.name, hits=len(hits)):
+            rr = await anyio.to_thread.run_sync(
+                lambda: self.reranker.rerank(question, hits, depth=self.settings.rerank_depth,
+                                             budget_ms=self.settings.rerank_budget_ms)
+            )
         top = rr.hits[: req.top_k]
         t1 = time.perf_counter()
-        context = build_context(top, budget_tokens=self.settings.context_tokens, encoding=self.encoding)
-        ranked = await anyio.to_thread.run_sync(lambda: rank_sentences(
-            question, None, context, self.embedder, cache=self.sentence_cache, namespace=tenant))
+        with span("context", chunks=len(top)):
+            context = build_context(top, budget_tokens=self.settings.context_tokens, encoding=self.encoding)
+            ranked = await anyio.to_thread.run_sync(lambda: rank_sentences(
+                question, None, context, self.embedder, cache=self.sentence_cache, namespace=tenant))
         extractive = answer_from_ranked(ranked, max_sentences=2)
         answerable = bool(context.sources) and extractive.best_score >= self.settings.abstain_threshold
         timings = {"retrieve_ms": round(retrieve_ms, 2), "rerank_ms": round(rr.ms, 2), "context_ms": _ms(t1)}
@@ -245,7 +248,8 @@ class AnswerPipeline:
         if prep.answerable and self.llm is not None:
             t_llm = time.perf_counter()
             try:
-                done = await self.llm.complete(self._messages(prep, req.history))
+                with span("llm", model=str(getattr(self.llm, "model", ""))):
+                    done = await self.llm.complete(self._messages(prep, req.history))
             except LLMError as exc:
                 why = f"LLM failed: {exc.message}"
                 log.warning("answer_llm_fallback", error=exc.message)

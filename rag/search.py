@@ -21,6 +21,7 @@ from rag.query_sample import QuerySample
 from rag.sparse import SparseEncoder
 from rag.store import SEARCH_MODES, FusionMethod, VectorStore
 from rag.types import ScoredPoint, SparseVector
+from rag.tracing import span
 from rag.vector_cache import VectorCache
 
 if TYPE_CHECKING:
@@ -147,10 +148,13 @@ class Retriever:
     async def query_vector(self, query: str, tenant: str) -> np.ndarray:
         """The query's dense vector: from the tenant's query cache, else encoded (batched with concurrent ones)."""
         t0 = time.perf_counter()
-        vec = self.query_cache.lookup(self.embedder.version, query, namespace=tenant)
-        if vec is None:
-            vec = await self.query_encoder.embed(query)
-            self.query_cache.store(self.embedder.version, query, vec, namespace=tenant)
+        with span("query_encode", encoder_version=self.embedder.version) as s:
+            vec = self.query_cache.lookup(self.embedder.version, query, namespace=tenant)
+            if s is not None:
+                s.set_attribute("cached", vec is not None)
+            if vec is None:
+                vec = await self.query_encoder.embed(query)
+                self.query_cache.store(self.embedder.version, query, vec, namespace=tenant)
         if self.observe is not None:
             self.observe("query_encode", time.perf_counter() - t0)
         return vec
@@ -168,9 +172,10 @@ class Retriever:
         mode = self.mode_of(mode)
         dense = (await self.query_vector(query, tenant)).tolist() if mode != "sparse" else None
         t0 = time.perf_counter()
-        hits = await anyio.to_thread.run_sync(
-            lambda: self._store_search(mode, dense, query, tenant=tenant, top_k=top_k, filter=filter)
-        )
+        with span("store_search", mode=mode, top_k=top_k, collection=self.collection):
+            hits = await anyio.to_thread.run_sync(
+                lambda: self._store_search(mode, dense, query, tenant=tenant, top_k=top_k, filter=filter)
+            )
         if self.observe is not None:
             self.observe("store_search", time.perf_counter() - t0)
         return hits

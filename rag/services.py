@@ -30,6 +30,7 @@ from rag.metrics import Metrics
 from rag.local_llm import MODEL_NAME, LocalLLMServer, local_llm_paths
 from rag.prompts import load_prompts
 from rag.reconcile import ReconcileReport, reconcile
+from rag.tracing import Tracing
 from rag.registry import Registry, SqliteRegistry
 from rag.rerank import load_reranker
 from rag.search import QueryEncoder, Retriever
@@ -63,6 +64,7 @@ class Services:
     # heartbeat went stale. None when no worker runs here.
     worker_alive: Callable[[], bool] | None = None
     metrics: Metrics = field(default_factory=Metrics)  # this process's Prometheus metrics (GET /metrics)
+    tracing: Tracing = field(default_factory=Tracing)  # OpenTelemetry; off until running() reads the settings
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -214,6 +216,9 @@ async def running(settings: Settings, services: Services | None = None,
             # the secret is a restart; its hash is all that is stored.
             await anyio.to_thread.run_sync(svc.registry.create_key, bootstrap_key(settings.bootstrap_key))
         log.info("auth_mode", mode=settings.auth_mode, bootstrap_key=bool(settings.bootstrap_key))
+        if settings.otel_endpoint and not svc.tracing.enabled:
+            svc.tracing = Tracing(settings.otel_endpoint, settings.otel_service_name)
+            svc.closers.append(svc.tracing.shutdown)
         svc.prepare_retrieval()
         # Warm the encoder so the first request doesn't pay for lazy initialisation.
         await anyio.to_thread.run_sync(svc.embedder.embed_queries, ["warm up"])

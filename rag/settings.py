@@ -133,6 +133,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     adapt_promote_unlabelled: bool = False
     query_cache_size: int = 1024  # recent query vectors kept per encoder (keyed by tenant; 0: off)
     sentence_cache_size: int = 20000  # context-sentence vectors kept for extractive answers (~1.6 KB each; 0: off)
+    otel_endpoint: str = ""  # an OTLP/HTTP collector (http://host:4318): traces of requests and jobs; empty: off
+    otel_service_name: str = "rag"
     reconcile_interval_s: float = 3600.0  # compare registry and store this often (report only; 0: never)
     malloc_arena_max: int = 2  # glibc malloc arenas for the serving process (0: glibc's default, 8 per core)
     encoder_cache_size: int = 4  # adapted encoders kept loaded (LRU) besides the default one

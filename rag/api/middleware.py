@@ -13,6 +13,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from rag.errors import BadRequest
 from rag.jsonsafe import JsonTooDeep, check_json_depth
+from rag.tracing import trace_id_of
 from rag.settings import Settings
 
 log = structlog.get_logger("rag.api")
@@ -26,7 +27,19 @@ class RequestContextMiddleware(ASGIMiddleware):
             await next_app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        svc = getattr(getattr(scope.get("app"), "state", None), "services", None)
+        tracing = getattr(svc, "tracing", None)
+        if tracing is None or not tracing.enabled:
+            await self._handle(scope, receive, send, next_app, headers, None)
+            return
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items() if k in (b"traceparent", b"tracestate")}
+        route = scope.get("path_template") or "unmatched"
+        with tracing.root(f"{scope['method']} {route}", carrier, **{"http.method": scope["method"], "http.route": route}) as s:
+            await self._handle(scope, receive, send, next_app, headers, s)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp, headers: dict, s: Any) -> None:
+        # With tracing on, the request id is the trace id: a log line leads to its trace and back.
+        request_id = trace_id_of(s) or headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         status = 500
@@ -46,6 +59,8 @@ class RequestContextMiddleware(ASGIMiddleware):
             log.info("request", method=scope["method"], path=scope["path"], status=status, ms=round(seconds * 1000, 2))
             structlog.contextvars.unbind_contextvars("request_id")
             _count(scope, status, seconds)
+            if s is not None:
+                s.set_attribute("http.status_code", status)
 
 
 def _count(scope: Scope, status: int, seconds: float) -> None:
