@@ -46,7 +46,8 @@ __all__ = [
     "parse_upload",
 ]
 
-DatasetFormat = Literal["jsonl", "json", "beir-zip", "beir-tar"]
+# "feedback": the pairs a tenant's chat frontend confirmed through POST /v1/feedback, one growing dataset.
+DatasetFormat = Literal["jsonl", "json", "beir-zip", "beir-tar", "feedback"]
 LabelledPair = tuple[str, str]  # (query, document id)
 
 MAX_QUERY_CHARS = 2000

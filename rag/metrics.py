@@ -58,6 +58,8 @@ class Metrics:
         self.llm_errors = Counter("rag_llm_errors", "LLM calls that failed, by error code", ["kind"], registry=r)
         self.answers = Counter("rag_answers", "Answers given, by mode (generative, extractive, abstained)",
                                ["mode"], registry=r)
+        self.feedback = Counter("rag_feedback", "Judgements of answer sources from chat frontends (POST /v1/feedback)",
+                                ["verdict"], registry=r)
         self.inconsistencies = Gauge("rag_index_inconsistencies", "What the last reconcile found, by problem "
                                      "(registry vs store; python -m rag doctor)", ["problem"], registry=r)
         self.reconciled_at = Gauge("rag_index_reconciled_timestamp_seconds", "When the last reconcile ran",

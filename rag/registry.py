@@ -153,6 +153,7 @@ class Registry(Protocol):
     def list_datasets(self, tenant: str) -> list[DatasetRecord]: ...
     def delete_dataset(self, tenant: str, dataset_id: str) -> bool: ...
     def dataset_pairs(self, tenant: str, dataset_id: str) -> list[tuple[str, str]] | None: ...
+    def add_feedback_pairs(self, tenant: str, pairs: Sequence[tuple[str, str]]) -> DatasetRecord: ...
     # ---- end datasets ----
     def close(self) -> None: ...
 
@@ -793,6 +794,29 @@ class SqliteRegistry:
         finally:
             db.execute("COMMIT")
         return [(r["query"], r["document_id"]) for r in rows]
+
+    def add_feedback_pairs(self, tenant: str, pairs: Sequence[tuple[str, str]]) -> DatasetRecord:
+        """Append confirmed (query, document id) pairs to the tenant's feedback dataset (made on first use)."""
+        pairs = list(pairs)
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM datasets WHERE tenant = ? AND format = 'feedback'", (tenant,)).fetchone()
+            if row is None:
+                dataset_id = new_dataset_id()
+                db.execute(f"INSERT INTO datasets ({self._DATASET_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (dataset_id, tenant, "feedback", "train", "feedback", 0, 0, 0, "", time.time()))
+            else:
+                dataset_id = row["id"]
+            seq = db.execute("SELECT COALESCE(MAX(seq) + 1, 0) FROM dataset_pairs WHERE dataset_id = ?",
+                             (dataset_id,)).fetchone()[0]
+            db.executemany("INSERT INTO dataset_pairs (dataset_id, seq, query, document_id) VALUES (?, ?, ?, ?)",
+                           ((dataset_id, seq + i, q, d) for i, (q, d) in enumerate(pairs)))
+            n, queries = db.execute("SELECT COUNT(*), COUNT(DISTINCT query) FROM dataset_pairs WHERE dataset_id = ?",
+                                    (dataset_id,)).fetchone()
+            size = sum(len(q.encode()) + len(d.encode()) for q, d in pairs)
+            db.execute("UPDATE datasets SET pairs = ?, queries = ?, bytes = bytes + ? WHERE id = ?",
+                       (n, queries, size, dataset_id))
+            row = db.execute(f"SELECT {self._DATASET_COLUMNS} FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+        return self._dataset_record(row)
 
     @staticmethod
     def _dataset_record(row: sqlite3.Row) -> DatasetRecord:

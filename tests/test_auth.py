@@ -35,6 +35,7 @@ SPEC_SCOPES: dict[tuple[str, str], str | None] = {
     ("GET", "/v1/documents/{document_id}"): "read",
     ("GET", "/v1/jobs/{job_id}"): "read",
     ("POST", "/v1/search"): "read",
+    ("POST", "/v1/feedback"): "read",
     ("POST", "/v1/answer"): "read",
     ("POST", "/v1/chat/completions"): "read",
     ("GET", "/v1/encoders"): "read",
@@ -67,6 +68,7 @@ SPEC_SCOPES: dict[tuple[str, str], str | None] = {
 BODIES: dict[tuple[str, str], dict] = {
     ("POST", "/v1/documents"): {"id": "matrix-upload", "text": "Granite is an intrusive igneous rock."},
     ("POST", "/v1/search"): {"query": "basalt columns lava", "top_k": 5},
+    ("POST", "/v1/feedback"): {"query": "basalt columns", "document_id": "no-such-doc", "helpful": True},  # 404
     ("POST", "/v1/answer"): {"question": "How do basalt columns form?", "top_k": 3},
     ("POST", "/v1/chat/completions"): {"messages": [{"role": "user", "content": "How do basalt columns form?"}]},
     ("POST", "/v1/keys"): {"scopes": ["read"], "name": "matrix"},

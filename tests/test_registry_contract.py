@@ -671,6 +671,18 @@ class TestEncoderJobs:
 # ---- queued_count --------------------------------------------------------------------------------------
 
 
+class TestFeedbackPairs:
+    def test_feedback_grows_one_dataset_per_tenant(self, registry: Registry) -> None:
+        first = registry.add_feedback_pairs("t1", [("q1", "d1")])
+        again = registry.add_feedback_pairs("t1", [("q2", "d2"), ("q1", "d3")])
+        other = registry.add_feedback_pairs("t2", [("q9", "d9")])
+        assert first.id == again.id != other.id and again.format == "feedback" and again.name == "feedback"
+        assert (again.pairs, again.queries) == (3, 2)
+        assert registry.dataset_pairs("t1", first.id) == [("q1", "d1"), ("q2", "d2"), ("q1", "d3")]
+        assert registry.dataset_pairs("t2", first.id) is None  # another tenant's
+        assert [d.id for d in registry.list_datasets("t1")] == [first.id]
+
+
 class TestScrapeReads:
     def test_queue_stats_count_waiting_jobs_by_kind_and_the_oldest(self, registry: Registry) -> None:
         assert registry.queue_stats() == {"queued_by_kind": {}, "oldest_queued_at": None, "running": 0}

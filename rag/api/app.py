@@ -17,7 +17,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
-from rag.api import admin, answers, datasets, documents, encoders, health, jobs, keys, quotas, search
+from rag.api import admin, answers, datasets, documents, encoders, feedback, health, jobs, keys, quotas, search
 from rag.api.deps import DEPENDENCIES, authorize, declared_scope, undeclared
 from rag.api.errors import EXCEPTION_HANDLERS
 from rag.api.middleware import RequestContextMiddleware, reject_deep_json
@@ -28,7 +28,7 @@ from rag.settings import Settings
 __all__ = ["create_app"]
 
 ROUTES = [*documents.ROUTES, *jobs.ROUTES, *search.ROUTES, *answers.ROUTES, *encoders.ROUTES, *keys.ROUTES, *quotas.ROUTES,
-          *datasets.ROUTES, *admin.ROUTES, *health.ROUTES]
+          *datasets.ROUTES, *feedback.ROUTES, *admin.ROUTES, *health.ROUTES]
 
 
 def create_app(settings: Settings, services: Services | None = None, background: tuple[Background, ...] = ()) -> Litestar:

@@ -130,11 +130,18 @@ async def adapt_encoder(data: AdaptIn, svc: Services, caller: Caller) -> dict[st
     fields = {f: getattr(data, f) for f in data.__struct_fields__ if f != "all_tenants"}
     options = AdaptOptions(**fields, tenant=tenant)
     check_options(options)
-    for dataset in (data.pairs_dataset, data.validation_dataset):
-        if dataset is not None:
+    for field in ("pairs_dataset", "validation_dataset"):
+        dataset = getattr(options, field)
+        if dataset is None:
+            continue
+        if dataset == "feedback":  # the tenant's feedback dataset (POST /v1/feedback), whatever its id
+            found = await anyio.to_thread.run_sync(lambda: next(
+                (d for d in svc.registry.list_datasets(caller.tenant) if d.format == "feedback"), None))
+        else:
             found = await anyio.to_thread.run_sync(lambda d=dataset: svc.registry.get_dataset(caller.tenant, d))
-            if found is None:
-                raise NotFound(f"dataset {dataset!r} not found")
+        if found is None:
+            raise NotFound(f"dataset {dataset!r} not found")
+        options = msgspec.structs.replace(options, **{field: found.id})
     params = msgspec.to_builtins(options)
     params["dataset_tenant"] = caller.tenant  # whose datasets the ids name (the caller's, also for all tenants)
     return await _queue(svc, caller, JobKind.ADAPT, tenant, params)
