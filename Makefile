@@ -27,7 +27,7 @@ UV_COMPILE = $(UV) --config-file requirements/uv.toml pip compile --quiet --gene
 	--default-index https://pypi.org/simple --find-links /opt/wheels \
 	--custom-compile-command 'make lock' $(LOCK_ARGS)
 
-.PHONY: setup run test bench lock clean
+.PHONY: setup run test bench lock clean postgres-server
 
 setup: $(STAMP)
 
@@ -46,8 +46,18 @@ $(STAMP): pyproject.toml $(LOCK)
 run: $(STAMP)
 	$(PY) -m rag serve
 
-test: $(STAMP)
+test: $(STAMP) postgres-server
 	$(PY) -m pytest -q
+
+# The registry's PostgreSQL tests start a throwaway server of their own (tests/pg.py: initdb in a temporary
+# folder, a Unix socket, no TCP); they need only its binaries, which Debian's package installs under
+# /usr/lib/postgresql/<version>/bin. Without them those tests are skipped, so `make test` installs them.
+postgres-server:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
+		echo "installing PostgreSQL (Debian package postgresql) for the registry tests"; \
+		$$SUDO apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
 
 bench: $(STAMP)
 	$(PY) -m eval bench ingest --dataset ../shared/data/scifact

@@ -510,14 +510,14 @@ def export_snapshot(settings: Settings, out: Path, *, collection: str | None = N
     once it adapted one, else the active one) to ``out`` (.npy) and the collection, encoder, time and each
     row's document id to ``out.with_suffix('.json')``."""
     from rag.index import collection_name
-    from rag.registry import SqliteRegistry
+    from rag.registry_factory import open_registry
     from rag.store import open_store
 
     store = open_store(settings)
     try:
         own = None
         if tenant is not None and collection is None:
-            registry = SqliteRegistry(settings.registry_path)
+            registry = open_registry(settings)
             try:
                 own = registry.get_tenant_encoder(tenant)
             finally:

@@ -160,11 +160,11 @@ def run_encoders(settings: Settings, args) -> int:
             data = client.get("/v1/encoders")
             active, records = data["active"], data["encoders"]
         else:
-            from rag.registry import SqliteRegistry
+            from rag.registry_factory import open_registry
             from rag.store import open_store
 
             store = open_store(settings)
-            registry = SqliteRegistry(settings.registry_path)
+            registry = open_registry(settings)
             try:
                 active = (registry.get_tenant_encoder(args.tenant) if args.tenant else None) or \
                     version_of_collection(store.get_active())
@@ -197,11 +197,11 @@ def run_encoders(settings: Settings, args) -> int:
             return 1
         return 0
     from ingest import promotion
-    from rag.registry import SqliteRegistry
+    from rag.registry_factory import open_registry
     from rag.store import open_store
 
     store = open_store(settings)
-    registry = SqliteRegistry(settings.registry_path)
+    registry = open_registry(settings)
     tenant = args.tenant
     try:
         if args.action == "promote":

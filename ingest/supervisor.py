@@ -110,9 +110,13 @@ class WorkerSupervisor:
 def worker_beside_api(services: Services) -> Iterator[WorkerSupervisor]:
     """Run the worker thread (supervised) for the app's lifetime; jobs a killed process left running are requeued first."""
     supervisor = WorkerSupervisor(services)
-    requeued = services.registry.requeue_running()
-    if requeued:
-        log.warning("jobs_requeued_after_restart", jobs=requeued)
+    # With an embedded store this is the only worker, so a job left running was a killed process's. A shared
+    # registry (PostgreSQL) beside a Qdrant server may have other workers' jobs running: their leases say when
+    # one died, and claim_job takes it over then.
+    if services.settings.embedded or not services.settings.database_url:
+        requeued = services.registry.requeue_running()
+        if requeued:
+            log.warning("jobs_requeued_after_restart", jobs=requeued)
     supervisor.start()
     services.worker_alive = supervisor.alive
     try:

@@ -51,6 +51,8 @@ GROUP_CHUNKS = 512
 RENEW_EVERY_S = 1.0
 # After an unexpected error in the poll loop (e.g. the registry's disk), wait this long before polling again.
 LOOP_BACKOFF_S = 1.0
+# An idle worker waits for a job in slices this long at most, so that stop() is prompt whatever the poll interval.
+IDLE_SLICE_S = 0.5
 DELETED_PENDING = "deleted while the upload was pending"
 # Infrastructure failures: the job is retried (requeued) instead of its documents being failed.
 INFRASTRUCTURE = (StoreError, TransientError, OSError)
@@ -190,12 +192,21 @@ class IngestWorker:
                     self._stop.wait(LOOP_BACKOFF_S)
                     continue
                 if not busy:
-                    self._stop.wait(self.settings.worker_poll_s)
+                    self._idle()
         except BaseException as exc:
             # SystemExit, KeyboardInterrupt and the like end the thread; the supervisor restarts it.
             log.error("worker_died", error=describe(exc), job_id=self.current_job, exc_info=True)
             raise
         log.info("worker_stopped")
+
+    def _idle(self) -> None:
+        """Until a job may be there: at once when the registry says so (NOTIFY on PostgreSQL, a job created in this
+        process on SQLite), else after the poll interval; sooner when the worker is stopped."""
+        deadline = time.monotonic() + self.settings.worker_poll_s
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self.registry.wait_for_job(min(left, IDLE_SLICE_S)):
+                return
 
     def run_once(self) -> bool:
         """Claim and run one job; returns False when the queue was empty."""

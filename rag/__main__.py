@@ -61,9 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return 2
     if args.command == "keys":
+        from rag.errors import RagError
         from rag.keys_cli import run_keys
 
-        return run_keys(settings, args)
+        try:
+            return run_keys(settings, args)
+        except RagError as exc:  # e.g. the registry's database is unreachable, or newer than this code
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     if args.command in ("backup", "restore"):
         from rag.backup_cli import run_backup, run_restore
 
@@ -76,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         import msgspec
 
         # Paths are not JSON; secrets are shown only as set or not (they must never reach a log or a terminal).
+        from rag.settings import redacted_url
+
         shown = {k: ("***" if v and k.endswith(("api_key", "bootstrap_key")) else v)
                  for k, v in msgspec.structs.asdict(settings).items()}
+        shown["database_url"] = redacted_url(settings.database_url)
         print(msgspec.json.format(msgspec.json.encode(shown, enc_hook=str)).decode())
         return 0
 

@@ -104,6 +104,19 @@ class TransientError(RagError):
     code = "transient_failure"
 
 
+class RegistryUnavailable(TransientError):
+    """The registry's database (PostgreSQL) cannot be reached or gave no connection in time."""
+
+    code = "registry_unavailable"
+
+
+class RegistrySchemaError(RagError):
+    """The registry's database has a schema this code does not know (newer than its migrations)."""
+
+    status_code = 503
+    code = "registry_schema_too_new"
+
+
 # The LLM client's failures (rag/llm.py raises them and re-exports the names). ``except LLMError``
 # catches every LLM failure; the answer pipeline turns one before the first token into an extractive
 # answer, and one after it into an SSE ``error`` event.

@@ -1,7 +1,8 @@
-"""``python -m rag keys create|list|revoke``: manage API keys on this machine's registry.
+"""``python -m rag keys create|list|revoke``: manage API keys in the service's registry.
 
-It writes the registry directly (SQLite takes concurrent writers), so it works while the service runs
-and before it ever started: that is how the first operator key is made.
+It writes the registry directly (SQLite in the data directory takes concurrent writers; PostgreSQL, with
+``RAG_DATABASE_URL``, is shared by every process anyway), so it works while the service runs and before it
+ever started: that is how the first operator key is made.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import structlog
 
 from rag.auth import new_key
 from rag.errors import RagError
-from rag.registry import SqliteRegistry
+from rag.registry_factory import open_registry
 from rag.settings import Settings
 
 log = structlog.get_logger("rag.audit")
@@ -36,7 +37,7 @@ def add_keys_command(sub: argparse._SubParsersAction) -> None:
 
 def run_keys(settings: Settings, args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    registry = SqliteRegistry(settings.registry_path)
+    registry = open_registry(settings)
     try:
         if args.verb == "create":
             expires = time.time() + args.expires_in_days * 86400 if args.expires_in_days else None

@@ -1,8 +1,13 @@
 """The durable document registry and job queue.
 
-The embedded default is SQLite (WAL mode) under the data directory, so nothing needs a server.
-``Registry`` is the interface a shared engine (e.g. PostgreSQL) can implement later; the worker
-and the API only use its methods.
+The embedded default is SQLite (WAL mode) under the data directory, so nothing needs a server;
+``PostgresRegistry`` (rag/registry_pg.py) is the shared engine for several hosts, chosen by
+``RAG_DATABASE_URL`` (rag/registry_factory.py opens one or the other). The worker and the API only
+use the methods of ``Registry``.
+
+Both engines version their schema: an ordered list of migrations per engine, applied in one
+transaction when a handle opens; a database whose schema is newer than the code knows is refused
+(:func:`refuse_newer_schema`) instead of being misread.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import structlog
 
 from rag.auth import ApiKey
 from rag.datasets import DatasetFormat, DatasetRecord, new_dataset_id
+from rag.errors import RegistrySchemaError
 
 log = structlog.get_logger("rag.registry")
 
@@ -104,8 +110,13 @@ class Job(msgspec.Struct, kw_only=True):
 class Registry(Protocol):
     """Documents, jobs and deletion marks: what the API and the worker need of durable state.
 
-    ``SqliteRegistry`` is the embedded implementation; every implementation passes the same contract
-    suite (tests/test_registry_contract.py).
+    ``SqliteRegistry`` is the embedded implementation, ``PostgresRegistry`` (rag/registry_pg.py) the shared
+    one; every implementation passes the same contract suite (tests/test_registry_contract.py).
+
+    ``wait_for_job(timeout_s)`` is the idle worker's pause between polls: it returns after at most
+    ``timeout_s``, and earlier (True) once a job may be waiting (PostgreSQL: LISTEN/NOTIFY from any
+    process; SQLite: a job created, requeued or yielded through the same handle). Returning early or late
+    is never wrong: the worker claims after it either way.
     """
 
     def create_job(self, tenant: str, items: Sequence[JobItem], *, kind: JobKind = JobKind.INGEST,
@@ -155,9 +166,14 @@ class Registry(Protocol):
     def dataset_pairs(self, tenant: str, dataset_id: str) -> list[tuple[str, str]] | None: ...
     def add_feedback_pairs(self, tenant: str, pairs: Sequence[tuple[str, str]]) -> DatasetRecord: ...
     # ---- end datasets ----
+    def wait_for_job(self, timeout_s: float) -> bool: ...
     def close(self) -> None: ...
 
 
+# SQLite's migrations, in order; PRAGMA user_version is the number applied (0 in files made before
+# versions). Version 1 creates every table with the first release's columns (IF NOT EXISTS: an older file
+# keeps what it has), version 2 adds the columns that came later, each only where missing (a file from
+# between releases has some of them). A new change is a new function appended to SQLITE_MIGRATIONS.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
     tenant TEXT NOT NULL, id TEXT NOT NULL, title TEXT NOT NULL, source TEXT NOT NULL,
@@ -229,17 +245,60 @@ ORDER BY
 LIMIT 1
 """
 
+_LATER_COLUMNS = {
+    "jobs": (("kind", "TEXT NOT NULL DEFAULT 'ingest'"), ("params", "TEXT NOT NULL DEFAULT '{}'"),
+             ("outcome", "TEXT NOT NULL DEFAULT '{}'"), ("stage", "TEXT NOT NULL DEFAULT ''"),
+             ("claimed_at", "REAL"), ("yielded", "INTEGER NOT NULL DEFAULT 0")),
+    "documents": (("bytes", "INTEGER NOT NULL DEFAULT 0"),),
+}
+
+
+def _sqlite_v1(db: sqlite3.Connection) -> None:
+    for statement in sql_statements(_SCHEMA):
+        db.execute(statement)
+
+
+def _sqlite_v2(db: sqlite3.Connection) -> None:
+    for table, columns in _LATER_COLUMNS.items():
+        have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+        for column, decl in columns:
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant, status)")
+
+
+SQLITE_MIGRATIONS = (_sqlite_v1, _sqlite_v2)  # migration n brings a file from version n-1 to n
+
 GAVE_UP = "gave up after {n} attempts: the worker stopped during the job each time"
 # An upload's saved files lie in a folder of their own, named by a random hex id (see the API).
 _BATCH_DIR = re.compile(r"^[0-9a-f]{32}$")
 
-_DOC_COLUMNS = (
+DOC_COLUMNS = (
     "tenant, id, title, source, content_hash, chunk_count, encoder_version, status, error, metadata, "
     "created_at, updated_at, bytes"
 )
+DATASET_COLUMNS = "id, tenant, name, split, format, pairs, queries, bytes, sha256, created_at"
 
 
-def _doc(row: sqlite3.Row) -> DocumentRecord:
+def sql_statements(script: str) -> list[str]:
+    """A schema script's statements, to run one by one inside a transaction (sqlite3's ``executescript`` would
+    commit first). Comments are whole lines (``--``) and may hold a ``;``; statements end at ``;``."""
+    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
+    return [part.strip() for part in code.split(";") if part.strip()]
+
+
+def refuse_newer_schema(found: int, known: int, where: str) -> None:
+    """Raise when a database's schema is newer than this code's migrations: an older release must not guess at
+    tables a newer one changed (it would misread or damage them)."""
+    if found > known:
+        raise RegistrySchemaError(
+            f"the registry database {where} has schema version {found}, newer than this code knows (version "
+            f"{known}): run the release that migrated it (or a newer one), or point the service at another database"
+        )
+
+
+# Rows to records, for every engine: a row is anything indexed by column name (sqlite3.Row, a dict).
+def doc_from_row(row: Any) -> DocumentRecord:
     return DocumentRecord(
         tenant=row["tenant"], id=row["id"], title=row["title"], source=row["source"],
         content_hash=row["content_hash"], chunk_count=row["chunk_count"],
@@ -249,10 +308,33 @@ def _doc(row: sqlite3.Row) -> DocumentRecord:
     )
 
 
-def _key(row: sqlite3.Row) -> ApiKey:
+def key_from_row(row: Any) -> ApiKey:
     return ApiKey(key_id=row["key_id"], tenant=row["tenant"], scopes=json.loads(row["scopes"]),
                   secret_hash=row["secret_hash"], name=row["name"], created_at=row["created_at"],
                   expires_at=row["expires_at"], revoked_at=row["revoked_at"])
+
+
+def result_from_row(row: Any) -> DocumentResult:
+    return DocumentResult(document_id=row["document_id"], status=row["status"], chunks=row["chunks"],
+                          error=row["error"], source=row["source"])
+
+
+def job_from_row(row: Any, results: list[DocumentResult]) -> Job:
+    return Job(
+        id=row["id"], tenant=row["tenant"], status=row["status"],
+        items=msgspec.json.decode(row["items"], type=list[JobItem]), created_at=row["created_at"],
+        started_at=row["started_at"], finished_at=row["finished_at"], attempts=row["attempts"],
+        error=row["error"], total=row["total"], done=row["done"], failed=row["failed"],
+        chunks=row["chunks"], cancel_requested=bool(row["cancel_requested"]), results=results,
+        kind=JobKind(row["kind"]), params=msgspec.json.decode(row["params"]),
+        outcome=msgspec.json.decode(row["outcome"]), stage=row["stage"],
+    )
+
+
+def dataset_from_row(row: Any) -> DatasetRecord:
+    return DatasetRecord(id=row["id"], tenant=row["tenant"], name=row["name"], split=row["split"],
+                         format=row["format"], pairs=row["pairs"], queries=row["queries"], bytes=row["bytes"],
+                         sha256=row["sha256"], created_at=row["created_at"])
 
 
 class SqliteRegistry:
@@ -262,29 +344,29 @@ class SqliteRegistry:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._conn().executescript(_SCHEMA)
+        self._job_waiting = threading.Event()  # set by this handle's create/requeue/yield: wakes wait_for_job
         self._migrate()
 
     def _migrate(self) -> None:
-        """Columns added after the first release, added in place to an older file."""
+        """Apply the migrations this file lacks (PRAGMA user_version counts those applied), all in one write
+        transaction so that concurrent openers apply each once; refuse a file newer than the code."""
         db = self._conn()
-        have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
-        for column, decl in (("kind", "TEXT NOT NULL DEFAULT 'ingest'"), ("params", "TEXT NOT NULL DEFAULT '{}'"),
-                             ("outcome", "TEXT NOT NULL DEFAULT '{}'"), ("stage", "TEXT NOT NULL DEFAULT ''"),
-                             ("claimed_at", "REAL"), ("yielded", "INTEGER NOT NULL DEFAULT 0")):
-            if column not in have:
-                try:
-                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
-                except sqlite3.OperationalError as exc:  # another process added it first
-                    if "duplicate column" not in str(exc):
-                        raise
-        db.execute("CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant, status)")
-        if "bytes" not in {r["name"] for r in db.execute("PRAGMA table_info(documents)")}:
-            try:
-                db.execute("ALTER TABLE documents ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0")
-            except sqlite3.OperationalError as exc:  # another process added it first
-                if "duplicate column" not in str(exc):
-                    raise
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        refuse_newer_schema(version, len(SQLITE_MIGRATIONS), str(self.path))
+        if version == len(SQLITE_MIGRATIONS):
+            return
+        with self._tx() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]  # again, under the write lock
+            refuse_newer_schema(version, len(SQLITE_MIGRATIONS), str(self.path))
+            for migrate in SQLITE_MIGRATIONS[version:]:
+                migrate(db)
+            db.execute(f"PRAGMA user_version = {len(SQLITE_MIGRATIONS)}")
+        log.info("registry_migrated", engine="sqlite", path=str(self.path), from_version=version,
+                 to_version=len(SQLITE_MIGRATIONS))
+
+    @property
+    def schema_version(self) -> int:
+        return self._conn().execute("PRAGMA user_version").fetchone()[0]
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -322,6 +404,7 @@ class SqliteRegistry:
                 (job.id, tenant, job.status, msgspec.json.encode(job.items).decode(), job.created_at, kind,
                  msgspec.json.encode(job.params).decode()),
             )
+        self._job_waiting.set()
         return job
 
     def set_stage(self, job_id: str, stage: str, outcome: dict[str, Any] | None = None) -> None:
@@ -340,22 +423,9 @@ class SqliteRegistry:
         return [self._job(db, r) for r in rows]
 
     def _job(self, db: sqlite3.Connection, row: sqlite3.Row) -> Job:
-        results = [
-            DocumentResult(
-                document_id=r["document_id"], status=r["status"], chunks=r["chunks"], error=r["error"],
-                source=r["source"],
-            )
-            for r in db.execute("SELECT * FROM job_results WHERE job_id = ? ORDER BY seq", (row["id"],))
-        ]
-        return Job(
-            id=row["id"], tenant=row["tenant"], status=row["status"],
-            items=msgspec.json.decode(row["items"], type=list[JobItem]), created_at=row["created_at"],
-            started_at=row["started_at"], finished_at=row["finished_at"], attempts=row["attempts"],
-            error=row["error"], total=row["total"], done=row["done"], failed=row["failed"],
-            chunks=row["chunks"], cancel_requested=bool(row["cancel_requested"]), results=results,
-            kind=JobKind(row["kind"]), params=msgspec.json.decode(row["params"]), outcome=msgspec.json.decode(row["outcome"]),
-            stage=row["stage"],
-        )
+        results = [result_from_row(r)
+                   for r in db.execute("SELECT * FROM job_results WHERE job_id = ? ORDER BY seq", (row["id"],))]
+        return job_from_row(row, results)
 
     def get_job(self, job_id: str) -> Job | None:
         db = self._conn()
@@ -418,6 +488,7 @@ class SqliteRegistry:
         with self._tx() as db:
             db.execute("UPDATE jobs SET status = 'queued', lease_until = NULL, yielded = 1, "
                        "attempts = MAX(attempts - 1, 0) WHERE id = ? AND status = 'running'", (job_id,))
+        self._job_waiting.set()
 
     def others_waiting(self, tenant: str) -> bool:
         """Whether another tenant has a job waiting for a worker (the cue for a long job to yield)."""
@@ -469,6 +540,7 @@ class SqliteRegistry:
     def requeue_job(self, job_id: str, error: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE jobs SET status = 'queued', error = ?, lease_until = NULL WHERE id = ?", (error, job_id))
+        self._job_waiting.set()
 
     def request_cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job at once; a running one stops at its next document."""
@@ -491,7 +563,9 @@ class SqliteRegistry:
         """
         with self._tx() as db:
             cur = db.execute("UPDATE jobs SET status = 'queued', lease_until = NULL WHERE status = 'running'")
-            return cur.rowcount
+        if cur.rowcount:
+            self._job_waiting.set()
+        return cur.rowcount
 
     def queued_count(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')").fetchone()[0]
@@ -505,9 +579,9 @@ class SqliteRegistry:
             part = ids[start : start + 500]
             marks = ",".join("?" * len(part))
             for row in db.execute(
-                f"SELECT {_DOC_COLUMNS} FROM documents WHERE tenant = ? AND id IN ({marks})", (tenant, *part)
+                f"SELECT {DOC_COLUMNS} FROM documents WHERE tenant = ? AND id IN ({marks})", (tenant, *part)
             ):
-                out[row["id"]] = _doc(row)
+                out[row["id"]] = doc_from_row(row)
         return out
 
     def get_document(self, tenant: str, document_id: str) -> DocumentRecord | None:
@@ -517,10 +591,10 @@ class SqliteRegistry:
         db = self._conn()
         total = db.execute("SELECT COUNT(*) FROM documents WHERE tenant = ?", (tenant,)).fetchone()[0]
         rows = db.execute(
-            f"SELECT {_DOC_COLUMNS} FROM documents WHERE tenant = ? ORDER BY id LIMIT ? OFFSET ?",
+            f"SELECT {DOC_COLUMNS} FROM documents WHERE tenant = ? ORDER BY id LIMIT ? OFFSET ?",
             (tenant, limit, offset),
         ).fetchall()
-        return [_doc(r) for r in rows], total
+        return [doc_from_row(r) for r in rows], total
 
     def upsert_documents(self, records: Iterable[DocumentRecord]) -> None:
         with self._tx() as db:
@@ -542,7 +616,7 @@ class SqliteRegistry:
     def _upsert(db: sqlite3.Connection, records: Sequence[DocumentRecord]) -> None:
         now = time.time()
         db.executemany(
-            f"INSERT INTO documents ({_DOC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"INSERT INTO documents ({DOC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (tenant, id) DO UPDATE SET title = excluded.title, source = excluded.source, "
             "content_hash = excluded.content_hash, chunk_count = excluded.chunk_count, "
             "encoder_version = excluded.encoder_version, status = excluded.status, error = excluded.error, "
@@ -729,13 +803,13 @@ class SqliteRegistry:
 
     def get_key(self, key_id: str) -> ApiKey | None:
         row = self._conn().execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
-        return _key(row) if row else None
+        return key_from_row(row) if row else None
 
     def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
         rows = self._conn().execute(
             "SELECT * FROM api_keys WHERE (? IS NULL OR tenant = ?) ORDER BY created_at, key_id", (tenant, tenant)
         ).fetchall()
-        return [_key(r) for r in rows]
+        return [key_from_row(r) for r in rows]
 
     def revoke_key(self, key_id: str) -> bool:
         with self._tx() as db:
@@ -744,8 +818,6 @@ class SqliteRegistry:
             return cur.rowcount > 0
 
     # ---- datasets (labelled pairs a tenant uploaded; every query carries the tenant) ----------------
-    _DATASET_COLUMNS = "id, tenant, name, split, format, pairs, queries, bytes, sha256, created_at"
-
     def create_dataset(self, tenant: str, name: str, pairs: Sequence[tuple[str, str]], *, split: str,
                        format: DatasetFormat, size: int, sha256: str) -> DatasetRecord:
         """Store a dataset and its pairs (in their order) in one transaction; its id is new and random."""
@@ -754,7 +826,7 @@ class SqliteRegistry:
                                pairs=len(pairs), queries=len({q for q, _ in pairs}), bytes=size, sha256=sha256,
                                created_at=time.time())
         with self._tx() as db:
-            db.execute(f"INSERT INTO datasets ({self._DATASET_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute(f"INSERT INTO datasets ({DATASET_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (record.id, tenant, name, split, format, record.pairs, record.queries, size, sha256,
                         record.created_at))
             db.executemany("INSERT INTO dataset_pairs (dataset_id, seq, query, document_id) VALUES (?, ?, ?, ?)",
@@ -762,16 +834,16 @@ class SqliteRegistry:
         return record
 
     def get_dataset(self, tenant: str, dataset_id: str) -> DatasetRecord | None:
-        row = self._conn().execute(f"SELECT {self._DATASET_COLUMNS} FROM datasets WHERE tenant = ? AND id = ?",
+        row = self._conn().execute(f"SELECT {DATASET_COLUMNS} FROM datasets WHERE tenant = ? AND id = ?",
                                    (tenant, dataset_id)).fetchone()
-        return self._dataset_record(row) if row else None
+        return dataset_from_row(row) if row else None
 
     def list_datasets(self, tenant: str) -> list[DatasetRecord]:
         """The tenant's datasets, oldest first."""
         rows = self._conn().execute(
-            f"SELECT {self._DATASET_COLUMNS} FROM datasets WHERE tenant = ? ORDER BY created_at, id", (tenant,)
+            f"SELECT {DATASET_COLUMNS} FROM datasets WHERE tenant = ? ORDER BY created_at, id", (tenant,)
         ).fetchall()
-        return [self._dataset_record(r) for r in rows]
+        return [dataset_from_row(r) for r in rows]
 
     def delete_dataset(self, tenant: str, dataset_id: str) -> bool:
         """Delete a dataset and its pairs; False when the tenant has no such dataset."""
@@ -802,7 +874,7 @@ class SqliteRegistry:
             row = db.execute("SELECT id FROM datasets WHERE tenant = ? AND format = 'feedback'", (tenant,)).fetchone()
             if row is None:
                 dataset_id = new_dataset_id()
-                db.execute(f"INSERT INTO datasets ({self._DATASET_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                db.execute(f"INSERT INTO datasets ({DATASET_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (dataset_id, tenant, "feedback", "train", "feedback", 0, 0, 0, "", time.time()))
             else:
                 dataset_id = row["id"]
@@ -815,14 +887,8 @@ class SqliteRegistry:
             size = sum(len(q.encode()) + len(d.encode()) for q, d in pairs)
             db.execute("UPDATE datasets SET pairs = ?, queries = ?, bytes = bytes + ? WHERE id = ?",
                        (n, queries, size, dataset_id))
-            row = db.execute(f"SELECT {self._DATASET_COLUMNS} FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
-        return self._dataset_record(row)
-
-    @staticmethod
-    def _dataset_record(row: sqlite3.Row) -> DatasetRecord:
-        return DatasetRecord(id=row["id"], tenant=row["tenant"], name=row["name"], split=row["split"],
-                             format=row["format"], pairs=row["pairs"], queries=row["queries"], bytes=row["bytes"],
-                             sha256=row["sha256"], created_at=row["created_at"])
+            row = db.execute(f"SELECT {DATASET_COLUMNS} FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+        return dataset_from_row(row)
 
     # ---- end datasets ----------------------------------------------------------------------------------
 
@@ -833,6 +899,13 @@ class SqliteRegistry:
             self._conn().backup(target)
         finally:
             target.close()
+
+    def wait_for_job(self, timeout_s: float) -> bool:
+        """Sleep the poll interval, or less (True) when a job is created through this handle (the embedded
+        service's API and worker share one); another process's job is found at the next poll."""
+        woken = self._job_waiting.wait(timeout_s)
+        self._job_waiting.clear()
+        return woken
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -30,8 +30,9 @@ from rag.metrics import Metrics
 from rag.local_llm import MODEL_NAME, LocalLLMServer, local_llm_paths
 from rag.prompts import load_prompts
 from rag.reconcile import ReconcileReport, reconcile
+from rag.registry import Registry
+from rag.registry_factory import open_registry
 from rag.tracing import Tracing
-from rag.registry import Registry, SqliteRegistry
 from rag.rerank import load_reranker
 from rag.search import QueryEncoder, Retriever
 from rag.settings import Settings
@@ -72,7 +73,7 @@ class Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = open_store(settings)
         try:
-            registry = SqliteRegistry(settings.registry_path)
+            registry = open_registry(settings)
             embedder = load_embedder(settings, resolve_encoder_model(settings, store))
         except BaseException:
             store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """Every knob of the service. Built from the environment by :func:`load_settings`."""
 
     data_dir: Path = Path("data")
+    # The registry (documents, jobs, keys, quotas, datasets): empty means SQLite under data_dir; a
+    # postgresql://user:password@host:5432/dbname URL means PostgreSQL, shared by every API and worker process.
+    database_url: str = ""
+    database_pool_min_size: int = 1  # connections each process keeps open to PostgreSQL
+    database_pool_max_size: int = 10  # the most it opens; a call waits for a free one up to the timeout
+    database_pool_timeout_s: float = 30.0
     # Qdrant: empty means the embedded engine (qdrant-edge) under data_dir/qdrant.
     qdrant_url: str = ""
     qdrant_api_key: str = ""
@@ -205,6 +212,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 "llm_base_url",
                 "must start with http:// or https:// (or be empty for extractive answers)",
             ),
+            (self.database_pool_min_size >= 0, "database_pool_min_size", "must be >= 0"),
+            (self.database_pool_max_size >= max(1, self.database_pool_min_size), "database_pool_max_size",
+             "must be at least 1 and at least RAG_DATABASE_POOL_MIN_SIZE"),
+            (self.database_pool_timeout_s > 0, "database_pool_timeout_s", "must be positive"),
+            (
+                not self.database_url or self.database_url.startswith(("postgresql://", "postgres://")),
+                "database_url",
+                "must start with postgresql:// (or be empty for SQLite in RAG_DATA_DIR)",
+            ),
             (
                 not self.qdrant_url or self.qdrant_url.startswith(("http://", "https://", ":memory:")),
                 "qdrant_url",
@@ -213,7 +229,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         ]
         for ok, field, why in checks:
             if not ok:
-                raise SettingsError(f"{PREFIX}{field.upper()}={getattr(self, field)!r}: {why}")
+                shown = "…" if field == "database_url" else repr(getattr(self, field))  # it may hold a password
+                raise SettingsError(f"{PREFIX}{field.upper()}={shown}: {why}")
         if self.auth == "open" and not is_loopback(self.host):
             raise SettingsError(
                 f"RAG_AUTH=open lets anyone who reaches {self.host}:{self.port} act as every tenant and the operator; "
@@ -257,6 +274,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     @property
     def encoders_dir(self) -> Path:
         return self.data_dir / "encoders"
+
+
+def redacted_url(url: str) -> str:
+    """A database URL as it may be shown: its password (in the authority or as a parameter) replaced by ***."""
+    url = re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
 
 
 def is_loopback(host: str) -> bool:

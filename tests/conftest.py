@@ -34,6 +34,31 @@ def shared_data() -> Path:
     return DATA
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server for this session (tests/pg.py), started on first use and stopped at the end;
+    the tests that need it are skipped, saying why, where the server is not installed."""
+    from tests.pg import PostgresServer, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb or initdb on PATH); "
+                    "`make test` installs Debian's postgresql package")
+    server = PostgresServer(bin_dir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> Iterator[str]:
+    """A URL of a fresh, empty schema of its own (the only one on its search_path) for one test."""
+    url = postgres_server.create_schema()
+    yield url
+    postgres_server.drop_schema(url)
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path / "data", worker_poll_s=0.05, log_format="json", llm_local="no")

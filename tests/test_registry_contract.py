@@ -1,4 +1,4 @@
-"""One contract for every ``Registry`` (rag/registry.py): today SQLite, next PostgreSQL (issue 14).
+"""One contract for every ``Registry`` (rag/registry.py): SQLite and PostgreSQL (rag/registry_pg.py).
 
 Every test takes the ``registry`` fixture (or ``open_registry``, which opens further handles on the same
 storage, as a second process would), parametrized over ``IMPLEMENTATIONS``. A new engine is one entry
@@ -30,6 +30,7 @@ from rag.registry import (
     Registry,
     SqliteRegistry,
 )
+from rag.registry_pg import PostgresRegistry
 
 Opener = Callable[[], Registry]
 
@@ -45,9 +46,16 @@ def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
     return lambda: SqliteRegistry(path)
 
 
-# A PostgreSQL registry adds ("postgres", Implementation(PostgresRegistry, _postgres)) here, where
-# _postgres takes its server from a session fixture via request.getfixturevalue(...).
-IMPLEMENTATIONS: dict[str, Implementation] = {"sqlite": Implementation(SqliteRegistry, _sqlite)}
+def _postgres(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    # A database of its own per test, on the session's server (skipped where PostgreSQL is not installed).
+    url = request.getfixturevalue("postgres_url")
+    return lambda: PostgresRegistry(url, max_size=4)
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "sqlite": Implementation(SqliteRegistry, _sqlite),
+    "postgres": Implementation(PostgresRegistry, _postgres),
+}
 
 EXPIRED_LEASE_S = 0.05  # claimed with this, a job's lease has run out after a sleep of EXPIRE_SLEEP_S
 EXPIRE_SLEEP_S = 0.15
@@ -781,6 +789,38 @@ class TestConcurrency:
         assert set(every) == jobs
         assert all(shared.get_job(j).attempts == 1 and shared.get_job(j).status == "succeeded" for j in jobs)
         assert shared.queued_count() == 0
+
+
+# ---- the idle worker's wait -----------------------------------------------------------------------------
+
+
+class TestWaitForJob:
+    def test_an_idle_wait_returns_after_its_timeout(self, registry: Registry) -> None:
+        started = time.monotonic()
+        assert registry.wait_for_job(0.2) is False
+        assert 0.15 <= time.monotonic() - started < 10
+
+    @pytest.mark.parametrize("event", ["create", "requeue", "yield"])
+    def test_a_claimable_job_ends_a_wait_early(self, registry: Registry, event: str) -> None:
+        running = None
+        if event != "create":
+            registry.create_job("t1", [item()])
+            running = registry.claim_job(LONG_LEASE_S)
+        registry.wait_for_job(0.01)  # the waiter is set up (and earlier wake-ups are spent) before it matters
+        woke: list[tuple[bool, float]] = []
+        waiter = threading.Thread(target=lambda: woke.append((registry.wait_for_job(60.0), time.monotonic())))
+        waiter.start()
+        time.sleep(0.3)
+        sent = time.monotonic()
+        if event == "create":
+            registry.create_job("t1", [item()])
+        elif event == "requeue":
+            registry.requeue_job(running.id, "the worker stopped")
+        else:
+            registry.yield_job(running.id)
+        waiter.join(30)
+        assert woke and woke[0][0] is True and woke[0][1] - sent < 10  # not the 60 s timeout
+        assert registry.claim_job(LONG_LEASE_S) is not None
 
 
 # ---- datasets: labelled pairs owned by a tenant ------------------------------------------------------

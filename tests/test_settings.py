@@ -211,3 +211,27 @@ def test_settings_are_frozen():
     s = load_settings(env={})
     with pytest.raises(AttributeError):
         s.port = 1  # type: ignore[misc]
+
+
+def test_the_registry_database_is_sqlite_unless_a_postgresql_url_is_given():
+    assert load_settings(env={}).database_url == ""
+    url = "postgresql://rag:secret@db:5432/rag"
+    s = load_settings(env={"RAG_DATABASE_URL": url, "RAG_DATABASE_POOL_MAX_SIZE": "4"})
+    assert (s.database_url, s.database_pool_min_size, s.database_pool_max_size) == (url, 1, 4)
+    with pytest.raises(SettingsError, match="RAG_DATABASE_URL") as caught:
+        load_settings(env={"RAG_DATABASE_URL": "mysql://rag:secret@db/rag"})
+    assert "secret" not in str(caught.value)
+    with pytest.raises(SettingsError, match="RAG_DATABASE_POOL_MAX_SIZE"):
+        load_settings(env={"RAG_DATABASE_POOL_MIN_SIZE": "5", "RAG_DATABASE_POOL_MAX_SIZE": "2"})
+    with pytest.raises(SettingsError, match="RAG_DATABASE_POOL_TIMEOUT_S"):
+        load_settings(env={"RAG_DATABASE_POOL_TIMEOUT_S": "0"})
+
+
+def test_a_database_url_is_shown_without_its_password():
+    from rag.settings import redacted_url
+
+    assert redacted_url("postgresql://rag:s3cr:et@db:5432/rag") == "postgresql://rag:***@db:5432/rag"
+    assert redacted_url("postgresql://db/rag?user=rag&password=s3cret&sslmode=require") == \
+        "postgresql://db/rag?user=rag&password=***&sslmode=require"
+    assert redacted_url("postgresql://rag@db/rag") == "postgresql://rag@db/rag"
+    assert redacted_url("") == ""
