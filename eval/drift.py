@@ -3,7 +3,7 @@
 One :class:`DriftReport` struct that holds every figure, :func:`analyse`, which computes them as
 named steps, and :func:`verdict`, which compares them with the thresholds in the settings. The
 statistics themselves (MMD, classifier test, centroid shift, variance, nearest similarity, neighbour
-overlap, histograms) live in :mod:`eval.drift_stats` and are re-exported here, so callers import
+overlap, histograms) live in :mod:`rag.drift_stats` (the service's drift monitor uses them too) and are re-exported here, so callers import
 everything drift from one place.
 
 Large inputs are subsampled (seeded) to ``max_samples`` rows per side, so one comparison costs seconds.
@@ -20,7 +20,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from eval.drift_stats import (
+from rag.drift_stats import (
+    drift_reasons,
     NEAR_ZERO_VARIANCE,
     NOVELTY_QUANTILE,
     CentroidShift,
@@ -159,17 +160,10 @@ def verdict(report: DriftReport, thresholds: DriftThresholds) -> tuple[str, list
             reasons.append(f"neighbours: mean overlap@{report.overlap.k} {report.overlap.mean:.3f} < "
                            f"{t.min_neighbour_overlap:g}")
         return ("drift" if reasons else "ok"), reasons
-    if report.mmd is not None and report.mmd.p_value < t.p_value and report.mmd.mmd2 >= t.min_mmd2:
-        reasons.append(f"distribution: MMD² {report.mmd.mmd2:.4g} >= {t.min_mmd2:g} and permutation p "
-                       f"{report.mmd.p_value:.3g} < {t.p_value:g}")
-    c = report.centroid
-    if c is not None and c.cosine > t.max_centroid_shift and (c.p_value is None or c.p_value < t.p_value):
-        reasons.append(f"centroid: cosine shift {c.cosine:.4f} > {t.max_centroid_shift:g}"
-                       + (f" (permutation p {c.p_value:.3g})" if c.p_value is not None else ""))
-    if report.variance is not None and report.variance.collapsed_dims > 0:
-        v = report.variance
-        reasons.append(f"collapse: {v.collapsed_dims} of {v.dimension} dimensions kept less than "
-                       f"{v.min_variance_ratio:g} of their reference variance (min ratio {v.ratio_min:.3g})")
+    mmd = report.mmd
+    reasons += drift_reasons(mmd.mmd2 if mmd else None, mmd.p_value if mmd else None, report.centroid,
+                             report.variance, p_value=t.p_value, min_mmd2=t.min_mmd2,
+                             max_centroid_shift=t.max_centroid_shift)
     return ("drift" if reasons else "ok"), reasons
 
 

@@ -154,5 +154,10 @@ class EncoderPool:
                 self._retrievers[version] = retriever
             return retriever
 
+    def retrievers(self) -> list[Retriever]:
+        """The retrievers of the encoders loaded now (each with its own query sample, when sampling is on)."""
+        with self._lock:
+            return list(self._retrievers.values())
+
     def retriever_for(self, tenant: str) -> Retriever:
         return self.retriever(self.version_for(tenant))

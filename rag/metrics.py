@@ -60,6 +60,16 @@ class Metrics:
                                ["mode"], registry=r)
         self.feedback = Counter("rag_feedback", "Judgements of answer sources from chat frontends (POST /v1/feedback)",
                                 ["verdict"], registry=r)
+        self.drift_mmd2 = Gauge("rag_drift_mmd2", "MMD² between the earlier and the later half of the query sample",
+                                ["encoder_version"], registry=r)
+        self.drift_p_value = Gauge("rag_drift_p_value", "Permutation p-value of that MMD²", ["encoder_version"],
+                                   registry=r)
+        self.drift_centroid = Gauge("rag_drift_centroid_shift", "Cosine distance between the halves' mean vectors",
+                                    ["encoder_version"], registry=r)
+        self.drift_variance = Gauge("rag_drift_variance_ratio_min", "Smallest per-dimension variance ratio "
+                                    "(later / earlier half): collapse when it nears 0", ["encoder_version"], registry=r)
+        self.drift_detected = Gauge("rag_drift_detected", "1 when the last check found drift", ["encoder_version"],
+                                    registry=r)
         self.inconsistencies = Gauge("rag_index_inconsistencies", "What the last reconcile found, by problem "
                                      "(registry vs store; python -m rag doctor)", ["problem"], registry=r)
         self.reconciled_at = Gauge("rag_index_reconciled_timestamp_seconds", "When the last reconcile ran",
@@ -86,6 +96,16 @@ class Metrics:
         for problem, n in counts.items():
             self.inconsistencies.labels(problem=problem).set(n)
         self.reconciled_at.set_to_current_time()
+
+    def drift(self, check: Any) -> None:
+        if check.mmd2 is None:
+            return
+        v = check.encoder_version
+        self.drift_mmd2.labels(encoder_version=v).set(check.mmd2)
+        self.drift_p_value.labels(encoder_version=v).set(check.p_value)
+        self.drift_centroid.labels(encoder_version=v).set(check.centroid_shift)
+        self.drift_variance.labels(encoder_version=v).set(check.variance_ratio_min)
+        self.drift_detected.labels(encoder_version=v).set(1 if check.verdict == "drift" else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

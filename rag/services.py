@@ -20,6 +20,7 @@ import structlog
 
 from rag.answer import AnswerPipeline
 from rag.auth import bootstrap_key
+from rag.drift_monitor import DriftCheck, check_sample
 from rag.embedding import Embedder, load_embedder, model_version
 from rag.encoder_pool import EncoderPool
 from rag.encoders import resolve_encoder_model
@@ -61,6 +62,7 @@ class Services:
     unfollowed: str = ""  # an active collection whose encoder is unknown here, checked once
     closers: list[Callable[[], None]] = field(default_factory=list)
     _watching: bool = False
+    drift: dict[str, DriftCheck] = field(default_factory=dict)  # the last drift check per encoder version
     # Set by whatever runs the ingest worker in this process: False once its thread died or its
     # heartbeat went stale. None when no worker runs here.
     worker_alive: Callable[[], bool] | None = None
@@ -140,6 +142,18 @@ class Services:
         self.metrics.reconciled(report.counts())
         return report
 
+    def check_drift(self) -> dict[str, DriftCheck]:
+        """Run the drift check on every loaded encoder's query sample (blocking; off the request path)."""
+        retrievers = {id(r): r for r in [self.retriever, *self.pool().retrievers()] if r is not None}
+        for retriever in retrievers.values():
+            sample = retriever.query_sample
+            if sample is None:
+                continue
+            check = check_sample(sample, self.settings)
+            self.drift[check.encoder_version] = check
+            self.metrics.drift(check)
+        return dict(self.drift)
+
     def retriever_for(self, tenant: str) -> Retriever:
         """The retriever of the tenant's encoder: its own once it promoted one, else the default (blocking: may load)."""
         return self.pool().retriever_for(tenant)
@@ -191,6 +205,16 @@ async def reconcile_on_schedule(svc: Services) -> None:
             log.warning("index_inconsistent", **report.counts())
 
 
+async def watch_drift(svc: Services) -> None:
+    """Every RAG_DRIFT_MONITOR_INTERVAL_S, with query sampling on: the drift check, in a worker thread."""
+    while True:
+        await anyio.sleep(svc.settings.drift_monitor_interval_s)
+        try:
+            await anyio.to_thread.run_sync(svc.check_drift)
+        except (RagError, ValueError) as exc:
+            log.warning("drift_check_failed", error=str(exc))
+
+
 async def follow_active_encoder(svc: Services) -> None:
     """Poll the active pointer: a promotion by a worker (this process or another) switches the query side."""
     while True:
@@ -237,6 +261,8 @@ async def running(settings: Settings, services: Services | None = None,
             tg.start_soon(follow_active_encoder, svc)
             if settings.reconcile_interval_s > 0:
                 tg.start_soon(reconcile_on_schedule, svc)
+            if settings.query_sample_size > 0 and settings.drift_monitor_interval_s > 0:
+                tg.start_soon(watch_drift, svc)
             stack.callback(tg.cancel_scope.cancel)
             svc.ready = True
             log.info("service_ready", encoder_version=svc.embedder.version, collection=svc.collection,

@@ -152,6 +152,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # `python -m eval drift`: rows per side (seeded subsample) and the verdict's thresholds, chosen from
     # SciFact halves vs SciFact-vs-SQuAD corpus chunks (README, "Embedding drift").
     drift_max_samples: int = 1000
+    drift_monitor_interval_s: float = 300.0  # with query sampling on: compare the sample's halves this often (0: off)
+    drift_monitor_permutations: int = 100
     drift_p_value: float = 0.01
     drift_min_mmd2: float = 0.001
     drift_max_centroid_shift: float = 0.02
@@ -202,6 +204,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.llm_max_retries >= 0, "llm_max_retries", "must be >= 0"),
             (0 <= self.query_sample_size <= 1_000_000, "query_sample_size", "must be between 0 (off) and 1000000"),
             (self.drift_max_samples >= 10, "drift_max_samples", "must be at least 10"),
+            (self.drift_monitor_interval_s >= 0, "drift_monitor_interval_s", "must be >= 0 (0: off)"),
+            (self.drift_monitor_permutations >= 10, "drift_monitor_permutations", "must be at least 10"),
             (0 < self.drift_p_value < 1, "drift_p_value", "must be between 0 and 1"),
             (self.drift_min_mmd2 >= 0, "drift_min_mmd2", "must be >= 0"),
             (0 <= self.drift_max_centroid_shift <= 2, "drift_max_centroid_shift", "must be between 0 and 2"),

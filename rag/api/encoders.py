@@ -100,8 +100,10 @@ async def list_encoders(svc: Services, caller: Caller) -> dict[str, Any]:
         records = [r for r in _registry(svc).list() if _visible(r, caller.tenant)]
         tenants = {caller.tenant, JOB_TENANT} if caller.is_operator else {caller.tenant}
         jobs = [j for j in svc.registry.list_jobs(limit=200) if j.kind != JobKind.INGEST and j.tenant in tenants][:20]
+        drift = svc.drift.get(serving) if serving else None
         out: dict[str, Any] = {
             "tenant": caller.tenant, "active": serving, "own": own, "default": default,
+            "drift": drift.to_dict() if drift is not None else None,
             "encoders": [describe(r, serving) for r in records],
             "jobs": [{"id": j.id, "kind": str(j.kind), "status": j.status, "stage": j.stage, "error": j.error,
                       "created_at": j.created_at} for j in jobs],

@@ -1,5 +1,6 @@
 """The statistics of embedding drift: plain numpy functions over two matrices (rows are embeddings),
-each returning its own small result struct. :mod:`eval.drift` assembles them into one report.
+each returning its own small result struct. :mod:`eval.drift` assembles them into one report;
+:mod:`rag.drift_monitor` runs some of them on the live query sample.
 
 - **MMD** (maximum mean discrepancy, RBF kernel, median-heuristic bandwidth, the unbiased MMD²)
   with a permutation test: the p-value of "both samples come from one distribution".
@@ -38,6 +39,7 @@ __all__ = [
     "as_embeddings",
     "centroid_shift",
     "classifier_test",
+    "drift_reasons",
     "histogram",
     "median_gamma",
     "mmd_permutation_test",
@@ -344,6 +346,31 @@ def variance_stats(x: np.ndarray, y: np.ndarray, min_variance_ratio: float = 0.1
         collapsed_share=collapsed / x.shape[1], near_zero_reference=int(np.sum(vx < NEAR_ZERO_VARIANCE)),
         near_zero_current=int(np.sum(vy < NEAR_ZERO_VARIANCE)), min_variance_ratio=min_variance_ratio,
     )
+
+
+def drift_reasons(mmd2: float | None, mmd_p: float | None, centroid: CentroidShift | None,
+                  variance: VarianceStats | None, *, p_value: float, min_mmd2: float,
+                  max_centroid_shift: float) -> list[str]:
+    """Why two samples of one encoder differ, or nothing: the rules of a drift verdict.
+
+    - distribution: the MMD permutation test rejects (p < ``p_value``) *and* MMD² is at least
+      ``min_mmd2``, so a large sample does not alarm on a statistically real but negligible change;
+    - centroid: the cosine distance between the mean vectors exceeds ``max_centroid_shift`` and its
+      permutation test rejects too (p < ``p_value``);
+    - collapse: a dimension's variance fell below the ratio ``variance`` was computed with.
+    """
+    reasons: list[str] = []
+    if mmd2 is not None and mmd_p is not None and mmd_p < p_value and mmd2 >= min_mmd2:
+        reasons.append(f"distribution: MMD² {mmd2:.4g} >= {min_mmd2:g} and permutation p {mmd_p:.3g} < {p_value:g}")
+    c = centroid
+    if c is not None and c.cosine > max_centroid_shift and (c.p_value is None or c.p_value < p_value):
+        reasons.append(f"centroid: cosine shift {c.cosine:.4f} > {max_centroid_shift:g}"
+                       + (f" (permutation p {c.p_value:.3g})" if c.p_value is not None else ""))
+    if variance is not None and variance.collapsed_dims > 0:
+        v = variance
+        reasons.append(f"collapse: {v.collapsed_dims} of {v.dimension} dimensions kept less than "
+                       f"{v.min_variance_ratio:g} of their reference variance (min ratio {v.ratio_min:.3g})")
+    return reasons
 
 
 def _best_cosines(q: np.ndarray, ref: np.ndarray, *, exclude_self: bool, block: int = 1024) -> np.ndarray:
