@@ -31,7 +31,7 @@ from rag.metrics import Metrics
 from rag.local_llm import MODEL_NAME, LocalLLMServer, local_llm_paths
 from rag.prompts import load_prompts
 from rag.reconcile import ReconcileReport, reconcile
-from rag.registry import Registry
+from rag.registry import JobKind, Registry
 from rag.registry_factory import open_registry
 from rag.tracing import Tracing
 from rag.rerank import load_reranker
@@ -63,6 +63,7 @@ class Services:
     closers: list[Callable[[], None]] = field(default_factory=list)
     _watching: bool = False
     drift: dict[str, DriftCheck] = field(default_factory=dict)  # the last drift check per encoder version
+    proposals: dict[str, dict[str, Any]] = field(default_factory=dict)  # tenant → the adaptation proposed for it
     # Set by whatever runs the ingest worker in this process: False once its thread died or its
     # heartbeat went stale. None when no worker runs here.
     worker_alive: Callable[[], bool] | None = None
@@ -152,7 +153,32 @@ class Services:
             check = check_sample(sample, self.settings)
             self.drift[check.encoder_version] = check
             self.metrics.drift(check)
+            if check.verdict == "drift":
+                self.propose_adaptations(check)
         return dict(self.drift)
+
+    def propose_adaptations(self, check: DriftCheck) -> list[str]:
+        """Drift on an encoder: each tenant searching with it that holds enough feedback pairs gets an adaptation
+        proposed (an event and a field of GET /v1/encoders), or queued with RAG_ADAPT_ON_DRIFT."""
+        pool, proposed = self.pool(), []
+        for tenant in self.registry.tenants_usage(1 << 30):
+            if tenant == "_other" or pool.version_for(tenant, fresh=True) != check.encoder_version:
+                continue
+            feedback = next((d for d in self.registry.list_datasets(tenant) if d.format == "feedback"), None)
+            if feedback is None or feedback.pairs < self.settings.adapt_propose_min_pairs:
+                continue
+            proposal: dict[str, Any] = {"encoder_version": check.encoder_version, "reasons": check.reasons,
+                                        "pairs_dataset": feedback.id, "pairs": feedback.pairs,
+                                        "proposed_at": check.checked_at, "job_id": None}
+            if self.settings.adapt_on_drift:
+                job = self.registry.create_job(tenant, [], kind=JobKind.ADAPT, params={
+                    "pairs_dataset": feedback.id, "dataset_tenant": tenant, "tenant": tenant})
+                proposal["job_id"] = job.id
+            self.proposals[tenant] = proposal
+            proposed.append(tenant)
+            log.warning("adaptation_proposed", tenant=tenant, encoder_version=check.encoder_version,
+                        pairs=feedback.pairs, job_id=proposal["job_id"])
+        return proposed
 
     def retriever_for(self, tenant: str) -> Retriever:
         """The retriever of the tenant's encoder: its own once it promoted one, else the default (blocking: may load)."""

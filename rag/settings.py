@@ -154,6 +154,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     drift_max_samples: int = 1000
     drift_monitor_interval_s: float = 300.0  # with query sampling on: compare the sample's halves this often (0: off)
     drift_monitor_permutations: int = 100
+    # When a drift check fires: propose (or, with adapt_on_drift, queue) an adaptation for each tenant of that
+    # encoder holding at least this many feedback pairs (POST /v1/feedback).
+    adapt_propose_min_pairs: int = 50
+    adapt_on_drift: bool = False
     drift_p_value: float = 0.01
     drift_min_mmd2: float = 0.001
     drift_max_centroid_shift: float = 0.02
@@ -205,6 +209,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (0 <= self.query_sample_size <= 1_000_000, "query_sample_size", "must be between 0 (off) and 1000000"),
             (self.drift_max_samples >= 10, "drift_max_samples", "must be at least 10"),
             (self.drift_monitor_interval_s >= 0, "drift_monitor_interval_s", "must be >= 0 (0: off)"),
+            (self.adapt_propose_min_pairs >= 1, "adapt_propose_min_pairs", "must be at least 1"),
             (self.drift_monitor_permutations >= 10, "drift_monitor_permutations", "must be at least 10"),
             (0 < self.drift_p_value < 1, "drift_p_value", "must be between 0 and 1"),
             (self.drift_min_mmd2 >= 0, "drift_min_mmd2", "must be >= 0"),

@@ -53,7 +53,7 @@ def sampled(tmp_path, embedder) -> Iterator:
     from tests.conftest import build_app
 
     settings = Settings(data_dir=tmp_path / "data", worker_poll_s=0.05, log_format="json", llm_local="no",
-                        query_sample_size=1000, query_cache_size=0)
+                        query_sample_size=1000, query_cache_size=0, adapt_propose_min_pairs=2)
     settings.data_dir.mkdir(parents=True)
     store = open_store(settings)
     registry = SqliteRegistry(settings.registry_path)
@@ -68,8 +68,14 @@ def sampled(tmp_path, embedder) -> Iterator:
 
 
 def test_the_service_watches_its_live_queries(sampled, shared_data) -> None:
+    from tests.conftest import wait_for
+
     client = sampled
     scifact, squad = _queries(shared_data)
+    job = client.post("/v1/documents", json={"id": "nile", "text": "The Nile flows north. It is long."}).json()
+    wait_for(lambda: client.get(f"/v1/jobs/{job['job_ids'][0]}").json()["status"] == "succeeded", timeout=120)
+    for q in ("longest river", "river flowing north"):
+        assert client.post("/v1/feedback", json={"query": q, "document_id": "nile", "helpful": True}).status_code == 201
     for q in scifact[:60] + squad:
         assert client.post("/v1/search", json={"query": q, "mode": "dense"}).status_code == 200
     checks = client.services.check_drift()  # what the scheduled task runs
@@ -80,3 +86,7 @@ def test_the_service_watches_its_live_queries(sampled, shared_data) -> None:
     metrics = client.get("/metrics").text
     assert f'rag_drift_detected{{encoder_version="{version}"}} 1.0' in metrics
     assert f'rag_drift_mmd2{{encoder_version="{version}"}}' in metrics
+    # Drift, and enough feedback pairs: an adaptation is proposed to the tenant (queued only with RAG_ADAPT_ON_DRIFT).
+    proposal = client.get("/v1/encoders").json()["proposal"]
+    assert proposal["pairs"] == 2 and proposal["job_id"] is None and proposal["encoder_version"] == version
+    assert client.get("/v1/encoders", headers={"X-Tenant": "other"}).json()["proposal"] is None

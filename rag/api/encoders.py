@@ -104,6 +104,7 @@ async def list_encoders(svc: Services, caller: Caller) -> dict[str, Any]:
         out: dict[str, Any] = {
             "tenant": caller.tenant, "active": serving, "own": own, "default": default,
             "drift": drift.to_dict() if drift is not None else None,
+            "proposal": svc.proposals.get(caller.tenant),
             "encoders": [describe(r, serving) for r in records],
             "jobs": [{"id": j.id, "kind": str(j.kind), "status": j.status, "stage": j.stage, "error": j.error,
                       "created_at": j.created_at} for j in jobs],
