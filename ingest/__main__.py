@@ -126,7 +126,14 @@ def run_worker(settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    worker = IngestWorker(settings, services.registry, services.store, services.embedder, encoders=services.pool())
+    if settings.metrics_port:
+        # A standalone worker's metrics (jobs, chunks, queue) for Prometheus to scrape beside the API's.
+        from prometheus_client import start_http_server
+
+        services.metrics.watch_registry(services.registry, lambda: services.pool().default_version())
+        start_http_server(settings.metrics_port, registry=services.metrics.registry)
+    worker = IngestWorker(settings, services.registry, services.store, services.embedder, encoders=services.pool(),
+                          metrics=services.metrics)
     worker.start()
     try:
         stop.wait()

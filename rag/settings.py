@@ -140,6 +140,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     adapt_promote_unlabelled: bool = False
     query_cache_size: int = 1024  # recent query vectors kept per encoder (keyed by tenant; 0: off)
     sentence_cache_size: int = 20000  # context-sentence vectors kept for extractive answers (~1.6 KB each; 0: off)
+    metrics_port: int = 0  # python -m ingest worker: serve its /metrics on this port (0: none)
     otel_endpoint: str = ""  # an OTLP/HTTP collector (http://host:4318): traces of requests and jobs; empty: off
     otel_service_name: str = "rag"
     reconcile_interval_s: float = 3600.0  # compare registry and store this often (report only; 0: never)
@@ -177,6 +178,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.qdrant_replication_factor >= 1, "qdrant_replication_factor", "must be at least 1"),
             (1 <= self.qdrant_write_consistency_factor <= self.qdrant_replication_factor,
              "qdrant_write_consistency_factor", "must be between 1 and RAG_QDRANT_REPLICATION_FACTOR"),
+            (0 <= self.metrics_port <= 65535, "metrics_port", "must be 0 (none) or a TCP port"),
             (self.reconcile_interval_s >= 0, "reconcile_interval_s", "must be >= 0 (0: never)"),
             (self.malloc_arena_max >= 0, "malloc_arena_max", "must be >= 0 (0: glibc's default)"),
             (self.query_cache_size >= 0, "query_cache_size", "must be >= 0 (0: off)"),
