@@ -49,3 +49,34 @@ def test_metrics_show_requests_stages_jobs_tenants_and_encoders(app_client) -> N
     assert labels["tenant"] == "_default" and labels["version"] == client.services.embedder.version
     # No raw paths or ids as labels: the label sets stay bounded.
     assert not any("no-such-doc" in str(l) for samples in m.values() for l, _ in samples)
+
+
+def test_a_standalone_worker_serves_its_own_metrics(tmp_path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAG_DATA_DIR": str(tmp_path / "data"), "RAG_QDRANT_URL": ":memory:",
+           "RAG_METRICS_PORT": str(port), "RAG_LOG_LEVEL": "warning", "RAG_LLM_LOCAL": "no"}
+    proc = subprocess.Popen([sys.executable, "-m", "ingest", "worker"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        def scraped():
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                return None
+            return r.text if r.status_code == 200 else None
+
+        text = wait_for(scraped, timeout=180, interval=0.5)
+        assert "rag_queue_depth" in text and "rag_jobs_running" in text and "rag_encoder_info" in text
+    finally:
+        proc.terminate()
+        proc.wait(30)
