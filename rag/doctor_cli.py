@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from rag.errors import RagError
 from rag.settings import Settings
 
 __all__ = ["add_doctor_command", "run_doctor"]
@@ -51,7 +52,11 @@ def run_doctor(settings: Settings, args: argparse.Namespace) -> int:
     else:
         from rag.services import Services
 
-        services = Services.build(settings)
+        try:
+            services = Services.build(settings)
+        except RagError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         try:
             report = services.reconcile(repair=args.repair, tenants=args.tenant).to_dict()
         finally:
