@@ -6,7 +6,8 @@
 - ``answers``: answer quality (contains gold, citations, EM/F1, abstention, latency, ragas metrics; LLM-judged
   ones with ``--judge-url``) on the report split of SQuAD 2.0 dev through POST /v1/answer; ``calibrate``: the
   abstention threshold on the disjoint calibration split.
-- ``bench ingest|search|answer``: benchmarks that print figures and write JSON.
+- ``bench ingest|search|answer|encode``: benchmarks that print figures and write JSON (``encode``: the encoder
+  runtimes torch, onnx and onnx-int8 side by side).
 - ``drift``: embedding drift between two samples (corpora, vector snapshots, the API's query sample, two
   encoders); writes report.json and report.html; exit 1 on drift only with ``--fail-on-drift``.
   ``drift export``: a snapshot of a collection's dense vectors (.npy) to compare later.
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_bench_commands(sub):
-    """``bench ingest|search|tenants|encoders``; returns the bench subparsers, where ``bench answer`` joins them."""
+    """``bench ingest|search|encode|tenants|encoders``; returns the bench subparsers, where ``bench answer`` joins them."""
     bench = sub.add_parser("bench", help="performance benchmarks (figures, not tests)")
     which = bench.add_subparsers(dest="bench", required=True)
 
@@ -86,6 +87,18 @@ def _add_bench_commands(sub):
     en.add_argument("--cache-size", type=int, default=4, help="RAG_ENCODER_CACHE_SIZE for the run (default 4)")
     en.add_argument("--out", type=Path, default=Path("bench"))
 
+    ec = which.add_parser("encode", help="encoder runtimes (torch, onnx, onnx-int8): query latency, chunks/s, "
+                                         "cosine to torch fp32, memory; --quality adds SciFact nDCG@10")
+    ec.add_argument("--dataset", type=Path, required=True, help="a BEIR folder (queries.jsonl, corpus.jsonl)")
+    ec.add_argument("--runtimes", nargs="+", choices=["torch", "onnx", "onnx-int8"], default=["onnx", "onnx-int8"],
+                    help="runtimes beside the torch fp32 baseline (always measured)")
+    ec.add_argument("--queries", type=int, default=200, help="single queries, one at a time per runtime")
+    ec.add_argument("--chunks", type=int, default=512, help="chunks for batch-64 throughput and cosine")
+    ec.add_argument("--quality", action="store_true",
+                    help="also SciFact test nDCG@10, dense and hybrid, per runtime (indexes the corpus per runtime)")
+    ec.add_argument("--no-memory", action="store_true", help="skip the per-runtime process RSS")
+    ec.add_argument("--out", type=Path, default=Path("bench"))
+
     te = which.add_parser("tenants", help="tenant-filtered search: the corpus in 1 tenant vs split over N tenants")
     te.add_argument("--data-dir", type=Path, required=True,
                     help="a data dir whose active collection holds real vectors (e.g. .eval-data/scifact-…)")
@@ -108,6 +121,8 @@ def _add_retrieval_command(sub) -> None:
     ret.add_argument("--mode", nargs="+", default=["dense"], choices=["dense", "sparse", "hybrid"],
                      help="one or more retrieval modes, compared in one table (default: dense)")
     ret.add_argument("--encoder", help="sentence-transformers folder or name (default: RAG_ENCODER_MODEL or the bundled MiniLM)")
+    ret.add_argument("--runtime", choices=["torch", "onnx", "onnx-int8"],
+                     help="encoder runtime (default: RAG_ENCODER_RUNTIME); ONNX exports are cached in RAG_DATA_DIR/onnx")
     ret.add_argument("--limit-queries", type=int, default=0, help="evaluate only the first N queries of the split")
     ret.add_argument("--out", type=Path, required=True, help="folder for report.json, report.html and runs/")
     ret.add_argument("--data-dir", type=Path,
@@ -259,6 +274,8 @@ def _bench(args) -> int:
         report = b.bench_tenants(settings, args)
     elif args.bench == "encoders":
         report = b.bench_encoders(settings, args)
+    elif args.bench == "encode":
+        report = b.bench_encode(settings, args)
     else:
         report = b.bench_search(settings, args)
     path = b.write_report(report, args.out, f"{args.bench}")
@@ -299,6 +316,8 @@ def _retrieval(args) -> int:
     overrides: dict[str, object] = {"log_format": "json", "log_level": "warning"}
     if args.encoder:
         overrides["encoder_model"] = args.encoder
+    if args.runtime:
+        overrides["encoder_runtime"] = args.runtime
     settings = settings_for_cli(**overrides)
     if settings is None:
         return 2

@@ -353,3 +353,155 @@ def bench_encoders(settings: Settings, args) -> dict[str, Any]:
     print(f"query encode p50: cached {result['query_ms']['cached_p50']} ms vs load-then-encode "
           f"{result['query_ms']['load_then_query_p50']} ms (an evicted tenant's first query)")
     return {"benchmark": "encoders", "results": result, "environment": _environment(settings)}
+
+
+def _load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on Linux
+        return []
+
+
+def _scifact_texts(dataset: Path, settings: Settings, n_queries: int, n_chunks: int) -> tuple[list[str], list[str]]:
+    """The first ``n_queries`` queries and the first ``n_chunks`` chunk texts (as the worker embeds them)."""
+    from rag.types import embedding_text
+
+    queries_file = dataset / "queries.jsonl"
+    if not queries_file.exists():
+        raise SystemExit(f"error: {queries_file} not found (a BEIR folder holds queries.jsonl)")
+    queries = [json.loads(line)["text"] for line in queries_file.open() if line.strip()][:n_queries]
+    corpus = dataset / "corpus.jsonl"
+    encoding = get_encoding(settings.tokenizer_encoding)
+    texts: list[str] = []
+    with corpus.open() as fh:
+        for line in fh:
+            if len(texts) >= n_chunks:
+                break
+            docs = [d for d in load("one.jsonl", line.encode()) if isinstance(d, Document)]
+            for d in docs:
+                texts += [embedding_text(d.title, c.heading_path, c.text)
+                          for c in chunk(d, settings.chunk_tokens, settings.chunk_overlap, encoding)]
+    return queries, texts[:n_chunks]
+
+
+def _runtime_rss_mb(settings: Settings, runtime: str, texts: list[str]) -> dict[str, Any]:
+    """Peak RSS of a fresh process that loads the encoder on ``runtime`` and embeds a batch (what serving costs)."""
+    code = (
+        "import json, sys\n"
+        "from rag.runtime import pin_process_environment; pin_process_environment()\n"
+        "from rag.settings import load_settings\n"
+        "from rag.embedding import load_embedder\n"
+        "e = load_embedder(load_settings(log_format='json', log_level='warning'), runtime=sys.argv[1])\n"
+        "e.embed_documents(json.loads(sys.stdin.read()))\n"
+        # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+        "print(json.dumps({'rss_mb': round(int(hwm) / 1024), 'torch_imported': 'torch' in sys.modules}))\n"
+    )
+    env = dict(os.environ, RAG_DATA_DIR=str(settings.data_dir), RAG_ENCODER_MODEL=settings.encoder_model)
+    proc = subprocess.run([sys.executable, "-c", code, runtime], input=json.dumps(texts), capture_output=True,
+                          text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_encode(settings: Settings, args) -> dict[str, Any]:
+    """The encoder runtimes side by side on real SciFact text: single-query latency (interleaved, so each
+    runtime sees the same machine noise), batch throughput on chunks, cosine to torch fp32, memory of a
+    process serving each, and with ``--quality`` SciFact test nDCG@10 (dense and hybrid) per runtime."""
+    import numpy as np
+    import onnxruntime
+
+    runtimes = list(dict.fromkeys(["torch", *args.runtimes]))  # torch fp32 is the baseline, always measured
+    queries, chunks = _scifact_texts(args.dataset, settings, args.queries, args.chunks)
+    print(f"{len(queries)} queries, {len(chunks)} chunks; loading {', '.join(runtimes)} …", flush=True)
+    embedders, load_s = {}, {}
+    for rt in runtimes:
+        t0 = time.perf_counter()
+        embedders[rt] = load_embedder(settings, runtime=rt)
+        load_s[rt] = time.perf_counter() - t0
+        embedders[rt].embed_queries(queries[:5])  # warm up
+        embedders[rt].embed_documents(chunks[:8])
+    load_before = _load_average()
+
+    # Single queries, one at a time; the order of runtimes rotates per query.
+    latency: dict[str, list[float]] = {rt: [] for rt in runtimes}
+    for i, q in enumerate(queries):
+        for rt in runtimes[i % len(runtimes):] + runtimes[:i % len(runtimes)]:
+            t0 = time.perf_counter()
+            embedders[rt].embed_queries([q])
+            latency[rt].append((time.perf_counter() - t0) * 1000)
+
+    # Batches of 64 chunks, interleaved the same way.
+    batch = 64
+    spent = {rt: 0.0 for rt in runtimes}
+    vectors: dict[str, list[Any]] = {rt: [] for rt in runtimes}
+    for i, start in enumerate(range(0, len(chunks), batch)):
+        part = chunks[start:start + batch]
+        for rt in runtimes[i % len(runtimes):] + runtimes[:i % len(runtimes)]:
+            t0 = time.perf_counter()
+            vectors[rt].append(embedders[rt].embed_documents(part))
+            spent[rt] += time.perf_counter() - t0
+    chunk_vectors = {rt: np.concatenate(v) for rt, v in vectors.items()}
+    query_vectors = {rt: embedders[rt].embed_queries(queries) for rt in runtimes}
+    load_after = _load_average()
+
+    results: dict[str, Any] = {}
+    for rt in runtimes:
+        cos_q = (query_vectors[rt] * query_vectors["torch"]).sum(1)
+        cos_c = (chunk_vectors[rt] * chunk_vectors["torch"]).sum(1)
+        both = np.concatenate([cos_q, cos_c])
+        results[rt] = {
+            "version": embedders[rt].version,
+            "load_s": round(load_s[rt], 2),
+            "query_p50_ms": round(statistics.median(latency[rt]), 2),
+            "query_p95_ms": round(float(np.percentile(latency[rt], 95)), 2),
+            "query_mean_ms": round(statistics.fmean(latency[rt]), 2),
+            "chunks_per_s": round(len(chunks) / spent[rt], 1),
+            "cosine_to_torch": {"mean": round(float(both.mean()), 5), "min": round(float(both.min()), 5),
+                                "queries_mean": round(float(cos_q.mean()), 5), "chunks_mean": round(float(cos_c.mean()), 5)},
+            "max_abs_diff_to_torch": float(np.abs(np.concatenate([query_vectors[rt] - query_vectors["torch"],
+                                                                  chunk_vectors[rt] - chunk_vectors["torch"]])).max()),
+        }
+    del embedders, vectors
+    if not args.no_memory:
+        print("memory: a fresh process per runtime …", flush=True)
+        for rt in runtimes:
+            results[rt]["process"] = _runtime_rss_mb(settings, rt, chunks[:batch])
+    if args.quality:
+        results_quality = _encode_quality(settings, args, runtimes)
+        for rt in runtimes:
+            results[rt]["quality"] = results_quality[rt]
+
+    print(f"\n{'runtime':10} {'version':40} {'p50 ms':>7} {'p95 ms':>7} {'chunks/s':>9} {'cos mean':>9} "
+          f"{'cos min':>8} {'RSS MB':>7}" + ("  dense  hybrid" if args.quality else ""))
+    for rt, r in results.items():
+        rss = r.get("process", {}).get("rss_mb")
+        line = (f"{rt:10} {r['version'][:40]:40} {r['query_p50_ms']:7.2f} {r['query_p95_ms']:7.2f} "
+                f"{r['chunks_per_s']:9.1f} {r['cosine_to_torch']['mean']:9.5f} {r['cosine_to_torch']['min']:8.5f} "
+                f"{rss if rss is not None else float('nan'):7.0f}")
+        if args.quality:
+            q = r["quality"]
+            line += f"  {q.get('dense', float('nan')):.4f} {q.get('hybrid', float('nan')):.4f}"
+        print(line)
+    env = _environment(settings)
+    env.update(onnxruntime=onnxruntime.__version__, load_average_before=load_before, load_average_after=load_after)
+    return {"benchmark": "encode", "dataset": str(args.dataset), "queries": len(queries), "chunks": len(chunks),
+            "batch_size": batch, "runtimes": results, "environment": env}
+
+
+def _encode_quality(settings: Settings, args, runtimes: list[str]) -> dict[str, dict[str, float]]:
+    """SciFact test nDCG@10, dense and hybrid, per runtime, through the in-process retrieval evaluation
+    (each runtime indexes the corpus with its own vectors, in its own cached evaluation data dir)."""
+    from eval.retrieval import EvalOptions, run_retrieval_eval
+
+    out: dict[str, dict[str, float]] = {}
+    for rt in runtimes:
+        print(f"quality: {rt} (indexes the corpus the first time: minutes) …", flush=True)
+        run = run_retrieval_eval(msgspec.structs.replace(settings, encoder_runtime=rt),
+                                 EvalOptions(dataset=args.dataset, split="test", modes=["dense", "hybrid"],
+                                             progress=False))
+        out[rt] = {mode: round(res.summary.metrics["ndcg@10"], 4) for mode, res in run.results.items()}
+        out[rt]["index_s"] = round(run.index.ingest_s, 1) if run.index else None
+        out[rt]["index_reused"] = bool(run.index and run.index.reused)
+    return out

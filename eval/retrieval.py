@@ -343,7 +343,11 @@ def run_retrieval_eval(settings: Settings, options: EvalOptions, *, embedder=Non
         embedder = load_embedder(settings)
     # One sparse encoder for both sides: the query terms must hash as the stored ones did.
     sparse = SparseEncoder()
-    data_dir = options.data_dir or default_data_dir(dataset, embedder.version, settings, sparse.version)
+    # The runtime keys the index too: onnx fp32 shares torch's version (the same vectors to 2e-7), but an
+    # evaluation of a runtime must embed the corpus with it.
+    runtime = getattr(embedder, "runtime", "torch")
+    key_version = embedder.version if runtime == "torch" else f"{embedder.version}|{runtime}"
+    data_dir = options.data_dir or default_data_dir(dataset, key_version, settings, sparse.version)
     # Always an embedded store of our own, whatever RAG_QDRANT_URL / RAG_DATA_DIR say.
     run_settings = msgspec.structs.replace(settings, data_dir=Path(data_dir), qdrant_url="")
     run_settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import structlog
 
 from ingest.pairs import passage_text
 from ingest.progress import Progress
-from rag.embedding import SentenceTransformerEmbedder
+from rag.embedding import Embedder, load_embedder, runtime_for
 from rag.encoders import EncoderRecord, EncoderRegistry, version_of_collection
 from rag.errors import BadRequest, NotFound, RagError
 from rag.index import collection_name
@@ -91,8 +91,9 @@ def promote(settings: Settings, store: VectorStore, version: str, *, pointers: R
     if source == target:
         return {"version": version, "collection": target, "tenant": who, "copied": 0, "switched": False}
     t0 = time.perf_counter()
-    encoder = SentenceTransformerEmbedder(registry.model_path(version), batch_size=settings.encoder_batch_size,
-                                          device=settings.encoder_device)
+    # A version names its runtime (an int8 base version is re-embedded in int8); fp32 ones use the configured one.
+    encoder = load_embedder(settings, registry.model_path(version),
+                            runtime=runtime_for(version, settings.encoder_runtime))
     if encoder.version != version:
         raise RagError(f"the folder of {version} holds encoder {encoder.version}")
     scope = _scope(pointers, tenant)
@@ -119,7 +120,7 @@ def promote(settings: Settings, store: VectorStore, version: str, *, pointers: R
             "seconds": round(seconds, 1), "switched": True}
 
 
-def sync_collection(store: VectorStore, source: str | None, target: str, encoder: SentenceTransformerEmbedder,
+def sync_collection(store: VectorStore, source: str | None, target: str, encoder: Embedder,
                     folder: Path, progress: Progress, *, scope: Callable[[str], bool] = lambda t: True,
                     tenant: str | None = None) -> dict[str, int]:
     """Make ``target`` hold exactly ``source``'s points of the tenants in ``scope`` (``tenant`` alone when given),

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     from rag.backup_cli import add_backup_commands
 
     add_backup_commands(sub)
+    from rag.encoder_cli import add_encoder_command
+
+    add_encoder_command(sub)
     llm = sub.add_parser("llm", help="run the bundled llama-server (SmolLM2-135M) in the foreground")
     llm.add_argument("--host", default="127.0.0.1")
     llm.add_argument("--port", type=int, default=8081)
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         from rag.doctor_cli import run_doctor
 
         return run_doctor(settings, args)
+    if args.command == "encoder":
+        from rag.encoder_cli import run_encoder
+
+        return run_encoder(settings, args)
     if args.command == "settings":
         import msgspec
 

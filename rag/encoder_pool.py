@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from rag.embedding import Embedder, load_embedder
-from rag.encoders import EncoderRegistry, version_of_collection
+from rag.encoders import EncoderRegistry, encoder_source, version_of_collection
 from rag.errors import RagError
 from rag.index import collection_name
 from rag.search import Retriever
@@ -104,9 +104,13 @@ class EncoderPool:
             with self._lock:  # loaded by another thread while this one waited
                 if version in self._loaded:
                     return self._loaded[version]
-            model = EncoderRegistry(self.settings.encoders_dir).model_path(version)
+            source = encoder_source(self.settings, version)
+            if source is None:
+                EncoderRegistry(self.settings.encoders_dir).require(version)  # raises NotFound, naming the known ones
+                raise RagError(f"encoder version {version} has no model here")  # pragma: no cover
+            model, runtime = source
             t0 = time.perf_counter()
-            embedder = load_embedder(self.settings, model)
+            embedder = load_embedder(self.settings, model, runtime=runtime)
             if embedder.version != version:
                 raise RagError(f"the encoder folder of version {version} holds {embedder.version}")
             with self._lock:

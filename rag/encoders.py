@@ -8,7 +8,7 @@ rollback can name them like any other version.
 
 The active version is not stored here: the vector store's active pointer (a Qdrant alias on a
 server, a pointer file in the embedded engine) names the active collection ``chunks-<version>``, and
-:func:`resolve_encoder_model` maps it back to the model to load. So the query side always embeds with
+:func:`resolve_encoder` maps it back to the model (and runtime) to load. So the query side always embeds with
 the encoder whose vectors it searches.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from rag.embedding import model_source, model_version, runtime_for, split_version
 from rag.errors import BadRequest, NotFound
 from rag.index import collection_name
 
@@ -118,19 +119,38 @@ class EncoderRegistry:
         shutil.rmtree(self.folder(version), ignore_errors=True)
 
 
-def resolve_encoder_model(settings, store) -> str:
-    """The model to load so the query side matches the active collection.
+def encoder_source(settings, version: str) -> tuple[str, str] | None:
+    """The model and runtime that compute ``version``'s vectors, None when neither the registry nor the
+    configured model gives it.
 
-    The active collection's version wins when the registry knows it (it was promoted on purpose);
-    otherwise the configured ``RAG_ENCODER_MODEL`` (its collection becomes active when none is).
+    A version with a runtime suffix (``<v>-onnx-int8``) is its base version's model on that runtime; a
+    version without one is computed by the configured runtime when that gives fp32 vectors (torch or onnx),
+    else by onnx fp32 (:func:`rag.embedding.runtime_for`).
+    """
+    registry = EncoderRegistry(settings.encoders_dir)
+    base, _ = split_version(version)
+    runtime = runtime_for(version, settings.encoder_runtime)
+    for known in dict.fromkeys((version, base)):
+        if registry.get(known) is not None:
+            return registry.model_path(known), runtime
+    if base == model_version(model_source(settings.encoder_model)):
+        return settings.encoder_model, runtime
+    return None
+
+
+def resolve_encoder(settings, store) -> tuple[str, str]:
+    """The model and runtime to load so the query side matches the active collection.
+
+    The active collection's version wins when it is known (promoted on purpose, or the configured model
+    on another runtime: its vectors are what the collection holds); otherwise the configured
+    ``RAG_ENCODER_MODEL`` on ``RAG_ENCODER_RUNTIME`` (its collection becomes active when none is).
     """
     version = version_of_collection(store.get_active())
     if version:
-        registry = EncoderRegistry(settings.encoders_dir)
-        rec = registry.get(version)
-        if rec is not None:
-            return registry.model_path(version)
-    return settings.encoder_model
+        source = encoder_source(settings, version)
+        if source is not None:
+            return source
+    return settings.encoder_model, settings.encoder_runtime
 
 
 def describe(record: EncoderRecord, active_version: str | None) -> dict[str, Any]:

@@ -21,9 +21,9 @@ import structlog
 from rag.answer import AnswerPipeline
 from rag.auth import bootstrap_key
 from rag.drift_monitor import DriftCheck, check_sample
-from rag.embedding import Embedder, load_embedder, model_version
+from rag.embedding import Embedder, load_embedder, model_source, model_version, runtime_version
 from rag.encoder_pool import EncoderPool
-from rag.encoders import resolve_encoder_model
+from rag.encoders import resolve_encoder
 from rag.errors import RagError
 from rag.index import collection_name, ensure_collection_for
 from rag.llm import LLM, OpenAICompatibleLLM
@@ -77,7 +77,8 @@ class Services:
         store = open_store(settings)
         try:
             registry = open_registry(settings)
-            embedder = load_embedder(settings, resolve_encoder_model(settings, store))
+            model, runtime = resolve_encoder(settings, store)
+            embedder = load_embedder(settings, model, runtime=runtime)
         except BaseException:
             store.close()
             raise
@@ -111,10 +112,10 @@ class Services:
         if not active or active in (self.collection, self.unfollowed):
             return False
         self.unfollowed = active
-        model = resolve_encoder_model(self.settings, self.store)
-        if collection_name(model_version(model)) != active:
+        model, runtime = resolve_encoder(self.settings, self.store)
+        if collection_name(runtime_version(model_version(model_source(model)), runtime)) != active:
             return False  # the active collection's encoder is unknown here: keep serving what we have
-        self.use_encoder(load_embedder(self.settings, model))
+        self.use_encoder(load_embedder(self.settings, model, runtime=runtime))
         return True
 
     def prepare_retrieval(self) -> None:

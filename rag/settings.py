@@ -43,7 +43,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     encoder_model: str = ""
     encoder_batch_size: int = 64
     encoder_device: str = "cpu"
-    torch_threads: int = 0  # 0: leave torch's default
+    # How vectors are computed: torch (sentence-transformers), onnx (ONNX Runtime, fp32: torch's vectors, same
+    # version) or onnx-int8 (quantized: its own version, <version>-onnx-int8). README "Encoder runtimes".
+    encoder_runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    torch_threads: int = 0  # 0: torch's default; also ONNX Runtime's intra-op threads (0: one per CPU, unpinned)
     # Chunking
     tokenizer_encoding: Literal["cl100k_base", "o200k_base"] = "cl100k_base"
     chunk_tokens: int = 200
@@ -201,6 +204,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.rate_limit_burst >= 1, "rate_limit_burst", "must be at least 1"),
             (self.job_max_attempts >= 1, "job_max_attempts", "must be at least 1"),
             (self.torch_threads >= 0, "torch_threads", "must be >= 0"),
+            (
+                self.encoder_runtime == "torch" or self.encoder_device == "cpu",
+                "encoder_runtime",
+                "the onnx runtimes run on the CPU: use RAG_ENCODER_DEVICE=cpu (or RAG_ENCODER_RUNTIME=torch)",
+            ),
             (self.rrf_k >= 1, "rrf_k", "must be at least 1"),
             (self.dense_weight >= 0, "dense_weight", "must be >= 0"),
             (self.sparse_weight >= 0, "sparse_weight", "must be >= 0"),
@@ -285,6 +293,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     @property
     def encoders_dir(self) -> Path:
         return self.data_dir / "encoders"
+
+    @property
+    def onnx_dir(self) -> Path:
+        """Cached ONNX exports of encoders, one folder per weights and runtime."""
+        return self.data_dir / "onnx"
 
 
 def redacted_url(url: str) -> str:
