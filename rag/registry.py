@@ -337,6 +337,20 @@ def dataset_from_row(row: Any) -> DatasetRecord:
                          sha256=row["sha256"], created_at=row["created_at"])
 
 
+def _enable_wal(conn: sqlite3.Connection, deadline_s: float = 30.0) -> None:
+    """Switch the file to WAL. The first switch needs the file to itself, and SQLite answers a concurrent
+    opener's switch with SQLITE_BUSY at once, without its busy handler: retry until the deadline."""
+    give_up = time.monotonic() + deadline_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > give_up:
+                raise
+            time.sleep(0.02)
+
+
 class SqliteRegistry:
     """Registry and job queue in one SQLite file; safe across threads and processes on one host."""
 
@@ -358,6 +372,8 @@ class SqliteRegistry:
         with self._tx() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]  # again, under the write lock
             refuse_newer_schema(version, len(SQLITE_MIGRATIONS), str(self.path))
+            if version == len(SQLITE_MIGRATIONS):
+                return  # another opener applied them while this one waited for the lock
             for migrate in SQLITE_MIGRATIONS[version:]:
                 migrate(db)
             db.execute(f"PRAGMA user_version = {len(SQLITE_MIGRATIONS)}")
@@ -373,9 +389,9 @@ class SqliteRegistry:
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
+            _enable_wal(conn)
+            conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
 
