@@ -353,3 +353,7 @@ def bench_encoders(settings: Settings, args) -> dict[str, Any]:
     print(f"query encode p50: cached {result['query_ms']['cached_p50']} ms vs load-then-encode "
           f"{result['query_ms']['load_then_query_p50']} ms (an evicted tenant's first query)")
     return {"benchmark": "encoders", "results": result, "environment": _environment(settings)}
+
+
+# Shared with eval/bench_during.py (``bench search --during …``, ``--with-answers``), the same benchmark family.
+corpus_slice, environment, percentile = _corpus_slice, _environment, _percentile

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -12,6 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from rag.errors import ModelError
+from rag.priority import URGENT_TEXTS, PriorityLock, encode_in_slices
 
 
 class Embedder(Protocol):
@@ -74,7 +74,8 @@ class SentenceTransformerEmbedder:
     """A sentence-transformers bi-encoder; vectors are L2-normalised for cosine search.
 
     ``encode`` is guarded by a lock: torch already uses every core for one batch, so two
-    concurrent batches only thrash.
+    concurrent batches only thrash. A query goes before the next slice of a long document encode
+    (rag/priority.py), so an answer's sentences or an ingest group delay it by one slice at most.
     """
 
     def __init__(self, model: str = "", *, batch_size: int = 64, device: str = "cpu", threads: int = 0) -> None:
@@ -94,16 +95,16 @@ class SentenceTransformerEmbedder:
         self.dimension = int(self._model.get_embedding_dimension())
         self.max_seq_length = int(self._model.max_seq_length)
         self.batch_size = batch_size
-        self._lock = threading.Lock()
+        self._lock = PriorityLock()
 
     @property
     def model(self):  # the underlying SentenceTransformer, for training and benchmarks
         return self._model
 
-    def _encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    def _encode(self, texts: Sequence[str], batch_size: int, urgent: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        with self._lock:
+        with self._lock.hold(urgent=urgent):
             vectors = self._model.encode(
                 list(texts),
                 batch_size=batch_size,
@@ -114,10 +115,12 @@ class SentenceTransformerEmbedder:
         return np.asarray(vectors, dtype=np.float32)
 
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode(texts, self.batch_size)
+        return encode_in_slices(lambda part: self._encode(part, self.batch_size), texts, self.dimension)
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode(texts, max(1, min(len(texts), self.batch_size)))
+        if len(texts) > URGENT_TEXTS:  # bulk query work (a validation set) waits like documents
+            return encode_in_slices(lambda part: self._encode(part, self.batch_size), texts, self.dimension)
+        return self._encode(texts, max(1, min(len(texts), self.batch_size)), urgent=True)
 
 
 def nearest_neighbours(x: np.ndarray, k: int, rows: np.ndarray | None = None, block: int = 1024) -> np.ndarray:
