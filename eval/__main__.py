@@ -68,6 +68,15 @@ def _add_bench_commands(sub):
     se.add_argument("--port", type=int, default=8765)
     se.add_argument("--mode", choices=["dense", "sparse", "hybrid"], default="hybrid")
     se.add_argument("--out", type=Path, default=Path("bench"))
+    # Search while other work runs (eval/bench_during.py): idle p50/p95 first, then under the load, side by side.
+    se.add_argument("--during", choices=["adapt", "ingest"], help="measure at concurrency 1 idle, then while an "
+                    "adaptation trains or a bulk upload (another tenant) is indexed")
+    se.add_argument("--with-answers", type=int, default=0, metavar="N", help="measure at the largest --concurrency "
+                    "alone, then beside N clients asking /v1/answer (extractive) without pause")
+    se.add_argument("--seconds", type=float, default=60.0,
+                    help="length of each measured window (--during, --with-answers)")
+    se.add_argument("--bulk-docs", type=int, default=2000, help="--during ingest: documents uploaded (after --limit)")
+    se.add_argument("--adapt-pairs", type=int, default=400, help="--during adapt: the job's max_pairs")
 
     me = which.add_parser("memory", help="API RSS over many mixed requests (search, answer, upload), per malloc setting")
     me.add_argument("--dataset", type=Path, required=True, help="a QA folder with qa.jsonl and corpus.jsonl")
@@ -276,6 +285,10 @@ def _bench(args) -> int:
         report = b.bench_encoders(settings, args)
     elif args.bench == "encode":
         report = b.bench_encode(settings, args)
+    elif getattr(args, "during", None) or getattr(args, "with_answers", 0):
+        from eval.bench_during import bench_search_during, bench_search_with_answers
+
+        report = (bench_search_during if args.during else bench_search_with_answers)(settings, args)
     else:
         report = b.bench_search(settings, args)
     path = b.write_report(report, args.out, f"{args.bench}")

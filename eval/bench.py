@@ -505,3 +505,7 @@ def _encode_quality(settings: Settings, args, runtimes: list[str]) -> dict[str, 
         out[rt]["index_s"] = round(run.index.ingest_s, 1) if run.index else None
         out[rt]["index_reused"] = bool(run.index and run.index.reused)
     return out
+
+
+# Shared with eval/bench_during.py (``bench search --during …``, ``--with-answers``), the same benchmark family.
+corpus_slice, environment, percentile = _corpus_slice, _environment, _percentile

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from ingest.background import Compute, compute_for
 from ingest.gate import EVAL_K, cross_validate_epochs, document_key, score_encoder, validation_set
 from ingest.pairs import (
     Pair, Passage, ict_pairs, labelled_pairs, load_passages, mine_hard_negatives, pairs_hash, passage_text,
@@ -36,7 +37,7 @@ from ingest.pairs import (
 )
 from ingest.progress import Progress
 from ingest.promotion import promote, prune, rollback
-from rag.embedding import SentenceTransformerEmbedder, neighbour_overlap
+from rag.embedding import Embedder, neighbour_overlap, runtime_for
 from rag.encoders import AdaptOptions, EncoderRecord, EncoderRegistry, check_options
 from rag.errors import BadRequest
 from rag.index import collection_name
@@ -65,7 +66,7 @@ class AdaptRun:
 
     settings: Settings
     store: VectorStore
-    embedder: SentenceTransformerEmbedder  # the active encoder
+    embedder: Embedder  # the active encoder (its model_name is the folder it was loaded from)
     options: AdaptOptions
     progress: Progress
     registry: EncoderRegistry
@@ -77,6 +78,7 @@ class AdaptRun:
     rng: random.Random
     work_key: str
     datasets: Callable[[str], list[tuple[str, str]]] | None = None  # the tenant's uploaded datasets by id
+    compute: Compute | None = None  # where training and the candidate's encodes run (None: this thread)
 
     @property
     def seed(self) -> int:
@@ -99,23 +101,26 @@ class Candidate:
     training: dict[str, Any]
 
 
-def adapt(settings: Settings, store: VectorStore, embedder: SentenceTransformerEmbedder, options: AdaptOptions, *,
+def adapt(settings: Settings, store: VectorStore, embedder: Embedder, options: AdaptOptions, *,
           progress: Progress | None = None, work_key: str = "cli", llm_questions=None,
-          datasets: Callable[[str], list[tuple[str, str]]] | None = None) -> EncoderRecord:
+          datasets: Callable[[str], list[tuple[str, str]]] | None = None,
+          compute: Compute | None = None) -> EncoderRecord:
     """Train and gate a candidate from ``embedder``: the encoder ``options.tenant`` searches with (the default's
     for None), over that tenant's documents in that encoder's collection. ``datasets`` reads a labelled
-    dataset of the tenant by id (``pairs_dataset`` / ``validation_dataset``)."""
+    dataset of the tenant by id (``pairs_dataset`` / ``validation_dataset``); ``compute`` runs the training and
+    the candidate's encodes (the worker's background process; default: this thread)."""
     check_options(options)
     started = time.perf_counter()
     run = start_run(settings, store, embedder, options, progress or Progress(), work_key)
     run.datasets = datasets
+    run.compute = compute_for(settings, compute)
     generated, labelled = collect_pairs(run, llm_questions)
     data = mine_negatives(run, choose_validation(run, generated, labelled))
     candidate = train_candidate(run, data.train)
     return gate_candidate(run, data, candidate, started)
 
 
-def start_run(settings: Settings, store: VectorStore, embedder: SentenceTransformerEmbedder, options: AdaptOptions,
+def start_run(settings: Settings, store: VectorStore, embedder: Embedder, options: AdaptOptions,
               progress: Progress, work_key: str) -> AdaptRun:
     """Step 0: the active encoder (recorded as a base version the first time) and the corpus under it."""
     registry = EncoderRegistry(settings.encoders_dir)
@@ -230,7 +235,7 @@ def train_candidate(run: AdaptRun, train_pairs: list[Pair]) -> Candidate:
         selection = cross_validate_epochs(train_pairs, run.passages, run.registry.model_path(run.parent), cv_work,
                                           settings, folds=folds, grid=options.epoch_grid,
                                           max_seq_length=max_seq_length, seed=run.seed, progress=run.progress,
-                                          teacher=settings.adapt_teacher_model)
+                                          teacher=settings.adapt_teacher_model, compute=run.compute)
         epochs = selection["chosen_epochs"]
         shutil.rmtree(cv_work, ignore_errors=True)
     version = candidate_version(run.parent, data_hash, settings, epochs=epochs, max_seq_length=max_seq_length,
@@ -239,11 +244,9 @@ def train_candidate(run: AdaptRun, train_pairs: list[Pair]) -> Candidate:
     work = settings.encoders_dir / ".work" / f"{version}-{run.work_key}"
     work.mkdir(parents=True, exist_ok=True)
     run.progress("training", 0.0)
-    from ingest.training import train_encoder  # torch and the trainer load only when training
-
-    training = train_encoder(train_pairs, run.registry.model_path(run.parent), folder / "model", work, settings,
-                             epochs=epochs, max_seq_length=max_seq_length,
-                             seed=run.seed, progress=run.progress, teacher=settings.adapt_teacher_model)
+    training = compute_for(settings, run.compute).train(
+        train_pairs, run.registry.model_path(run.parent), folder / "model", work, settings, epochs=epochs,
+        max_seq_length=max_seq_length, seed=run.seed, progress=run.progress, teacher=settings.adapt_teacher_model)
     if selection is not None:
         training["epoch_selection"] = selection
     (folder / "model" / "rag_version.txt").write_text(version + "\n")
@@ -254,8 +257,9 @@ def gate_candidate(run: AdaptRun, data: TrainingSet, cand: Candidate, started: f
     """Step 5: both encoders on the validation set over the whole corpus; the record keeps both scores and the verdict."""
     settings = run.settings
     run.progress("evaluating", 0.0)
-    candidate = SentenceTransformerEmbedder(str(cand.folder / "model"), batch_size=settings.encoder_batch_size,
-                                            device=settings.encoder_device)
+    # On the runtime that will serve the version (an fp32 one: onnx exports it here, and promotion reuses the export).
+    candidate = compute_for(settings, run.compute).encoder(str(cand.folder / "model"),
+                                                           runtime=runtime_for(cand.version, settings.encoder_runtime))
     cand_vectors, embed_seconds = embed_corpus(run, candidate, cand.folder)
     queries, relevant = validation_set(data.validation)
     docs = [document_key(p.tenant, p.document_id) for p in run.passages]
@@ -291,7 +295,7 @@ def gate_candidate(run: AdaptRun, data: TrainingSet, cand: Candidate, started: f
     return record
 
 
-def embed_corpus(run: AdaptRun, candidate: SentenceTransformerEmbedder, folder: Path) -> tuple[np.ndarray, float]:
+def embed_corpus(run: AdaptRun, candidate: Embedder, folder: Path) -> tuple[np.ndarray, float]:
     """The corpus under the candidate (and the seconds it took), saved in its folder for a promotion to reuse."""
     texts = [passage_text(p) for p in run.passages]
     t0 = time.perf_counter()

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import structlog
 
+from ingest.background import Compute, compute_for
 from ingest.pairs import Pair, passage_text
-from rag.embedding import SentenceTransformerEmbedder
 from rag.errors import BadRequest
 from rag.ir_metrics import mrr_at_k, ndcg_at_k, recall_at_k
 from rag.settings import Settings
@@ -95,15 +95,17 @@ def document_folds(pairs: Sequence[Pair], folds: int, seed: int) -> list[list[in
 
 def cross_validate_epochs(pairs: Sequence[Pair], passages: Sequence[Any], base_model: str, work_dir: Path,
                           settings: Settings, *, folds: int, grid: Sequence[int], max_seq_length: int, seed: int,
-                          progress: Callable[[str, float], None], teacher: str = "") -> dict[str, Any]:
+                          progress: Callable[[str, float], None], teacher: str = "",
+                          compute: Compute | None = None) -> dict[str, Any]:
     """Choose how many epochs to train by K-fold cross-validation over the documents of the labelled pairs.
 
     For each fold, a model is trained for every epoch count in ``grid`` on the other folds (plus any
     generated pairs) and scored on the fold's queries over the whole corpus; the count with the best
     mean over all queries wins (ties go to fewer epochs). A single held-out slice of a few hundred
     queries cannot tell such runs apart: on SciFact 93 held-out queries scored 1 and 3 epochs within
-    0.001 of each other.
+    0.001 of each other. ``compute`` trains and encodes (the worker's background process; default: this thread).
     """
+    compute = compute_for(settings, compute)
     grid = sorted({int(e) for e in grid})
     if folds < 2 or not grid or grid[0] < 1:
         raise BadRequest("cross-validation needs cv_folds >= 2 and positive epoch counts in epoch_grid")
@@ -126,7 +128,7 @@ def cross_validate_epochs(pairs: Sequence[Pair], passages: Sequence[Any], base_m
 
             score = _train_and_score(train, base_model, work_dir / f"cv-fold{k}-e{e}", settings, texts, docs, queries,
                                      relevant, epochs=e, max_seq_length=max_seq_length, seed=seed, progress=step,
-                                     teacher=teacher)
+                                     teacher=teacher, compute=compute)
             row[f"epochs_{e}"] = round(score[settings.adapt_gate_metric], 4)
             totals[e] += score[settings.adapt_gate_metric] * len(queries)
             done += 1
@@ -155,14 +157,11 @@ def _fold_training_pairs(pairs: Sequence[Pair], held: Sequence[int], queries: Se
 def _train_and_score(train: Sequence[Pair], base_model: str, run_dir: Path, settings: Settings, texts: Sequence[str],
                      docs: Sequence[str], queries: Sequence[str], relevant: Sequence[set[str]], *, epochs: int,
                      max_seq_length: int, seed: int, progress: Callable[[str, float], None],
-                     teacher: str) -> dict[str, float]:
+                     teacher: str, compute: Compute) -> dict[str, float]:
     """Train one fold model, score it on the fold's queries over the whole corpus, and remove it."""
-    from ingest.training import train_encoder  # torch and the trainer load only when training
-
-    train_encoder(train, base_model, run_dir / "model", run_dir / "work", settings, epochs=epochs,
+    compute.train(train, base_model, run_dir / "model", run_dir / "work", settings, epochs=epochs,
                   max_seq_length=max_seq_length, seed=seed, progress=progress, teacher=teacher)
-    model = SentenceTransformerEmbedder(str(run_dir / "model"), batch_size=settings.encoder_batch_size,
-                                        device=settings.encoder_device)
+    model = compute.encoder(str(run_dir / "model"), runtime="torch")  # thrown away after scoring: no onnx export
     score = score_encoder(model, model.embed_documents(list(texts)), docs, queries, relevant)
     del model
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import structlog
 
+from ingest.background import Compute, compute_for
 from ingest.pairs import passage_text
 from ingest.progress import Progress
-from rag.embedding import Embedder, load_embedder, runtime_for
+from rag.embedding import Embedder, runtime_for
 from rag.encoders import EncoderRecord, EncoderRegistry, version_of_collection
 from rag.errors import BadRequest, NotFound, RagError
 from rag.index import collection_name
@@ -70,12 +71,13 @@ def _scope(pointers: Registry, tenant: str | None) -> Callable[[str], bool]:
 
 
 def promote(settings: Settings, store: VectorStore, version: str, *, pointers: Registry, tenant: str | None = None,
-            force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+            force: bool = False, progress: Progress | None = None, compute: Compute | None = None) -> dict[str, Any]:
     """Bring ``version``'s collection up to date for ``tenant`` (None: every tenant on the default), then switch to it.
 
     The old collection serves until the pointer moves; a crash before that leaves it serving, and a
     retry continues the copy (point ids carry the content hash, so a point already there is current).
-    A second pass after the switch copies what was written to the old collection meanwhile.
+    A second pass after the switch copies what was written to the old collection meanwhile. ``compute`` runs
+    the re-embedding (the worker's background process; default: this thread).
     """
     progress = progress or Progress()
     registry = EncoderRegistry(settings.encoders_dir)
@@ -92,8 +94,8 @@ def promote(settings: Settings, store: VectorStore, version: str, *, pointers: R
         return {"version": version, "collection": target, "tenant": who, "copied": 0, "switched": False}
     t0 = time.perf_counter()
     # A version names its runtime (an int8 base version is re-embedded in int8); fp32 ones use the configured one.
-    encoder = load_embedder(settings, registry.model_path(version),
-                            runtime=runtime_for(version, settings.encoder_runtime))
+    encoder = compute_for(settings, compute).encoder(registry.model_path(version),
+                                                     runtime=runtime_for(version, settings.encoder_runtime))
     if encoder.version != version:
         raise RagError(f"the folder of {version} holds encoder {encoder.version}")
     scope = _scope(pointers, tenant)
@@ -179,7 +181,8 @@ def _delete_ids(store: VectorStore, collection: str, ids: set[str]) -> None:
 
 
 def rollback(settings: Settings, store: VectorStore, to: str | None = None, *, pointers: Registry,
-             tenant: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+             tenant: str | None = None, progress: Progress | None = None,
+             compute: Compute | None = None) -> dict[str, Any]:
     """Switch the tenant (None: the default) back to the parent of its version (or to ``to``), syncing that
     collection with what changed since. A tenant without an encoder of its own has nothing to roll back."""
     registry = EncoderRegistry(settings.encoders_dir)
@@ -196,7 +199,8 @@ def rollback(settings: Settings, store: VectorStore, to: str | None = None, *, p
             raise BadRequest(f"the active encoder {active} has no parent to roll back to", code="nothing_to_roll_back")
         to = rec.parent
     registry.require(to)
-    result = promote(settings, store, to, pointers=pointers, tenant=tenant, force=True, progress=progress)
+    result = promote(settings, store, to, pointers=pointers, tenant=tenant, force=True, progress=progress,
+                     compute=compute)
     log.info("encoder_rolled_back", version=to, previous=active, tenant=tenant or "default")
     return {**result, "rolled_back_from": active}
 

@@ -30,9 +30,12 @@ class WorkerSupervisor:
     outside; ``alive()`` reports it so that ``/readyz`` turns 503 and an orchestrator can act.
     """
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, *, background: bool | None = None) -> None:
         self.services = services
         self.settings = services.settings
+        # The worker's heavy compute in a low-priority child process (ingest/background.py); None:
+        # RAG_BACKGROUND_PROCESS as for a worker of its own process (the entry point decides for one beside the API).
+        self.background = background
         self.worker = self._new_worker(services.embedder)
         self.restarts = 0
         self._stop = threading.Event()
@@ -42,7 +45,7 @@ class WorkerSupervisor:
     def _new_worker(self, embedder) -> IngestWorker:
         s = self.services
         return IngestWorker(s.settings, s.registry, s.store, embedder, encoders=s.pool(), metrics=s.metrics,
-                            tracing=s.tracing)
+                            tracing=s.tracing, background=self.background)
 
     def alive(self) -> bool:
         """The worker thread runs and has beaten its heartbeat within ``worker_stale_s``."""
@@ -99,6 +102,7 @@ class WorkerSupervisor:
         if held is not None:
             self.services.registry.requeue_job(held, "the worker stopped during the job")
             old.current_job = None
+        old.compute.close()  # its background process, if any, may be mid-request: the new worker starts its own
         worker = self._new_worker(old.embedder)  # the encoder it last wrote with (after a promotion)
         worker.start()
         self.worker = worker
@@ -107,9 +111,11 @@ class WorkerSupervisor:
 
 
 @contextmanager
-def worker_beside_api(services: Services) -> Iterator[WorkerSupervisor]:
-    """Run the worker thread (supervised) for the app's lifetime; jobs a killed process left running are requeued first."""
-    supervisor = WorkerSupervisor(services)
+def worker_beside_api(services: Services, *, background: bool | None = None) -> Iterator[WorkerSupervisor]:
+    """Run the worker thread (supervised) for the app's lifetime; jobs a killed process left running are requeued first.
+    ``background``: its heavy compute in a low-priority child process (``python -m rag serve`` passes
+    ``RAG_BACKGROUND_PROCESS``'s answer for a worker beside the API; None: ``yes`` only)."""
+    supervisor = WorkerSupervisor(services, background=background)
     # With an embedded store this is the only worker, so a job left running was a killed process's. A shared
     # registry (PostgreSQL) beside a Qdrant server may have other workers' jobs running: their leases say when
     # one died, and claim_job takes it over then.

@@ -26,6 +26,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
+from ingest.background import BackgroundCompute, Compute, LocalCompute
 from rag.chunking import chunk
 from rag.embedding import Embedder
 from rag.encoder_pool import EncoderPool
@@ -114,7 +115,10 @@ class IngestWorker:
         encoders: EncoderPool | None = None,
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
+        background: bool | None = None,
     ) -> None:
+        """``background``: embed and train in a low-priority child process (``ingest/background.py``) instead of
+        this thread; None: as ``RAG_BACKGROUND_PROCESS`` says for a worker of its own process (``yes`` only)."""
         self.settings = settings
         self.registry = registry
         self.store = store
@@ -138,6 +142,10 @@ class IngestWorker:
         self.heartbeat = time.monotonic()
         self.current_job: str | None = None  # the job this worker holds, for a supervisor to requeue
         self._renewed = 0.0
+        if background is None:
+            background = settings.background_compute(beside_api=False)
+        # Ingest embedding, training, the gate's and promotion's encodes run here; the query side keeps its own.
+        self.compute: Compute = BackgroundCompute(settings) if background else LocalCompute(settings)
 
     def _target(self, tenant: str) -> WriteTarget:
         """Where the tenant's chunks go: its encoder (own or default, read fresh) and that encoder's collection."""
@@ -146,7 +154,7 @@ class IngestWorker:
         if collection not in self._ensured:
             self.store.ensure_collection(collection, embedder.dimension)
             self._ensured.add(collection)
-        return WriteTarget(embedder, collection, self._signature(embedder))
+        return WriteTarget(self.compute.wrap(embedder), collection, self._signature(embedder))
 
     def _signature(self, embedder: Embedder) -> str:
         s = self.settings
@@ -163,6 +171,7 @@ class IngestWorker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.compute.close()  # the background process, if any, goes with the worker
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -181,7 +190,8 @@ class IngestWorker:
         return thread is not None and thread.is_alive() and time.monotonic() - self.heartbeat <= stale_s
 
     def run_forever(self) -> None:
-        log.info("worker_started", encoder_version=self.embedder.version, collection=self.collection)
+        log.info("worker_started", encoder_version=self.embedder.version, collection=self.collection,
+                 background_process=isinstance(self.compute, BackgroundCompute))
         try:
             while not self._stop.is_set():
                 self.beat()
@@ -319,20 +329,24 @@ class IngestWorker:
             if job.kind == JobKind.ADAPT:
                 owner = params.pop("dataset_tenant", None) or tenant
                 options = msgspec.convert(params, ad.AdaptOptions)
-                record = ad.adapt(self.settings, self.store, self._encoder_of(tenant), options, progress=progress,
-                                  work_key=job.id, datasets=lambda ds: self._dataset(owner, ds))
+                record = ad.adapt(self.settings, self.store, self.compute.wrap(self._encoder_of(tenant)), options,
+                                  progress=progress, work_key=job.id, datasets=lambda ds: self._dataset(owner, ds),
+                                  compute=self.compute)
                 outcome["record"] = msgspec.to_builtins(record)
                 self.registry.set_stage(job.id, "gated", outcome)
                 if ad.should_promote(self.settings, record, options):
                     outcome["promotion"] = ad.promote(self.settings, self.store, record.version, pointers=self.registry,
-                                                      tenant=tenant, force=options.force, progress=progress)
+                                                      tenant=tenant, force=options.force, progress=progress,
+                                                      compute=self.compute)
             elif job.kind == JobKind.PROMOTE:
                 outcome["promotion"] = ad.promote(self.settings, self.store, str(params["version"]),
                                                   pointers=self.registry, tenant=tenant,
-                                                  force=bool(params.get("force")), progress=progress)
+                                                  force=bool(params.get("force")), progress=progress,
+                                                  compute=self.compute)
             elif job.kind == JobKind.ROLLBACK:
                 outcome["promotion"] = ad.rollback(self.settings, self.store, params.get("version"),
-                                                   pointers=self.registry, tenant=tenant, progress=progress)
+                                                   pointers=self.registry, tenant=tenant, progress=progress,
+                                                   compute=self.compute)
             elif job.kind == JobKind.PRUNE:
                 outcome["pruned"] = ad.prune(self.settings, self.store, keep=list(params.get("keep") or []),
                                              pointers=self.registry, tenant=tenant)

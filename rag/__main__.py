@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(msgspec.json.format(msgspec.json.encode(shown, enc_hook=str)).decode())
         return 0
 
+    from functools import partial
+
     from rag.runtime import tune_allocator
 
     tune_allocator(settings.malloc_arena_max)  # before the server's threads start allocating
@@ -106,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     from rag.errors import RagError
 
     # The composition root: the API, with the ingest worker in this process when the store is embedded
-    # (one process owns an embedded shard) or RAG_RUN_WORKER=yes.
-    app = create_app(settings, background=(worker_beside_api,) if settings.worker_in_process else ())
+    # (one process owns an embedded shard) or RAG_RUN_WORKER=yes; its heavy compute then runs in a low-priority
+    # child process unless RAG_BACKGROUND_PROCESS=no, so that it does not take the cores from requests.
+    worker = partial(worker_beside_api, background=settings.background_compute(beside_api=True))
+    app = create_app(settings, background=(worker,) if settings.worker_in_process else ())
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
     except RagError as exc:

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
+import anyio
 import anyio.to_thread
 import msgspec
 import structlog
@@ -144,6 +145,15 @@ class AnswerPipeline:
         self.encoding = get_encoding(settings.context_encoding)
         # Context sentences embedded once per tenant and encoder (RAG_SENTENCE_CACHE_SIZE), not at every question.
         self.sentence_cache = VectorCache(settings.sentence_cache_size)
+        self._limiter: anyio.CapacityLimiter | None = None  # made on first use: it belongs to the running event loop
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        """Answers past retrieval at once (RAG_ANSWER_CONCURRENCY): rerank, context and sentence ranking take the
+        cores and the GIL for hundreds of milliseconds each, so more of them at once only slows every search."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.settings.answer_concurrency)
+        return self._limiter
 
     @property
     def prompt_version(self) -> str:
@@ -158,20 +168,28 @@ class AnswerPipeline:
                      else await anyio.to_thread.run_sync(self.retriever_for, tenant))
         hits = await retriever.asearch(question, tenant=tenant, top_k=depth, mode=req.mode, filter=req.filter)
         retrieve_ms = (time.perf_counter() - t0) * 1000
-        with span("rerank", reranker=self.reranker.name, hits=len(hits)):
-            rr = await anyio.to_thread.run_sync(
-                lambda: self.reranker.rerank(question, hits, depth=self.settings.rerank_depth,
-                                             budget_ms=self.settings.rerank_budget_ms)
-            )
-        top = rr.hits[: req.top_k]
-        t1 = time.perf_counter()
-        with span("context", chunks=len(top)):
-            context = build_context(top, budget_tokens=self.settings.context_tokens, encoding=self.encoding)
-            ranked = await anyio.to_thread.run_sync(lambda: rank_sentences(
-                question, None, context, self.embedder, cache=self.sentence_cache, namespace=tenant))
+        async with self.limiter:
+            t_wait = time.perf_counter()
+            with span("rerank", reranker=self.reranker.name, hits=len(hits)):
+                rr = await anyio.to_thread.run_sync(
+                    lambda: self.reranker.rerank(question, hits, depth=self.settings.rerank_depth,
+                                                 budget_ms=self.settings.rerank_budget_ms)
+                )
+            top = rr.hits[: req.top_k]
+            t1 = time.perf_counter()
+
+            def context_and_sentences() -> tuple[Context, list[SupportingSentence]]:
+                # In a thread, as the ranking: tokenising the context must not hold the event loop.
+                ctx = build_context(top, budget_tokens=self.settings.context_tokens, encoding=self.encoding)
+                return ctx, rank_sentences(question, None, ctx, self.embedder, cache=self.sentence_cache,
+                                           namespace=tenant)
+
+            with span("context", chunks=len(top)):
+                context, ranked = await anyio.to_thread.run_sync(context_and_sentences)
         extractive = answer_from_ranked(ranked, max_sentences=2)
         answerable = bool(context.sources) and extractive.best_score >= self.settings.abstain_threshold
-        timings = {"retrieve_ms": round(retrieve_ms, 2), "rerank_ms": round(rr.ms, 2), "context_ms": _ms(t1)}
+        timings = {"retrieve_ms": round(retrieve_ms, 2), "queue_ms": round((t_wait - t0) * 1000 - retrieve_ms, 2),
+                   "rerank_ms": round(rr.ms, 2), "context_ms": _ms(t1)}
         retrieval = {
             "mode": req.mode or self.settings.search_mode, "hits": len(hits), "retrieve_ms": round(retrieve_ms, 2),
             "reranker": self.reranker.name, "reranked": rr.reranked, "rerank_ms": round(rr.ms, 2),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Protocol, get_args
@@ -20,6 +19,7 @@ from typing import Literal, Protocol, get_args
 import numpy as np
 
 from rag.errors import ModelError
+from rag.priority import URGENT_TEXTS, PriorityLock, encode_in_slices
 
 Runtime = Literal["torch", "onnx", "onnx-int8"]
 RUNTIMES: tuple[str, ...] = get_args(Runtime)
@@ -130,7 +130,8 @@ class SentenceTransformerEmbedder:
     """A sentence-transformers bi-encoder; vectors are L2-normalised for cosine search.
 
     ``encode`` is guarded by a lock: torch already uses every core for one batch, so two
-    concurrent batches only thrash.
+    concurrent batches only thrash. A query goes before the next slice of a long document encode
+    (rag/priority.py), so an answer's sentences or an ingest group delay it by one slice at most.
     """
 
     runtime = "torch"
@@ -152,16 +153,16 @@ class SentenceTransformerEmbedder:
         self.dimension = int(self._model.get_embedding_dimension())
         self.max_seq_length = int(self._model.max_seq_length)
         self.batch_size = batch_size
-        self._lock = threading.Lock()
+        self._lock = PriorityLock()
 
     @property
     def model(self):  # the underlying SentenceTransformer, for training and benchmarks
         return self._model
 
-    def _encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    def _encode(self, texts: Sequence[str], batch_size: int, urgent: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        with self._lock:
+        with self._lock.hold(urgent=urgent):
             vectors = self._model.encode(
                 list(texts),
                 batch_size=batch_size,
@@ -172,10 +173,12 @@ class SentenceTransformerEmbedder:
         return np.asarray(vectors, dtype=np.float32)
 
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode(texts, self.batch_size)
+        return encode_in_slices(lambda part: self._encode(part, self.batch_size), texts, self.dimension)
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode(texts, max(1, min(len(texts), self.batch_size)))
+        if len(texts) > URGENT_TEXTS:  # bulk query work (a validation set) waits like documents
+            return encode_in_slices(lambda part: self._encode(part, self.batch_size), texts, self.dimension)
+        return self._encode(texts, max(1, min(len(texts), self.batch_size)), urgent=True)
 
 
 class OnnxEmbedder:
@@ -185,9 +188,10 @@ class OnnxEmbedder:
     Tokenization is the model's own tokenizer (its ``tokenizer.json`` through ``tokenizers``, with the
     max length and padding sentence-transformers uses), so torch is not loaded to serve. ``threads`` is
     ONNX Runtime's intra-op pool (0: one thread per CPU this process may use, unpinned); inter-op
-    parallelism is off, since a BERT graph is a chain. ``run`` is guarded by a lock like the torch class's: the pool already uses
-    every core for one batch, so two concurrent runs only contend (README, "Encoder runtimes"). Idle pool
-    threads sleep rather than spin, leaving the cores to the rest of the request.
+    parallelism is off, since a BERT graph is a chain. ``run`` is guarded by the torch class's priority lock: the pool
+    already uses every core for one batch, so two concurrent runs only contend (README, "Encoder runtimes"), and a
+    query goes before the next slice of a long document encode (rag/priority.py). Idle pool threads sleep rather
+    than spin, leaving the cores to the rest of the request.
     """
 
     def __init__(self, model: str = "", *, runtime: str = "onnx", cache: Path | str = Path("data/onnx"),
@@ -233,7 +237,7 @@ class OnnxEmbedder:
                                                  providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors on a bad file
             raise ModelError(f"cannot load the onnx export {self.folder}: {exc}") from exc
-        self._lock = threading.Lock()
+        self._lock = PriorityLock()
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The model's inputs for ``texts``, padded to the longest (as sentence-transformers tokenizes)."""
@@ -242,7 +246,7 @@ class OnnxEmbedder:
         return {name: np.array([getattr(e, fields[name]) for e in encodings], dtype=np.int64)
                 for name in self._inputs}
 
-    def _encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    def _encode(self, texts: Sequence[str], batch_size: int, urgent: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         # Longest first, like sentence-transformers: batches of similar lengths carry little padding.
@@ -251,16 +255,18 @@ class OnnxEmbedder:
         for start in range(0, len(texts), batch_size):
             rows = order[start:start + batch_size]
             feed = self.tokenize([texts[i] for i in rows])
-            with self._lock:
+            with self._lock.hold(urgent=urgent):  # tokenizing needs no lock
                 vectors = self._session.run(None, feed)[0]
             out[rows] = vectors
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode(texts, self.batch_size)
+        return encode_in_slices(lambda part: self._encode(part, self.batch_size), texts, self.dimension)
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode(texts, max(1, min(len(texts), self.batch_size)))
+        if len(texts) > URGENT_TEXTS:  # bulk query work (a validation set) waits like documents
+            return encode_in_slices(lambda part: self._encode(part, self.batch_size), texts, self.dimension)
+        return self._encode(texts, max(1, min(len(texts), self.batch_size)), urgent=True)
 
 
 def _available_cpus() -> int:

@@ -117,6 +117,12 @@ class RegistrySchemaError(RagError):
     code = "registry_schema_too_new"
 
 
+class BackgroundProcessError(TransientError):
+    """The worker's background compute process died (twice in a row) or could not be started; the job is retried."""
+
+    code = "background_process_failed"
+
+
 # The LLM client's failures (rag/llm.py raises them and re-exports the names). ``except LLMError``
 # catches every LLM failure; the answer pipeline turns one before the first token into an extractive
 # answer, and one after it into an SSE ``error`` event.

@@ -123,6 +123,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # /readyz turns 503 when the in-process worker has not beaten its heartbeat for this long; a dead
     # worker thread is restarted by its supervisor.
     worker_stale_s: float = 600.0  # an adaptation's corpus read or negative mining can go minutes without a beat
+    # Where the worker's heavy compute runs (ingest embedding, training, the gate's and promotion's encodes): in a
+    # child process at a lower CPU priority with its own thread budget, so the API's encoder keeps the cores for
+    # queries. auto: yes when `python -m rag serve` runs the worker in its own process; no elsewhere (the standalone
+    # `python -m ingest worker`, the CLIs, programs that build the app themselves such as the tests).
+    background_process: Literal["auto", "yes", "no"] = "auto"
+    background_threads: int = 1  # that child's torch and ONNX Runtime threads (README, "What runs where")
+    background_nice: int = 10  # added to the child's nice value (0-19; higher: gives way sooner)
+    # Answers prepared at once (rerank, context, sentence ranking: the expensive part); others wait their turn, so
+    # answers cannot take every core and thread from searches (README, "What runs where").
+    answer_concurrency: int = 1
     # Domain adaptation (`python -m ingest adapt`, POST /v1/encoders/adapt)
     adapt_epochs: int = 1  # when no labelled pairs are given (with them, cross-validation chooses)
     adapt_cv_folds: int = 3  # folds that choose the epochs when labelled pairs are given (0: use adapt_epochs)
@@ -200,6 +210,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.max_title_chars >= 1, "max_title_chars", "must be positive"),
             (2 <= self.max_json_depth <= 256, "max_json_depth", "must be between 2 and 256"),
             (self.worker_stale_s > 0, "worker_stale_s", "must be positive"),
+            (self.background_threads >= 1, "background_threads", "must be at least 1"),
+            (0 <= self.background_nice <= 19, "background_nice", "must be between 0 and 19"),
+            (self.answer_concurrency >= 1, "answer_concurrency", "must be at least 1"),
             (self.rate_limit_per_s >= 0, "rate_limit_per_s", "must be >= 0 (0: no limit)"),
             (self.rate_limit_burst >= 1, "rate_limit_burst", "must be at least 1"),
             (self.job_max_attempts >= 1, "job_max_attempts", "must be at least 1"),
@@ -277,6 +290,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     @property
     def worker_in_process(self) -> bool:
         return self.run_worker == "yes" or (self.run_worker == "auto" and self.embedded)
+
+    def background_compute(self, beside_api: bool) -> bool:
+        """Whether the worker's heavy compute runs in a low-priority child process (``RAG_BACKGROUND_PROCESS``):
+        ``auto`` says yes only for a worker that shares its process with the API (``beside_api``)."""
+        return self.background_process == "yes" or (self.background_process == "auto" and beside_api)
 
     @property
     def qdrant_dir(self) -> Path:

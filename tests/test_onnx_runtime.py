@@ -21,6 +21,7 @@ from rag.embedding import OnnxEmbedder, load_embedder, runtime_for, runtime_vers
 from rag.errors import NotFound, SettingsError
 from rag.index import collection_name
 from rag.settings import Settings, load_settings
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,6 +256,37 @@ def test_concurrent_calls_get_their_own_vectors(fp32):
         t.join()
     for i, vector in got.items():
         assert np.abs(vector - expected[i]).max() < 1e-5
+
+
+def test_a_waiting_query_goes_before_the_rest_of_a_long_document_encode(fp32, monkeypatch):
+    """The torch encoder's priority lock (rag/priority.py) guards ONNX runs too: a document encode takes it per
+    slice, and a query that waits goes before the next slice instead of after the whole call."""
+    runs: list[int] = []
+    session = fp32._session
+
+    class Recording:  # the real session, noting how many rows each run computes
+        def run(self, outputs, feed):
+            runs.append(len(feed["input_ids"]))
+            return session.run(outputs, feed)
+
+    monkeypatch.setattr(fp32, "_session", Recording())
+    lock = fp32._lock
+    documents = [f"{TEXTS[i % 5]} (copy {i})" for i in range(40)]  # three slices of at most 16
+    got: dict[str, np.ndarray] = {}
+    bulk = threading.Thread(target=lambda: got.setdefault("documents", fp32.embed_documents(documents)))
+    query = threading.Thread(target=lambda: got.setdefault("query", fp32.embed_queries([TEXTS[0]])))
+    with lock.hold():  # the encoder busy: first the document encode queues, then the query
+        bulk.start()
+        wait_for(lambda: len(lock._cond._waiters) == 1)
+        query.start()
+        wait_for(lambda: lock._urgent_waiting == 1 and len(lock._cond._waiters) == 2)
+    bulk.join(60)
+    query.join(60)
+    order = list(runs)
+    assert order[0] == 1  # the query first, although the document encode was waiting before it
+    assert sum(order[1:]) == len(documents) and max(order[1:]) <= fp32.batch_size  # then the documents
+    assert np.abs(got["query"][0] - fp32.embed_documents([TEXTS[0]])[0]).max() < 1e-5
+    assert np.abs(got["documents"] - fp32.embed_documents(documents)).max() < 1e-5
 
 
 def test_cli_export(data_dir, int8):
