@@ -39,6 +39,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     qdrant_on_disk_payload: bool = False
     qdrant_quantization: Literal["none", "int8"] = "none"  # int8: a 4x smaller in-RAM copy for search
     qdrant_write_ordering: Literal["weak", "medium", "strong"] = "weak"
+    # Embedded store: the HNSW search beam, and how many points written outside the index start a
+    # background index build (in a child process; 0: never). See `python -m eval bench scale`.
+    hnsw_ef: int = 128
+    index_auto_build_points: int = 20_000
     # Encoder: a local sentence-transformers folder or a hub name; empty means the bundled MiniLM.
     encoder_model: str = ""
     encoder_batch_size: int = 64
@@ -178,6 +182,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.encoder_batch_size >= 1, "encoder_batch_size", "must be at least 1"),
             (self.encoder_cache_size >= 1, "encoder_cache_size", "must be at least 1"),
             (self.qdrant_shards >= 1, "qdrant_shards", "must be at least 1"),
+            (self.hnsw_ef >= 1, "hnsw_ef", "must be at least 1"),
+            (self.index_auto_build_points >= 0, "index_auto_build_points", "must be 0 (off) or more"),
             (self.qdrant_replication_factor >= 1, "qdrant_replication_factor", "must be at least 1"),
             (1 <= self.qdrant_write_consistency_factor <= self.qdrant_replication_factor,
              "qdrant_write_consistency_factor", "must be between 1 and RAG_QDRANT_REPLICATION_FACTOR"),
