@@ -106,6 +106,22 @@ def _add_bench_commands(sub):
     te.add_argument("--tenants", type=int, default=100)
     te.add_argument("--queries", type=int, default=300)
     te.add_argument("--out", type=Path, default=Path("bench"))
+
+    sc = which.add_parser("scale", help="the embedded store at N chunks: upsert rate, background HNSW build "
+                                        "(stalls while it runs), filtered search p50/p95 and recall@10, RSS, disk")
+    sc.add_argument("--dataset", type=Path, required=True, help="a BEIR folder: its texts give the real vectors")
+    sc.add_argument("--chunks", type=int, default=1_000_000)
+    sc.add_argument("--real", type=int, default=2_000, help="real texts embedded; points are drawn around them")
+    sc.add_argument("--noise", type=float, default=0.02, help="per-dimension noise around a real vector")
+    sc.add_argument("--queries", type=int, default=300, help="real query texts (recall and latency)")
+    sc.add_argument("--tenants", type=int, default=10, help="tenants the points are spread over (searches filter)")
+    sc.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256], help="HNSW search beams to measure")
+    sc.add_argument("--idle-s", type=float, default=20.0, help="seconds of traffic without a build (the baseline)")
+    sc.add_argument("--timeout", type=float, default=6 * 3600, help="give up the index build after this long")
+    sc.add_argument("--seed", type=int, default=13)
+    sc.add_argument("--data-dir", type=Path, default=Path(".eval-data/bench-scale"))
+    sc.add_argument("--keep", action="store_true", help="keep the store's folder afterwards")
+    sc.add_argument("--out", type=Path, default=Path("bench"))
     return which
 
 
@@ -276,6 +292,10 @@ def _bench(args) -> int:
         report = b.bench_encoders(settings, args)
     elif args.bench == "encode":
         report = b.bench_encode(settings, args)
+    elif args.bench == "scale":
+        from eval.bench_scale import bench_scale
+
+        report = bench_scale(settings, args)
     else:
         report = b.bench_search(settings, args)
     path = b.write_report(report, args.out, f"{args.bench}")
