@@ -39,7 +39,9 @@ def run_answers(args) -> int:
     results_path = out / "results.jsonl"
     meta = {"dataset": str(args.dataset), "split": "report", "seed": args.seed, "limit_per_kind": args.limit,
             "git_commit": _git_commit(), "abstain_threshold_env": os.environ.get("RAG_ABSTAIN_THRESHOLD"),
-            "llm_local_env": os.environ.get("RAG_LLM_LOCAL"), "started": _now()}
+            "llm_local_env": os.environ.get("RAG_LLM_LOCAL"),
+            "answerability_model_env": os.environ.get("RAG_ANSWERABILITY_MODEL"),
+            "answerability_operating_point_env": os.environ.get("RAG_ANSWERABILITY_OPERATING_POINT"), "started": _now()}
     if args.score_only:
         by_id = {e.id: e for e in examples}
         pairs = [(by_id[r["id"]], r["response"]) for r in map(json.loads, results_path.read_text().splitlines())
@@ -60,12 +62,17 @@ def run_answers(args) -> int:
 
 
 def run_calibrate(args) -> int:
-    """``python -m eval calibrate``: support scores on the calibration split, extractive, nothing abstains."""
+    """``python -m eval calibrate``: support scores on the calibration split, extractive, nothing abstains; then
+    the answerability model and sentence ranking weights from the same answers (eval/answerability_train.py)."""
     examples = load_qa(args.dataset / "qa.jsonl")
     chosen = sample_questions(examples, split="calibration", limit=args.limit, seed=args.seed)
     if args.url:
-        print("note: --url must point at a service run with RAG_LLM_LOCAL=no and RAG_ABSTAIN_THRESHOLD=0", flush=True)
-    with running_service(args.url, args.data_dir, args.port, {**EXTRACTIVE, "RAG_ABSTAIN_THRESHOLD": "0"}) as svc:
+        print("note: --url must point at a service run with RAG_LLM_LOCAL=no, RAG_ABSTAIN_THRESHOLD=0, "
+              "RAG_ANSWERABILITY_MODEL= and RAG_ANSWER_EXPLAIN=yes", flush=True)
+    # No model (sentences ranked by similarity alone, the fallback threshold's scores), nothing abstains, and
+    # every response explains its ranking so that the model is trained on what the service computes.
+    env = {**EXTRACTIVE, "RAG_ABSTAIN_THRESHOLD": "0", "RAG_ANSWERABILITY_MODEL": "", "RAG_ANSWER_EXPLAIN": "yes"}
+    with running_service(args.url, args.data_dir, args.port, env) as svc:
         _index_corpus(args, svc)
         t0 = time.perf_counter()
         pairs = asyncio.run(ask_all(svc.url, chosen, tenant=args.tenant, concurrency=args.concurrency, top_k=args.top_k,
@@ -89,6 +96,20 @@ def run_calibrate(args) -> int:
               "abstain_rate_unanswerable": cal["abstain_rate_unanswerable"], "auc": cal["auc"], "answerable": len(pos),
               "unanswerable": len(neg), "errors": errors, "table": cal["table"], "git_commit": _git_commit(),
               "scores": {"answerable": pos, "unanswerable": neg}}
+    if not args.no_model:
+        from eval.answerability_train import format_training, train, write_model
+        from rag.answerability import BUNDLED
+
+        model_out = args.model_out or BUNDLED
+        spec = train([(ex, b) for ex, b in pairs], meta={"dataset": Path(args.dataset).name, "split": "calibration",
+                                                         "seed": args.seed, "limit_per_kind": args.limit,
+                                                         "git_commit": _git_commit()})
+        print(format_training(spec))
+        version = write_model(spec, model_out)
+        print(f"wrote {model_out} ({version})")
+        result["answerability"] = {"version": version, "path": str(model_out),
+                                   **{k: v for k, v in spec["calibration"].items() if k != "cv_probabilities"},
+                                   "sentence_ranking": spec["sentence_ranking"], "top_features": spec["top_features"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
@@ -122,6 +143,10 @@ def _score_and_report(args, out: Path, meta: dict[str, Any], pairs: Sequence[tup
     rows = score_all(pairs)
     report = write_answer_report(out, meta, rows, ragas_section(args, pairs, rows))
     print(format_summary(report["summary"]))
+    s = report["summary"]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    print(f"  AUC support score / answerable probability: {fmt(s.get('auc_support_score'))} / "
+          f"{fmt(s.get('auc_answerable_probability'))}; server latency p50 {s.get('server_p50_ms') or 0:.0f} ms")
     print(format_ragas(report.get("ragas")))
 
 
