@@ -72,12 +72,21 @@ def run_calibrate(args) -> int:
     # No model (sentences ranked by similarity alone, the fallback threshold's scores), nothing abstains, and
     # every response explains its ranking so that the model is trained on what the service computes.
     env = {**EXTRACTIVE, "RAG_ABSTAIN_THRESHOLD": "0", "RAG_ANSWERABILITY_MODEL": "", "RAG_ANSWER_EXPLAIN": "yes"}
-    with running_service(args.url, args.data_dir, args.port, env) as svc:
-        _index_corpus(args, svc)
-        t0 = time.perf_counter()
-        pairs = asyncio.run(ask_all(svc.url, chosen, tenant=args.tenant, concurrency=args.concurrency, top_k=args.top_k,
-                                    on_result=_progress(len(chosen), every=50)))
-        elapsed = time.perf_counter() - t0
+    # The responses are kept beside the report: --from-responses retrains from them without a service.
+    responses = args.out.with_suffix(".responses.jsonl")
+    t0 = time.perf_counter()
+    if args.from_responses:
+        by_id = {e.id: e for e in chosen}
+        pairs = [(by_id[r["id"]], r["response"]) for r in map(json.loads, args.from_responses.read_text().splitlines())
+                 if r["id"] in by_id]
+    else:
+        responses.parent.mkdir(parents=True, exist_ok=True)
+        with running_service(args.url, args.data_dir, args.port, env) as svc, responses.open("w") as fh:
+            _index_corpus(args, svc)
+            t0 = time.perf_counter()
+            pairs = asyncio.run(ask_all(svc.url, chosen, tenant=args.tenant, concurrency=args.concurrency,
+                                        top_k=args.top_k, on_result=_progress(len(chosen), every=50, sink=fh)))
+    elapsed = time.perf_counter() - t0
     pos = [b["retrieval"]["support_score"] for ex, b in pairs if "error" not in b and not ex.is_impossible]
     neg = [b["retrieval"]["support_score"] for ex, b in pairs if "error" not in b and ex.is_impossible]
     errors = sum("error" in b for _, b in pairs)

@@ -117,7 +117,8 @@ FEATURES: tuple[str, ...] = (
     "q_numbers", "cover_numbers_sentence", "cover_numbers_chunk",
     "q_negation", "sentence_negation",
     *(f"type_{t}" for t in (*_QTYPES, "other")),
-    "sentence_has_date", "sentence_has_number", "sentence_has_name",
+    "sentence_has_date", "sentence_has_number", "sentence_has_name", "sentence_new_number", "sentence_new_name",
+    "chunk_new_number",
     "when_no_date", "how_many_no_number", "who_no_name", "chunk_when_no_date", "chunk_how_many_no_number",
     "sentence_words", "question_words",
 )
@@ -179,13 +180,24 @@ def features(question: str, sources: Sequence[_Source], ranked: Sequence[_Senten
     f["cover_numbers_sentence"] = _share(q_numbers, _numbers(best.text))
     f["cover_numbers_chunk"] = _share(q_numbers, _numbers(chunk))
     f["sentence_negation"] = float(bool(_NEGATION.search(best.text)))
-    date, number, name = _has_date(best.text), _has_number(best.text), bool(_names(best.text))
-    f["sentence_has_date"], f["sentence_has_number"], f["sentence_has_name"] = float(date), float(number), float(name)
-    f["when_no_date"] = float(qtype == "when" and not date and not number)
-    f["how_many_no_number"] = float(qtype == "how_many" and not number)
-    f["who_no_name"] = float(qtype == "who" and not name)
-    f["chunk_when_no_date"] = float(qtype == "when" and not _has_date(chunk) and not _has_number(chunk))
-    f["chunk_how_many_no_number"] = float(qtype == "how_many" and not _has_number(chunk))
+    # What the sentence adds to the question: a number or name the question does not already hold (the answer
+    # to "when"/"how many"/"who" is one of those, not the year the question itself names).
+    q_lower = set(_WORD.findall(question.lower()))
+    new_number = bool(_numbers(best.text) - q_numbers) or bool(
+        {w for w in _NUMBER_WORDS.findall(best.text.lower())} - q_lower)
+    new_name = bool(_names(best.text) - q_lower)
+    date = _has_date(best.text)
+    f["sentence_has_date"], f["sentence_has_number"] = float(date), float(_has_number(best.text))
+    f["sentence_has_name"] = float(bool(_names(best.text)))
+    f["sentence_new_number"], f["sentence_new_name"] = float(new_number), float(new_name)
+    chunk_new_number = bool(_numbers(chunk) - q_numbers)
+    f["chunk_new_number"] = float(chunk_new_number)
+    f["when_no_date"] = float(qtype == "when" and not new_number and not (date and not _has_date(question)))
+    f["how_many_no_number"] = float(qtype == "how_many" and not new_number)
+    f["who_no_name"] = float(qtype == "who" and not new_name)
+    f["chunk_when_no_date"] = float(qtype == "when" and not chunk_new_number and not _MONTHS.search(chunk))
+    f["chunk_how_many_no_number"] = float(qtype == "how_many" and not chunk_new_number
+                                          and not _NUMBER_WORDS.search(chunk))
     f["sentence_words"] = float(len(_WORD.findall(best.text)))
     return f
 
