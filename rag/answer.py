@@ -180,15 +180,18 @@ class AnswerPipeline:
             context = build_context(top, budget_tokens=self.settings.context_tokens, encoding=self.encoding)
             model = self.answerability
             weights = model.retrieval_weights if model is not None else (0.0, 0.0)
-            ranked = await anyio.to_thread.run_sync(lambda: rank_sentences(
-                question, None, context, self.embedder, cache=self.sentence_cache, namespace=tenant,
-                retrieval_weights=weights))
+
+            def rank() -> tuple[list[SupportingSentence], dict[str, float] | None]:
+                ranked = rank_sentences(question, None, context, self.embedder, cache=self.sentence_cache,
+                                        namespace=tenant, retrieval_weights=weights)
+                return ranked, None if model is None else answerability_features(question, context.sources, ranked)
+
+            ranked, feats = await anyio.to_thread.run_sync(rank)
         extractive = answer_from_ranked(ranked, max_sentences=2)
-        probability, feats = None, None
-        if model is None:
+        probability = None
+        if model is None or feats is None:
             answerable = bool(context.sources) and extractive.best_score >= self.settings.abstain_threshold
         else:
-            feats = answerability_features(question, context.sources, ranked)
             decision = model.decide(feats)
             probability = round(decision.probability, 4)
             answerable = bool(context.sources) and decision.answerable

@@ -225,12 +225,22 @@ class AnswerabilityModel:
             unknown = [n for n in self.features if n not in FEATURES]
             if unknown:
                 raise ValueError(f"features this code does not compute: {', '.join(unknown)}")
-            self.mean = [float(x) for x in spec["mean"]]
-            self.scale = [float(x) or 1.0 for x in spec["scale"]]
-            self.coef = [float(x) for x in spec["coef"]]
-            self.intercept = float(spec["intercept"])
-            if not len(self.features) == len(self.mean) == len(self.scale) == len(self.coef):
-                raise ValueError("features, mean, scale and coef differ in length")
+            self.kind = spec.get("kind", "logistic_regression")
+            if self.kind == "logistic_regression":
+                self.mean = [float(x) for x in spec["mean"]]
+                self.scale = [float(x) or 1.0 for x in spec["scale"]]
+                self.coef = [float(x) for x in spec["coef"]]
+                self.intercept = float(spec["intercept"])
+                if not len(self.features) == len(self.mean) == len(self.scale) == len(self.coef):
+                    raise ValueError("features, mean, scale and coef differ in length")
+            elif self.kind == "gradient_boosting":
+                self.init = float(spec["init"])
+                self.learning_rate = float(spec["learning_rate"])
+                self.trees = [_Tree.of(t, len(self.features)) for t in spec["trees"]]
+                if not self.trees:
+                    raise ValueError("no trees")
+            else:
+                raise ValueError(f"kind {self.kind!r} is neither logistic_regression nor gradient_boosting")
             ranking = spec.get("sentence_ranking") or {}
             self.retrieval_weights = (float(ranking.get("rank_weight", 0.0)), float(ranking.get("fused_weight", 0.0)))
             cv = spec["calibration"]["cv_probabilities"]
@@ -262,13 +272,45 @@ class AnswerabilityModel:
         return 1.0  # no threshold reaches that precision: answer only what is certain
 
     def probability(self, feats: dict[str, float]) -> float:
-        z = self.intercept + sum(c * (feats.get(n, 0.0) - m) / s
-                                 for n, c, m, s in zip(self.features, self.coef, self.mean, self.scale, strict=True))
+        x = [float(feats.get(n, 0.0)) for n in self.features]
+        if self.kind == "gradient_boosting":
+            z = self.init + self.learning_rate * sum(t.value(x) for t in self.trees)
+        else:
+            z = self.intercept + sum(c * (v - m) / s for v, c, m, s in zip(x, self.coef, self.mean, self.scale, strict=True))
         return 1.0 / (1.0 + math.exp(-max(-40.0, min(40.0, z))))
 
     def decide(self, feats: dict[str, float]) -> Decision:
         p = self.probability(feats)
         return Decision(probability=p, answerable=p >= self.threshold)
+
+
+@dataclass(frozen=True, slots=True)
+class _Tree:
+    """One regression tree of a gradient boosting model, as sklearn's arrays (a leaf has left == -1)."""
+
+    feature: list[int]
+    threshold: list[float]
+    left: list[int]
+    right: list[int]
+    leaf: list[float]
+
+    @classmethod
+    def of(cls, spec: dict[str, Any], n_features: int) -> _Tree:
+        t = cls([int(x) for x in spec["feature"]], [float(x) for x in spec["threshold"]],
+                [int(x) for x in spec["left"]], [int(x) for x in spec["right"]], [float(x) for x in spec["value"]])
+        n = len(t.feature)
+        if not n or not n == len(t.threshold) == len(t.left) == len(t.right) == len(t.leaf):
+            raise ValueError("a tree's arrays differ in length")
+        for i in range(n):
+            if t.left[i] != -1 and not (i < t.left[i] < n and i < t.right[i] < n and 0 <= t.feature[i] < n_features):
+                raise ValueError("a tree points outside itself")
+        return t
+
+    def value(self, x: list[float]) -> float:
+        i = 0
+        while self.left[i] != -1:  # children always come after their parent (checked above): this ends
+            i = self.left[i] if x[self.feature[i]] <= self.threshold[i] else self.right[i]
+        return self.leaf[i]
 
 
 def parse_operating_point(value: str) -> tuple[str, float]:

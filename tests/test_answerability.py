@@ -148,9 +148,9 @@ def test_missing_or_corrupt_model_file_is_a_clear_error(tmp_path):
     with pytest.raises(AnswerabilityModelError, match="no_such_feature"):
         load_model(str(bad))
     spec = _spec()
-    del spec["coef"]
+    del spec["calibration"]
     bad.write_text(json.dumps(spec))
-    with pytest.raises(AnswerabilityModelError, match="coef"):
+    with pytest.raises(AnswerabilityModelError, match="calibration"):
         load_model(str(bad))
     assert load_model("") is None  # off: the support_score threshold decides
 
