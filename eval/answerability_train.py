@@ -1,7 +1,7 @@
 """Training the answerability model and choosing the sentence ranking weights, from calibration answers.
 
 ``python -m eval calibrate`` asks the calibration half through the real service with
-``RAG_ANSWER_EXPLAIN=yes`` and no model (so the service ranks sentences by similarity alone and
+``RAG_ANSWER_EXPLAIN=true`` and no model (so the service ranks sentences by similarity alone and
 nothing abstains); each response lists its sources (fused scores, texts) and every ranked sentence
 with its cosine and lexical parts. From those, offline and with the service's own functions:
 
@@ -30,8 +30,8 @@ from eval.datasets import QAExample
 from rag.answerability import FEATURES, SCHEMA, features
 from rag.extractive import LEXICAL_WEIGHT, answer_from_ranked, retrieval_priors
 
-RANK_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2)
-FUSED_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2)
+RANK_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+FUSED_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3)
 FOLDS = 5
 C_VALUES = (0.03, 0.1, 0.3, 1.0)
 
@@ -59,7 +59,7 @@ class _Sent:
 def _parse(body: dict[str, Any]) -> tuple[list[_Src], list[_Sent]]:
     explain = (body.get("retrieval") or {}).get("explain")
     if explain is None:
-        raise ValueError("a response without retrieval.explain: run the service with RAG_ANSWER_EXPLAIN=yes")
+        raise ValueError("a response without retrieval.explain: run the service with RAG_ANSWER_EXPLAIN=true")
     sources = [_Src(int(s["n"]), float(s["score"]), s["text"]) for s in explain["sources"]]
     text = {s.n: s.text for s in sources}
     sentences = [_Sent(int(x["n"]), "", text[int(x["n"])][x["start"]:x["end"]], x["start"], x["end"], 0.0,

@@ -68,10 +68,10 @@ def run_calibrate(args) -> int:
     chosen = sample_questions(examples, split="calibration", limit=args.limit, seed=args.seed)
     if args.url:
         print("note: --url must point at a service run with RAG_LLM_LOCAL=no, RAG_ABSTAIN_THRESHOLD=0, "
-              "RAG_ANSWERABILITY_MODEL= and RAG_ANSWER_EXPLAIN=yes", flush=True)
+              "RAG_ANSWERABILITY_MODEL= and RAG_ANSWER_EXPLAIN=true", flush=True)
     # No model (sentences ranked by similarity alone, the fallback threshold's scores), nothing abstains, and
     # every response explains its ranking so that the model is trained on what the service computes.
-    env = {**EXTRACTIVE, "RAG_ABSTAIN_THRESHOLD": "0", "RAG_ANSWERABILITY_MODEL": "", "RAG_ANSWER_EXPLAIN": "yes"}
+    env = {**EXTRACTIVE, "RAG_ABSTAIN_THRESHOLD": "0", "RAG_ANSWERABILITY_MODEL": "", "RAG_ANSWER_EXPLAIN": "true"}
     # The responses are kept beside the report: --from-responses retrains from them without a service.
     responses = args.out.with_suffix(".responses.jsonl")
     t0 = time.perf_counter()
