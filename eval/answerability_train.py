@@ -180,7 +180,7 @@ def train(pairs: Sequence[tuple[QAExample, dict[str, Any]]], *, meta: dict[str, 
 
 def _gbm_spec(gbm, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """A fitted binary GradientBoostingClassifier as JSON arrays, checked against sklearn's own scores."""
-    from rag.answerability import _Tree
+    from rag.answerability import Tree
 
     p = float(y.mean())
     init = math.log(p / (1 - p))
@@ -190,7 +190,7 @@ def _gbm_spec(gbm, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         trees.append({"feature": [int(v) for v in t.feature], "threshold": [float(v) for v in t.threshold],
                       "left": [int(v) for v in t.children_left], "right": [int(v) for v in t.children_right],
                       "value": [float(v) for v in t.value[:, 0, 0]]})
-    mine = [init + gbm.learning_rate * sum(_Tree.of(t, X.shape[1]).value(list(map(float, row))) for t in trees)
+    mine = [init + gbm.learning_rate * sum(Tree.of(t, X.shape[1]).value(list(map(float, row))) for t in trees)
             for row in X.astype(np.float32)]
     theirs = gbm.decision_function(X)
     if not np.allclose(mine, theirs, atol=1e-4):

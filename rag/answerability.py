@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rag.errors import SettingsError
-from rag.extractive import _content_words
+from rag.extractive import content_words
 
 SCHEMA = "rag/answerability/1"
 BUNDLED = Path(__file__).parent / "models" / "answerability.json"
@@ -134,7 +134,7 @@ def features(question: str, sources: Sequence[_Source], ranked: Sequence[_Senten
     in the context; a share is 1 when the question has no such word.
     """
     f = dict.fromkeys(FEATURES, 0.0)
-    q_words = _content_words(question)
+    q_words = content_words(question)
     q_long = {w for w in q_words if len(w) >= 7}
     q_names, q_numbers = _names(question), _numbers(question)
     qtype = question_type(question)
@@ -169,7 +169,7 @@ def features(question: str, sources: Sequence[_Source], ranked: Sequence[_Senten
     f["top5_mean_score"] = sum(top5) / len(top5)
     chunk = next((s.text for s in sources if s.n == best.n), best.text)
     context = " ".join(s.text for s in sources)
-    s_words, c_words, all_words = _content_words(best.text), _content_words(chunk), _content_words(context)
+    s_words, c_words, all_words = content_words(best.text), content_words(chunk), content_words(context)
     f["cover_sentence"], f["cover_chunk"] = _share(q_words, s_words), _share(q_words, c_words)
     f["cover_context"] = _share(q_words, all_words)
     f["missing_chunk"] = float(len(q_words - c_words))
@@ -236,7 +236,7 @@ class AnswerabilityModel:
             elif self.kind == "gradient_boosting":
                 self.init = float(spec["init"])
                 self.learning_rate = float(spec["learning_rate"])
-                self.trees = [_Tree.of(t, len(self.features)) for t in spec["trees"]]
+                self.trees = [Tree.of(t, len(self.features)) for t in spec["trees"]]
                 if not self.trees:
                     raise ValueError("no trees")
             else:
@@ -285,7 +285,7 @@ class AnswerabilityModel:
 
 
 @dataclass(frozen=True, slots=True)
-class _Tree:
+class Tree:
     """One regression tree of a gradient boosting model, as sklearn's arrays (a leaf has left == -1)."""
 
     feature: list[int]
@@ -295,7 +295,7 @@ class _Tree:
     leaf: list[float]
 
     @classmethod
-    def of(cls, spec: dict[str, Any], n_features: int) -> _Tree:
+    def of(cls, spec: dict[str, Any], n_features: int) -> Tree:
         t = cls([int(x) for x in spec["feature"]], [float(x) for x in spec["threshold"]],
                 [int(x) for x in spec["left"]], [int(x) for x in spec["right"]], [float(x) for x in spec["value"]])
         n = len(t.feature)

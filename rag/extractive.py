@@ -46,6 +46,7 @@ __all__ = [
     "ExtractiveAnswer",
     "SupportingSentence",
     "best_support",
+    "content_words",
     "retrieval_priors",
     "extract_answer",
     "split_sentences",
@@ -185,14 +186,15 @@ def _stem(word: str) -> str:
     return word[:-1] if word.endswith("e") and len(word) > 3 else word
 
 
-def _content_words(text: str) -> set[str]:
+def content_words(text: str) -> set[str]:
+    """The text's content words: lower-cased, stop words removed, light suffixes stripped (the lexical overlap's unit)."""
     return {_stem(w) for w in _TOKEN.findall(text.lower()) if w not in _STOP_WORDS}
 
 
 def _overlap(query_words: set[str], sentence: str) -> float:
     if not query_words:
         return 0.0
-    return len(query_words & _content_words(sentence)) / len(query_words)
+    return len(query_words & content_words(sentence)) / len(query_words)
 
 
 @dataclass(slots=True)
@@ -218,7 +220,7 @@ def _parts(query: str, query_vec: np.ndarray, candidates: list[_Candidate], embe
     texts = [c.text for c in candidates]
     vectors = embedder.embed_documents(texts) if cache is None else cache.documents(embedder, texts, namespace=namespace)
     cosine = vectors @ np.asarray(query_vec, dtype=np.float32).reshape(-1)
-    words = _content_words(query)
+    words = content_words(query)
     lexical = np.array([_overlap(words, c.text) for c in candidates], dtype=np.float32)
     return cosine, lexical
 
