@@ -213,6 +213,10 @@ def _add_answer_commands(sub, which) -> None:
     cal.add_argument("--limit", type=int, default=400, help="questions of each kind (0: all; default 400)")
     cal.add_argument("--target-answer-rate", type=float, default=0.9)
     cal.add_argument("--out", type=Path, default=Path("reports/calibration.json"))
+    cal.add_argument("--model-out", type=Path, default=None,
+                     help="where the answerability model goes (default: the bundled rag/models/answerability.json)")
+    cal.add_argument("--no-model", action="store_true", help="only the fallback threshold; no answerability model")
+    cal.add_argument("--from-responses", type=Path, help="the .responses.jsonl of an earlier run: no service, same questions")
 
     ba = which.add_parser("answer", help="streaming /v1/answer TTFT and latency, local LLM vs extractive")
     common(ba, "report")

@@ -128,7 +128,8 @@ class AnswerRow(TypedDict, total=False):
     answer: str
     latency_ms: float | None  # client-side, as the eval client measured it
     support_score: float | None
-    answerable_probability: float | None  # the service's, when its responses carry one
+    answerable_probability: float | None  # the answerability model's (None: the threshold decided)
+    server_ms: float | None  # the service's own latency_ms
     cited_docs: list[str | None]
     fallback_reason: str | None
     says_unknown: bool  # answered, yet the text says it does not know
@@ -153,7 +154,7 @@ def score_one(example: QAExample, response: dict[str, Any]) -> AnswerRow:
         "golds": list(example.answers), "answered": answered, "mode": response.get("mode"),
         "answer": response.get("answer", ""), "latency_ms": response.get("_client_ms"),
         "support_score": (response.get("retrieval") or {}).get("support_score"),
-        "answerable_probability": _probability(response),
+        "answerable_probability": _probability(response), "server_ms": response.get("latency_ms"),
         "cited_docs": [c.get("document_id") for c in cites], "fallback_reason": response.get("fallback_reason"),
         # answered, yet the text says it does not know (a generative answer that abstains in words)
         "says_unknown": answered and says_unknown(text),
@@ -225,7 +226,17 @@ def summarise(rows: Sequence[AnswerRow]) -> dict[str, Any]:
         "modes": dict(collections.Counter(r["mode"] for r in ok if r["answered"])),
         "fallbacks": dict(collections.Counter(r["fallback_reason"] for r in ok if r["answered"] and r.get("fallback_reason"))),
         "latency_p50_ms": percentile(lat, 50), "latency_p95_ms": percentile(lat, 95),
+        "server_p50_ms": percentile([r["server_ms"] for r in ok if r.get("server_ms") is not None], 50),
+        # How well each signal separates answerable from unanswerable questions (None: not in the responses).
+        "auc_support_score": _auc_of(ans, imp, "support_score"),
+        "auc_answerable_probability": _auc_of(ans, imp, "answerable_probability"),
     }
+
+
+def _auc_of(ans: Sequence[AnswerRow], imp: Sequence[AnswerRow], key: str) -> float | None:
+    pos = [r[key] for r in ans if r.get(key) is not None]  # type: ignore[literal-required]
+    neg = [r[key] for r in imp if r.get(key) is not None]  # type: ignore[literal-required]
+    return auc(pos, neg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,7 +89,9 @@ def run_answers(args) -> int:
     meta = {"dataset": str(args.qa or args.dataset), "corpus": ", ".join(map(str, corpus or [])) or "already ingested",
             "split": split, "seed": args.seed, "limit_per_kind": args.limit,
             "git_commit": _git_commit(), "abstain_threshold_env": os.environ.get("RAG_ABSTAIN_THRESHOLD"),
-            "llm_local_env": os.environ.get("RAG_LLM_LOCAL"), "started": _now()}
+            "llm_local_env": os.environ.get("RAG_LLM_LOCAL"),
+            "answerability_model_env": os.environ.get("RAG_ANSWERABILITY_MODEL"),
+            "answerability_operating_point_env": os.environ.get("RAG_ANSWERABILITY_OPERATING_POINT"), "started": _now()}
     if args.score_only:
         by_id = {e.id: e for e in examples}
         pairs = [(by_id[r["id"]], r["response"]) for r in map(json.loads, results_path.read_text().splitlines())
@@ -110,17 +112,31 @@ def run_answers(args) -> int:
 
 
 def run_calibrate(args) -> int:
-    """``python -m eval calibrate``: support scores on the calibration split, extractive, nothing abstains."""
+    """``python -m eval calibrate``: support scores on the calibration split, extractive, nothing abstains; then
+    the answerability model and sentence ranking weights from the same answers (eval/answerability_train.py)."""
     examples, corpus = load_questions(args)
     chosen = sample_questions(examples, split="calibration", limit=args.limit, seed=args.seed)
     if args.url:
-        print("note: --url must point at a service run with RAG_LLM_LOCAL=no and RAG_ABSTAIN_THRESHOLD=0", flush=True)
-    with running_service(args.url, args.data_dir, args.port, {**EXTRACTIVE, "RAG_ABSTAIN_THRESHOLD": "0"}) as svc:
-        _index_corpus(args, svc, corpus)
-        t0 = time.perf_counter()
-        pairs = asyncio.run(ask_all(svc.url, chosen, tenant=args.tenant, concurrency=args.concurrency, top_k=args.top_k,
-                                    on_result=_progress(len(chosen), every=50)))
-        elapsed = time.perf_counter() - t0
+        print("note: --url must point at a service run with RAG_LLM_LOCAL=no, RAG_ABSTAIN_THRESHOLD=0, "
+              "RAG_ANSWERABILITY_MODEL= and RAG_ANSWER_EXPLAIN=true", flush=True)
+    # No model (sentences ranked by similarity alone, the fallback threshold's scores), nothing abstains, and
+    # every response explains its ranking so that the model is trained on what the service computes.
+    env = {**EXTRACTIVE, "RAG_ABSTAIN_THRESHOLD": "0", "RAG_ANSWERABILITY_MODEL": "", "RAG_ANSWER_EXPLAIN": "true"}
+    # The responses are kept beside the report: --from-responses retrains from them without a service.
+    responses = args.out.with_suffix(".responses.jsonl")
+    t0 = time.perf_counter()
+    if args.from_responses:
+        by_id = {e.id: e for e in chosen}
+        pairs = [(by_id[r["id"]], r["response"]) for r in map(json.loads, args.from_responses.read_text().splitlines())
+                 if r["id"] in by_id]
+    else:
+        responses.parent.mkdir(parents=True, exist_ok=True)
+        with running_service(args.url, args.data_dir, args.port, env) as svc, responses.open("w") as fh:
+            _index_corpus(args, svc, corpus)
+            t0 = time.perf_counter()
+            pairs = asyncio.run(ask_all(svc.url, chosen, tenant=args.tenant, concurrency=args.concurrency,
+                                        top_k=args.top_k, on_result=_progress(len(chosen), every=50, sink=fh)))
+    elapsed = time.perf_counter() - t0
     pos = [b["retrieval"]["support_score"] for ex, b in pairs if "error" not in b and not ex.is_impossible]
     neg = [b["retrieval"]["support_score"] for ex, b in pairs if "error" not in b and ex.is_impossible]
     errors = sum("error" in b for _, b in pairs)
@@ -139,6 +155,20 @@ def run_calibrate(args) -> int:
               "abstain_rate_unanswerable": cal["abstain_rate_unanswerable"], "auc": cal["auc"], "answerable": len(pos),
               "unanswerable": len(neg), "errors": errors, "table": cal["table"], "git_commit": _git_commit(),
               "scores": {"answerable": pos, "unanswerable": neg}}
+    if not args.no_model:
+        from eval.answerability_train import format_training, train, write_model
+        from rag.answerability import BUNDLED
+
+        model_out = args.model_out or BUNDLED
+        spec = train([(ex, b) for ex, b in pairs], meta={"dataset": Path(args.dataset).name, "split": "calibration",
+                                                         "seed": args.seed, "limit_per_kind": args.limit,
+                                                         "git_commit": _git_commit()})
+        print(format_training(spec))
+        version = write_model(spec, model_out)
+        print(f"wrote {model_out} ({version})")
+        result["answerability"] = {"version": version, "path": str(model_out),
+                                   **{k: v for k, v in spec["calibration"].items() if k != "cv_probabilities"},
+                                   "sentence_ranking": spec["sentence_ranking"], "top_features": spec["top_features"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
@@ -176,6 +206,10 @@ def _score_and_report(args, out: Path, meta: dict[str, Any], pairs: Sequence[tup
     report = write_answer_report(out, meta, rows, ragas_section(args, pairs, rows))
     print(format_summary(report["summary"]))
     print(format_curves(report["curves"]))
+    s = report["summary"]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    print(f"  AUC support score / answerable probability: {fmt(s.get('auc_support_score'))} / "
+          f"{fmt(s.get('auc_answerable_probability'))}; server latency p50 {s.get('server_p50_ms') or 0:.0f} ms")
     print(format_ragas(report.get("ragas")))
 
 

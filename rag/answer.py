@@ -17,6 +17,8 @@ import anyio.to_thread
 import msgspec
 import structlog
 
+from rag.answerability import features as answerability_features
+from rag.answerability import load_model as load_answerability_model
 from rag.context import Context, build_context, render_source
 from rag.embedding import Embedder
 from rag.extractive import ExtractiveAnswer, SupportingSentence, answer_from_ranked, rank_sentences
@@ -84,6 +86,10 @@ class Answer(msgspec.Struct, kw_only=True):
     context: dict[str, Any] = msgspec.field(default_factory=dict)
     fallback_reason: str | None = None
     latency_ms: float = 0.0
+    # The answerability decision: its probability (None when RAG_ANSWERABILITY_MODEL is off and the
+    # support_score threshold decides) and the model version that decided.
+    answerable_probability: float | None = None
+    answerability_model: str | None = None
     # Where the time went: retrieve, rerank, context (assembly + sentence ranking), llm (first token and total).
     timings: dict[str, float] = msgspec.field(default_factory=dict)
 
@@ -110,6 +116,7 @@ class Prepared(msgspec.Struct, kw_only=True):
     retrieval: dict[str, Any]
     timings: dict[str, float]
     encoder_version: str = ""  # of the retriever that served this question (one encoder per request)
+    answerable_probability: float | None = None
 
 
 def citations_for(context: Context, numbers: Sequence[int]) -> list[Citation]:
@@ -144,6 +151,10 @@ class AnswerPipeline:
         self.encoding = get_encoding(settings.context_encoding)
         # Context sentences embedded once per tenant and encoder (RAG_SENTENCE_CACHE_SIZE), not at every question.
         self.sentence_cache = VectorCache(settings.sentence_cache_size)
+        # The learned answerability decision and its sentence ranking weights (rag/answerability.py); None:
+        # the support_score threshold decides. A configured file that cannot be used fails here, at start.
+        self.answerability = load_answerability_model(settings.answerability_model,
+                                                      settings.answerability_operating_point)
 
     @property
     def prompt_version(self) -> str:
@@ -167,19 +178,38 @@ class AnswerPipeline:
         t1 = time.perf_counter()
         with span("context", chunks=len(top)):
             context = build_context(top, budget_tokens=self.settings.context_tokens, encoding=self.encoding)
-            ranked = await anyio.to_thread.run_sync(lambda: rank_sentences(
-                question, None, context, self.embedder, cache=self.sentence_cache, namespace=tenant))
+            model = self.answerability
+            weights = model.retrieval_weights if model is not None else (0.0, 0.0)
+
+            def rank() -> tuple[list[SupportingSentence], dict[str, float] | None]:
+                ranked = rank_sentences(question, None, context, self.embedder, cache=self.sentence_cache,
+                                        namespace=tenant, retrieval_weights=weights)
+                return ranked, None if model is None else answerability_features(question, context.sources, ranked)
+
+            ranked, feats = await anyio.to_thread.run_sync(rank)
         extractive = answer_from_ranked(ranked, max_sentences=2)
-        answerable = bool(context.sources) and extractive.best_score >= self.settings.abstain_threshold
+        probability = None
+        if model is None or feats is None:
+            answerable = bool(context.sources) and extractive.best_score >= self.settings.abstain_threshold
+        else:
+            decision = model.decide(feats)
+            probability = round(decision.probability, 4)
+            answerable = bool(context.sources) and decision.answerable
         timings = {"retrieve_ms": round(retrieve_ms, 2), "rerank_ms": round(rr.ms, 2), "context_ms": _ms(t1)}
         retrieval = {
             "mode": req.mode or self.settings.search_mode, "hits": len(hits), "retrieve_ms": round(retrieve_ms, 2),
             "reranker": self.reranker.name, "reranked": rr.reranked, "rerank_ms": round(rr.ms, 2),
             "support_score": round(extractive.best_score, 4), "abstain_threshold": self.settings.abstain_threshold,
         }
+        if model is not None:
+            retrieval["answerability"] = {"model": model.version, "operating_point": model.operating_point,
+                                          "threshold": round(model.threshold, 4), "features": feats}
+        if self.settings.answer_explain:
+            retrieval["explain"] = _explain(context, ranked)
         return Prepared(question=question, hits=top, context=context, extractive=extractive,
                         evidence=ranked[:EVIDENCE_SENTENCES], answerable=answerable, retrieval=retrieval,
-                        timings=timings, encoder_version=retriever.embedder.version)
+                        timings=timings, encoder_version=retriever.embedder.version,
+                        answerable_probability=probability)
 
     def _messages(self, prep: Prepared, history: list[dict[str, str]]) -> list[dict[str, str]]:
         by_n = {s.n: s for s in prep.context.sources}
@@ -198,7 +228,8 @@ class AnswerPipeline:
         context = {"tokens": ctx.tokens, "sources": len(ctx.sources), "truncated": ctx.truncated,
                    "left_out": [msgspec.to_builtins(x) for x in ctx.left_out]}
         return {"encoder_version": prep.encoder_version, "prompt": self.prompt_version, "retrieval": prep.retrieval,
-                "context": context, "timings": prep.timings}
+                "context": context, "timings": prep.timings, "answerable_probability": prep.answerable_probability,
+                "answerability_model": None if self.answerability is None else self.answerability.version}
 
     def _no_answer(self, prep: Prepared) -> str:
         return self.prompts.no_answer.render(question=prep.question)
@@ -306,6 +337,14 @@ class AnswerPipeline:
 def _append(text: str, more: str) -> str:
     """``more`` after ``text`` with a blank line between; ``text`` itself never changes (it may be sent already)."""
     return f"{text}\n\n{more}" if text.strip() else f"{text}{more}"
+
+
+def _explain(context: Context, ranked: Sequence[SupportingSentence]) -> dict[str, Any]:
+    """Every source and ranked sentence with its score parts (RAG_ANSWER_EXPLAIN): what ``python -m eval
+    calibrate`` re-ranks and re-featurises offline to choose the sentence ranking weights and train the model."""
+    return {"sources": [{"n": s.n, "score": s.score, "text": s.text} for s in context.sources],
+            "sentences": [{"n": s.n, "start": s.start, "end": s.end, "cosine": s.cosine,
+                           "lexical": s.lexical} for s in ranked]}
 
 
 def _ms(started: float) -> float:

@@ -46,6 +46,8 @@ __all__ = [
     "ExtractiveAnswer",
     "SupportingSentence",
     "best_support",
+    "content_words",
+    "retrieval_priors",
     "extract_answer",
     "split_sentences",
 ]
@@ -67,6 +69,10 @@ class SupportingSentence(msgspec.Struct, kw_only=True):
     start: int
     end: int
     score: float
+    # The parts of ``score``: cosine to the question, lexical overlap, and the retrieval prior of its source.
+    cosine: float = 0.0
+    lexical: float = 0.0
+    prior: float = 0.0
 
 
 class ExtractiveAnswer(msgspec.Struct, kw_only=True):
@@ -180,14 +186,15 @@ def _stem(word: str) -> str:
     return word[:-1] if word.endswith("e") and len(word) > 3 else word
 
 
-def _content_words(text: str) -> set[str]:
+def content_words(text: str) -> set[str]:
+    """The text's content words: lower-cased, stop words removed, light suffixes stripped (the lexical overlap's unit)."""
     return {_stem(w) for w in _TOKEN.findall(text.lower()) if w not in _STOP_WORDS}
 
 
 def _overlap(query_words: set[str], sentence: str) -> float:
     if not query_words:
         return 0.0
-    return len(query_words & _content_words(sentence)) / len(query_words)
+    return len(query_words & content_words(sentence)) / len(query_words)
 
 
 @dataclass(slots=True)
@@ -208,14 +215,31 @@ def _candidates(context: Context) -> list[_Candidate]:
     return out
 
 
-def _scores(query: str, query_vec: np.ndarray, candidates: list[_Candidate], embedder: Embedder,
-            cache: VectorCache | None = None, namespace: str = "") -> np.ndarray:
+def _parts(query: str, query_vec: np.ndarray, candidates: list[_Candidate], embedder: Embedder,
+           cache: VectorCache | None = None, namespace: str = "") -> tuple[np.ndarray, np.ndarray]:
     texts = [c.text for c in candidates]
     vectors = embedder.embed_documents(texts) if cache is None else cache.documents(embedder, texts, namespace=namespace)
     cosine = vectors @ np.asarray(query_vec, dtype=np.float32).reshape(-1)
-    words = _content_words(query)
+    words = content_words(query)
     lexical = np.array([_overlap(words, c.text) for c in candidates], dtype=np.float32)
+    return cosine, lexical
+
+
+def _scores(query: str, query_vec: np.ndarray, candidates: list[_Candidate], embedder: Embedder,
+            cache: VectorCache | None = None, namespace: str = "") -> np.ndarray:
+    cosine, lexical = _parts(query, query_vec, candidates, embedder, cache, namespace)
     return cosine + LEXICAL_WEIGHT * lexical
+
+
+def retrieval_priors(sources: list[Source] | tuple[Source, ...], rank_weight: float, fused_weight: float) -> dict[int, float]:
+    """Each source's retrieval prior, added to its sentences' scores: ``rank_weight / rank`` (rank 1 is the
+    first source of the context) plus ``fused_weight * score / best score`` (the fused retrieval score
+    relative to the best source's). Both weights 0 (the default) rank by the sentence alone."""
+    if not sources or (rank_weight == 0 and fused_weight == 0):
+        return {s.n: 0.0 for s in sources}
+    top = max(s.score for s in sources)
+    return {s.n: rank_weight / rank + (fused_weight * s.score / top if top > 0 else 0.0)
+            for rank, s in enumerate(sources, start=1)}
 
 
 def _ranked(candidates: list[_Candidate], scores: np.ndarray) -> list[int]:
@@ -224,20 +248,24 @@ def _ranked(candidates: list[_Candidate], scores: np.ndarray) -> list[int]:
     return sorted(eligible, key=lambda i: -float(scores[i]))
 
 
-def _supporting(c: _Candidate, score: float) -> SupportingSentence:
+def _supporting(c: _Candidate, score: float, cosine: float = 0.0, lexical: float = 0.0,
+                prior: float = 0.0) -> SupportingSentence:
     return SupportingSentence(
-        n=c.source.n, document_id=c.source.document_id, text=c.text, start=c.start, end=c.end, score=float(score)
+        n=c.source.n, document_id=c.source.document_id, text=c.text, start=c.start, end=c.end, score=float(score),
+        cosine=float(cosine), lexical=float(lexical), prior=float(prior),
     )
 
 
 def rank_sentences(
     question: str, question_vec: np.ndarray | None, context: Context, embedder: Embedder, *,
-    cache: VectorCache | None = None, namespace: str = "",
+    cache: VectorCache | None = None, namespace: str = "", retrieval_weights: tuple[float, float] = (0.0, 0.0),
 ) -> list[SupportingSentence]:
     """Every sentence of the context scored against ``question``, best first (see :func:`extract_answer`).
 
     With a ``cache``, sentences (and the question) embedded before under ``namespace`` (the tenant) and
     this encoder are not embedded again: a chunk retrieved for many questions costs one embedding.
+    ``retrieval_weights`` ``(rank, fused)`` add each sentence's source prior (:func:`retrieval_priors`):
+    a sentence of the best-retrieved chunk beats an equally similar one of the eighth.
     """
     candidates = _candidates(context)
     if not candidates:
@@ -245,8 +273,11 @@ def rank_sentences(
     if question_vec is None:
         question_vec = (embedder.embed_queries([question]) if cache is None
                         else cache.queries(embedder, [question], namespace=namespace))[0]
-    scores = _scores(question, question_vec, candidates, embedder, cache, namespace)
-    return [_supporting(candidates[i], scores[i]) for i in _ranked(candidates, scores)]
+    cosine, lexical = _parts(question, question_vec, candidates, embedder, cache, namespace)
+    priors = retrieval_priors(context.sources, *retrieval_weights)
+    prior = np.array([priors[c.source.n] for c in candidates], dtype=np.float32)
+    scores = cosine + LEXICAL_WEIGHT * lexical + prior
+    return [_supporting(candidates[i], scores[i], cosine[i], lexical[i], prior[i]) for i in _ranked(candidates, scores)]
 
 
 def answer_from_ranked(ranked: list[SupportingSentence], *, max_sentences: int = 2) -> ExtractiveAnswer:

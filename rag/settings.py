@@ -108,6 +108,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # Answers whose best supporting sentence scores below this abstain. 0.6439 answers 90 % of the
     # answerable questions of the SQuAD 2.0 dev calibration half (`python -m eval calibrate`); 0 disables.
     abstain_threshold: float = 0.6439
+    # The learned answerability decision (rag/answerability.py): "bundled" (rag/models/answerability.json),
+    # a path to a model file, or empty to decide by abstain_threshold alone. Its operating point:
+    # answer_rate=R, precision=P (on the calibration sample) or probability=T.
+    answerability_model: str = "bundled"
+    answerability_operating_point: str = "answer_rate=0.9"
+    answer_explain: bool = False  # every answer lists its sources and ranked sentences with score parts (calibration)
     llm_base_url: str = ""  # an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8081/v1; empty: extractive answers
     # auto: start the bundled llama-server (SmolLM2) when no endpoint is set and it is installed
     llm_local: Literal["auto", "yes", "no"] = "auto"
@@ -178,6 +184,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     def __post_init__(self) -> None:
         checks = [
             (self.chunk_tokens >= 16, "chunk_tokens", "must be at least 16"),
+            (re.fullmatch(r"\s*(answer_rate|precision|probability)\s*=\s*(0(\.\d+)?|1(\.0*)?|\.\d+)\s*",
+                          self.answerability_operating_point) is not None, "answerability_operating_point",
+             "must be answer_rate=R, precision=P or probability=T with a number in [0, 1]"),
             (0 <= self.chunk_overlap < self.chunk_tokens, "chunk_overlap", "must be >= 0 and below RAG_CHUNK_TOKENS"),
             (self.encoder_batch_size >= 1, "encoder_batch_size", "must be at least 1"),
             (self.encoder_cache_size >= 1, "encoder_cache_size", "must be at least 1"),
