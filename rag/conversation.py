@@ -198,16 +198,15 @@ class QueryRewriter:
 def _usable(text: str, question: str) -> str | None:
     """The first line of the reply, without a label or quotes, if it reads as the question made standalone.
 
-    A small model often answers instead of rewriting, repeats the earlier question, or returns the
-    follow-up unchanged: a reply is used only when it is a question (ends with "?"), is no refusal,
-    no longer looks like a follow-up itself, and keeps at least half of the follow-up's content words.
+    A small model often answers instead of rewriting (or says it does not know), repeats the earlier
+    question, or returns the follow-up unchanged: a reply is used only when it is a question (ends
+    with "?"), no longer looks like a follow-up itself, and keeps at least half of the follow-up's
+    content words.
     """
-    from rag.answer import says_unknown  # the one "I don't know" definition (rag.answer imports this module)
-
     line = next((ln.strip() for ln in text.strip().splitlines() if ln.strip()), "")
     line = re.sub(r"^(?:standalone question|question|rewritten question)\s*:\s*", "", line, flags=re.I)
     line = line.strip().strip("\"'\u201c\u201d`").strip()
-    if not line.endswith("?") or len(line) > max(MAX_REWRITE_CHARS, 3 * len(question)) or says_unknown(line):
+    if not line.endswith("?") or len(line) > max(MAX_REWRITE_CHARS, 3 * len(question)):
         return None
     if looks_like_follow_up(line):
         return None
