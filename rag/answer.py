@@ -292,6 +292,7 @@ class AnswerPipeline:
                 generated, usage, model = done.text, done.usage, done.model
         verified = await anyio.to_thread.run_sync(self.verify, prep, generated, tenant)
         out = self.finish(prep, generated, streamed=False, fallback_reason=why, verified=verified)
+        usage = _with_rewrite(usage, prep)
         return Answer(answer=out.text, citations=out.citations, mode=out.mode, answerable=out.answerable,
                       usage=usage, model=model, fallback_reason=out.fallback_reason, latency_ms=_ms(started),
                       citation_checks=out.citation_checks, **self._meta(prep))
@@ -334,6 +335,7 @@ class AnswerPipeline:
         if rest:
             yield "token", {"text": rest}
         yield "citations", [msgspec.to_builtins(c) for c in out.citations]
+        usage = _with_rewrite(usage, prep)
         yield "done", {"mode": out.mode, "answerable": out.answerable, "usage": usage, "model": model,
                        "answer": out.text, "fallback_reason": out.fallback_reason, "latency_ms": _ms(started),
                        "citation_checks": [msgspec.to_builtins(c) for c in out.citation_checks], **self._meta(prep)}
@@ -342,6 +344,15 @@ class AnswerPipeline:
 def _append(text: str, more: str) -> str:
     """``more`` after ``text`` with a blank line between; ``text`` itself never changes (it may be sent already)."""
     return f"{text}\n\n{more}" if text.strip() else f"{text}{more}"
+
+
+def _with_rewrite(usage: dict[str, int], prep: Prepared) -> dict[str, int]:
+    """The answer's LLM tokens plus those of the follow-up's LLM rewrite, if any (the quota counts both)."""
+    extra = prep.rewrite.usage if prep.rewrite is not None else {}
+    if not extra:
+        return usage
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return {**usage, **{k: int(usage.get(k) or 0) + int(extra.get(k) or 0) for k in keys}}
 
 
 def _ms(started: float) -> float:

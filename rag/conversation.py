@@ -73,6 +73,7 @@ class Rewrite(msgspec.Struct, kw_only=True, frozen=True):
     method: RewriteMethod
     error: str | None = None
     ms: float = 0.0
+    usage: dict[str, int] = msgspec.field(default_factory=dict)  # the LLM rewrite's tokens (counted in the quota)
 
 
 def _tokens(text: str) -> list[str]:
@@ -168,23 +169,24 @@ class QueryRewriter:
         started = time.perf_counter()
         if not self.enabled or not user_turns(history) or not looks_like_follow_up(question):
             return Rewrite(query=question, method="none")
-        error = None
+        error, usage = None, {}
         if self.llm is not None:
             try:
-                query = await self._ask_llm(question, history)
+                query, usage = await self._ask_llm(question, history)
             except LLMError as exc:
                 error = f"LLM rewrite failed: {exc.message}"
             except TimeoutError:
                 error = f"LLM rewrite took longer than {self.timeout_s}s"
             else:
                 if query is not None:
-                    return Rewrite(query=query, method="llm", ms=_ms(started))
+                    return Rewrite(query=query, method="llm", ms=_ms(started), usage=usage)
                 error = "LLM rewrite was unusable"
             log.warning("rewrite_llm_fallback", error=error)
         query, changed = standalone_by_terms(question, history)
-        return Rewrite(query=query, method="carried_terms" if changed else "none", error=error, ms=_ms(started))
+        return Rewrite(query=query, method="carried_terms" if changed else "none", error=error, ms=_ms(started),
+                       usage=usage)
 
-    async def _ask_llm(self, question: str, history: Sequence[dict[str, str]]) -> str | None:
+    async def _ask_llm(self, question: str, history: Sequence[dict[str, str]]) -> tuple[str | None, dict[str, int]]:
         turns = [m for m in history if m.get("role") in ("user", "assistant") and (m.get("content") or "").strip()]
         shown = "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {_clip(m['content'])}"
                           for m in turns[-self.history_messages:])
@@ -192,7 +194,7 @@ class QueryRewriter:
         assert self.llm is not None
         with anyio.fail_after(self.timeout_s):
             done = await self.llm.complete([{"role": "user", "content": prompt}], max_tokens=64, temperature=0.0)
-        return _usable(done.text, question)
+        return _usable(done.text, question), dict(done.usage)
 
 
 def _usable(text: str, question: str) -> str | None:

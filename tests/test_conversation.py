@@ -159,6 +159,14 @@ def _rewriting_llm(standalone: str, answer: str = "Paris is the capital of Franc
     return reply
 
 
+def _tokens_of(request: dict) -> int:
+    """What the fake edge reports as total_tokens for ``request`` (tests/llm_server.py counts words)."""
+    from tests.llm_server import words
+
+    prompt = sum(len(str(m.get("content", "")).split()) for m in request["messages"])
+    return prompt + len(words(_rewriting_llm("What is the capital of France?")(request)))
+
+
 FRANCE_TURNS = [{"role": "user", "content": "Tell me about France."}, {"role": "assistant", "content": "A country."}]
 
 
@@ -171,6 +179,8 @@ def test_the_llm_rewrites_when_an_endpoint_is_configured(make_client):
         assert "User: Tell me about France." in prompt and "What is its capital?" in prompt
         assert body["mode"] == "generative" and body["citations"][0]["document_id"] == "paris"
         assert "rewrite_ms" in body["timings"]
+        # The rewrite's tokens are the tenant's too: usage counts both LLM calls.
+        assert body["usage"]["total_tokens"] == sum(_tokens_of(r) for r in llm.requests[:2])
         # A reply that answers instead of rewriting is not used: the key terms are.
         llm.reply = _rewriting_llm("The capital is Paris.")
         body = client.post("/v1/answer", json={"question": "What is its capital?", "history": FRANCE_TURNS}).json()
