@@ -114,6 +114,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     answerability_model: str = "bundled"
     answerability_operating_point: str = "answer_rate=0.9"
     answer_explain: bool = False  # every answer lists its sources and ranked sentences with score parts (calibration)
+    # A cited [n] stands when a sentence of source n supports the claim at this score (rag/citations.py);
+    # the default reuses abstain_threshold's value (calibrated for question-to-sentence support).
+    citation_threshold: float = 0.6439
+    # Follow-ups made standalone for retrieval (rag/conversation.py): auto (the LLM at RAG_LLM_BASE_URL,
+    # else the previous question's key terms: the bundled 135M model rarely rewrites usably), llm (any
+    # configured LLM, the bundled one too), terms (key terms only), off.
+    query_rewrite: Literal["auto", "llm", "terms", "off"] = "auto"
+    rewrite_timeout_s: float = 5.0  # the LLM's rewrite; past it, the key-terms rewrite is used
     llm_base_url: str = ""  # an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8081/v1; empty: extractive answers
     # auto: start the bundled llama-server (SmolLM2) when no endpoint is set and it is installed
     llm_local: Literal["auto", "yes", "no"] = "auto"
@@ -231,6 +239,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.context_tokens >= 64, "context_tokens", "must be at least 64"),
             (self.llm_max_tokens >= 1, "llm_max_tokens", "must be at least 1"),
             (self.llm_max_retries >= 0, "llm_max_retries", "must be >= 0"),
+            (self.rewrite_timeout_s > 0, "rewrite_timeout_s", "must be positive"),
             (0 <= self.query_sample_size <= 1_000_000, "query_sample_size", "must be between 0 (off) and 1000000"),
             (self.drift_max_samples >= 10, "drift_max_samples", "must be at least 10"),
             (self.drift_monitor_interval_s >= 0, "drift_monitor_interval_s", "must be >= 0 (0: off)"),
