@@ -10,17 +10,23 @@ Rules, in order of preference:
    ``heading_path`` is well defined. The one exception: a chunk holding nothing but headings
    (``# Install`` directly followed by ``## Linux``) is not emitted alone; it is carried into the
    next chunk, whose path is then the deepest one (``["Install", "Linux"]``).
-4. A block longer than ``max_tokens`` is cut into windows of at most ``max_tokens`` tokens; each
-   window ends at the last sentence end or line end in its second half if there is one, else at a
-   token boundary (snapped down to a character boundary, so a multi-byte character whose UTF-8
-   bytes are spread over several tokens is never cut). Consecutive windows overlap by about
-   ``overlap`` tokens; chunks made of whole blocks do not overlap. The last window of a long block
-   may be packed together with the blocks that follow it.
+4. A block longer than ``max_tokens`` is cut into windows of whole *units*: its sentences
+   (:func:`rag.sentences.split_sentences`); the words of a sentence longer than ``max_tokens``; and
+   runs of at most ``max_tokens`` tokens of a word longer than that (unspaced CJK text, a long URL),
+   snapped to character boundaries so that a multi-byte character whose UTF-8 bytes are spread
+   over several tokens is never cut. Windows are packed greedily (counted exactly); a window that
+   holds new text stops before a sentence too long for a window, which so starts the next one. The
+   next window starts at the suffix of whole units of the previous one whose token count is
+   nearest ``overlap`` (ties to the shorter; none when ``overlap`` is 0). So a chunk after the
+   first of a long paragraph starts at a sentence, unless it lies inside a sentence longer than a
+   window, and then at a word. Chunks made of whole blocks do not overlap. The last window of a
+   long block may be packed together with the blocks that follow it.
 
 Every chunk satisfies ``chunk.text == doc.text[chunk.start:chunk.end]``; it starts and ends on
 non-whitespace, and ``chunk.token_count == len(encoding.encode_ordinary(chunk.text)) <=
 max_tokens`` (counts are exact, not estimates: a chunk assembled from several pieces is re-encoded
-once to check it). Each block is encoded once; a long block's tokens are reused for its windows.
+once to check it). The output is a pure function of the text and the parameters (chunk ids are
+``(tenant, document, content hash, index)``; :data:`CHUNKER_VERSION` is part of the content hash).
 """
 
 from __future__ import annotations
