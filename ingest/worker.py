@@ -26,7 +26,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from rag.chunking import chunk
+from rag.chunking import CHUNKER_VERSION, chunk
 from rag.embedding import Embedder
 from rag.encoder_pool import EncoderPool
 from rag.errors import BadRequest, NotFound, RagError, StoreError, TransientError
@@ -150,7 +150,8 @@ class IngestWorker:
 
     def _signature(self, embedder: Embedder) -> str:
         s = self.settings
-        return f"{embedder.version}|{s.tokenizer_encoding}|{s.chunk_tokens}|{s.chunk_overlap}|{self.sparse.version}"
+        return (f"{embedder.version}|{s.tokenizer_encoding}|{s.chunk_tokens}|{s.chunk_overlap}|{self.sparse.version}"
+                f"|{CHUNKER_VERSION}")
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
