@@ -4,7 +4,8 @@
   ``--url``) and score its queries per retrieval mode; writes report.json, report.html, runs/*.trec.
 - ``compare A B``: two reports side by side; exit 1 when ``--metric`` dropped by more than ``--max-drop``.
 - ``answers``: answer quality (contains gold, citations, EM/F1, abstention, latency, ragas metrics; LLM-judged
-  ones with ``--judge-url``) on the report split of SQuAD 2.0 dev through POST /v1/answer; ``calibrate``: the
+  ones with ``--judge-url``) on the report split of SQuAD 2.0 dev, or of any QA JSONL (``--qa``, ``--corpus``),
+  through POST /v1/answer, with reliability and answer-rate/abstention plots; ``calibrate``: the
   abstention threshold on the disjoint calibration split.
 - ``bench ingest|search|answer|encode``: benchmarks that print figures and write JSON (``encode``: the encoder
   runtimes torch, onnx and onnx-int8 side by side).
@@ -115,6 +116,22 @@ def _add_bench_commands(sub):
     te.add_argument("--tenants", type=int, default=100)
     te.add_argument("--queries", type=int, default=300)
     te.add_argument("--out", type=Path, default=Path("bench"))
+
+    sc = which.add_parser("scale", help="the embedded store at N chunks: upsert rate, background HNSW build "
+                                        "(stalls while it runs), filtered search p50/p95 and recall@10, RSS, disk")
+    sc.add_argument("--dataset", type=Path, required=True, help="a BEIR folder: its texts give the real vectors")
+    sc.add_argument("--chunks", type=int, default=1_000_000)
+    sc.add_argument("--real", type=int, default=2_000, help="real texts embedded; points are drawn around them")
+    sc.add_argument("--noise", type=float, default=0.02, help="per-dimension noise around a real vector")
+    sc.add_argument("--queries", type=int, default=300, help="real query texts (recall and latency)")
+    sc.add_argument("--tenants", type=int, default=10, help="tenants the points are spread over (searches filter)")
+    sc.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256], help="HNSW search beams to measure")
+    sc.add_argument("--idle-s", type=float, default=20.0, help="seconds of traffic without a build (the baseline)")
+    sc.add_argument("--timeout", type=float, default=6 * 3600, help="give up the index build after this long")
+    sc.add_argument("--seed", type=int, default=13)
+    sc.add_argument("--data-dir", type=Path, default=Path(".eval-data/bench-scale"))
+    sc.add_argument("--keep", action="store_true", help="keep the store's folder afterwards")
+    sc.add_argument("--out", type=Path, default=Path("bench"))
     return which
 
 
@@ -158,8 +175,15 @@ def _add_compare_command(sub) -> None:
 def _add_answer_commands(sub, which) -> None:
     default_data = Path(".eval-data/squad2-answers")
 
-    def common(p, split: str) -> None:
-        p.add_argument("--dataset", type=Path, required=True, help="a QA folder with qa.jsonl and corpus.jsonl")
+    def common(p, split: str, any_qa: bool = False) -> None:
+        p.add_argument("--dataset", type=Path, required=not any_qa, help="a QA folder with qa.jsonl and corpus.jsonl "
+                       "(SQuAD's format)")
+        if any_qa:
+            p.add_argument("--qa", type=Path, help="any QA JSONL: one {id?, question, answers[], gold_document_ids?[], "
+                           "unanswerable?} a line (instead of --dataset's qa.jsonl)")
+            p.add_argument("--corpus", type=Path, help="the documents --qa asks about: a BEIR folder (its corpus.jsonl), "
+                           "a corpus .jsonl, or files/a folder the service ingests (default: --dataset's corpus.jsonl; "
+                           "none with --no-upload: the service already holds them)")
         p.add_argument("--url", help="use a running service instead of starting one")
         p.add_argument("--data-dir", type=Path, default=default_data,
                        help=f"data dir of the service it starts (kept, so a second run skips indexing; default {default_data})")
@@ -170,12 +194,17 @@ def _add_answer_commands(sub, which) -> None:
         p.add_argument("--concurrency", type=int, default=2)
         p.add_argument("--top-k", type=int, default=8)
 
-    ans = sub.add_parser("answers", help="answer quality on the REPORT split of SQuAD 2.0 dev via POST /v1/answer",
+    ans = sub.add_parser("answers", help="answer quality on the REPORT split of SQuAD 2.0 dev (or any QA JSONL: --qa) "
+                                         "via POST /v1/answer",
                          description="Asks the first N answerable and N unanswerable questions of the report split "
-                                     "(a seeded shuffle; disjoint from the calibration split) and scores them offline. "
+                                     "(a seeded shuffle; disjoint from the calibration split) and scores them offline; "
+                                     "report.html plots the reliability curve and the answer-rate/abstention trade-off. "
                                      "RAG_* variables of this process (RAG_LLM_LOCAL, RAG_ABSTAIN_THRESHOLD) go to the "
                                      "service it starts.")
-    common(ans, "report")
+    common(ans, "report", any_qa=True)
+    ans.add_argument("--split", choices=["report", "calibration", "all"], default="report",
+                     help="which half of the questions, by a hash of the id (default report; all: both, for a file "
+                          "nothing was calibrated on)")
     ans.add_argument("--limit", type=int, default=300, help="questions of each kind (0: all; default 300)")
     ans.add_argument("--out", type=Path, required=True, help="folder for results.jsonl, report.json, report.html")
     ans.add_argument("--score-only", action="store_true", help="score OUT/results.jsonl as it is (e.g. a partial run)")
@@ -189,10 +218,14 @@ def _add_answer_commands(sub, which) -> None:
     rg.add_argument("--judge-limit", type=int, default=0, help="judge only the first N answered questions (0: all)")
 
     cal = sub.add_parser("calibrate", help="pick RAG_ABSTAIN_THRESHOLD on the CALIBRATION split (extractive)")
-    common(cal, "calibration")
+    common(cal, "calibration", any_qa=True)
     cal.add_argument("--limit", type=int, default=400, help="questions of each kind (0: all; default 400)")
     cal.add_argument("--target-answer-rate", type=float, default=0.9)
     cal.add_argument("--out", type=Path, default=Path("reports/calibration.json"))
+    cal.add_argument("--model-out", type=Path, default=None,
+                     help="where the answerability model goes (default: the bundled rag/models/answerability.json)")
+    cal.add_argument("--no-model", action="store_true", help="only the fallback threshold; no answerability model")
+    cal.add_argument("--from-responses", type=Path, help="the .responses.jsonl of an earlier run: no service, same questions")
 
     ba = which.add_parser("answer", help="streaming /v1/answer TTFT and latency, local LLM vs extractive")
     common(ba, "report")
@@ -285,6 +318,10 @@ def _bench(args) -> int:
         report = b.bench_encoders(settings, args)
     elif args.bench == "encode":
         report = b.bench_encode(settings, args)
+    elif args.bench == "scale":
+        from eval.bench_scale import bench_scale
+
+        report = bench_scale(settings, args)
     elif getattr(args, "during", None) or getattr(args, "with_answers", 0):
         from eval.bench_during import bench_search_during, bench_search_with_answers
 

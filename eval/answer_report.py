@@ -9,10 +9,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from eval.answer_curves import answer_curves, curves_html
 from eval.answer_scoring import AnswerRow, summarise
 from eval.report import CSS, esc
 
-__all__ = ["REPORT_SCHEMA", "format_ragas", "format_summary", "render_html", "write_answer_report"]
+__all__ = ["REPORT_SCHEMA", "format_curves", "format_ragas", "format_summary", "render_html", "write_answer_report"]
 
 REPORT_SCHEMA = "rag-eval/answers/1"
 
@@ -20,7 +21,7 @@ _TABLE_ROWS = (
     ("answer rate (answerable)", "answer_rate"), ("abstain rate (unanswerable)", "abstain_rate_unanswerable"),
     ("answer contains gold", "contains_gold"), ("  … when answered", "contains_gold_when_answered"),
     ("citations contain gold", "cited_contains_gold"), ("  … when answered", "cited_contains_gold_when_answered"),
-    ("citation precision", "citation_precision"), ("cited the gold paragraph", "cited_gold_doc"),
+    ("citation precision", "citation_precision"), ("cited a gold document", "cited_gold_doc"),
     ("exact match", "em"), ("token F1", "f1"),
 )
 
@@ -39,6 +40,17 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_curves(curves: dict[str, Any]) -> str:
+    """The answerability figures of report.json's ``curves``, as printed after the summary."""
+    rel, tr = curves["reliability"], curves["tradeoff"]
+    ece = "-" if rel["ece_correct"] is None else f"{rel['ece_correct']:.3f}"
+    line = f"  {'predicted by':30}{rel['source']}; calibration error {ece}"
+    if tr["auc"] is not None:
+        line += f"; AUC {tr['auc']:.3f}"
+    return line + ("" if tr["kind"] == "answer_vs_abstain" else "\n  (no unanswerable questions: the trade-off "
+                   "plot shows answer rate vs contains-gold precision)")
+
+
 def render_html(report: dict[str, Any]) -> str:
     s = report["summary"]
     rows = "".join(f"<tr><td class=l>{esc(label)}</td><td>{'-' if s.get(k) is None else f'{100 * s[k]:.1f} %'}</td></tr>"
@@ -53,14 +65,16 @@ def render_html(report: dict[str, Any]) -> str:
         f"<td class=q>{esc(r['answer'][:400])}</td><td>{esc(r.get('support_score'))}</td></tr>" for r in misses)
     return (f"<!doctype html><html><head><meta charset=utf-8><title>answer eval</title><style>{CSS}</style></head><body>"
             f"<h1>Answer quality — {esc(report['meta'].get('dataset'))}</h1><table class=meta>{meta}</table>"
-            f"<h2>Summary</h2><table><tr><th class=l>metric</th><th>value</th></tr>{rows}</table>{_ragas_html(report)}"
+            f"<h2>Summary</h2><table><tr><th class=l>metric</th><th>value</th></tr>{rows}</table>"
+            f"{curves_html(report['curves']) if report.get('curves') else ''}{_ragas_html(report)}"
             f"<h2>Misses (first 200)</h2><table><tr><th class=l>question</th><th class=l>gold</th><th class=l>answer</th>"
             f"<th>support</th></tr>{miss_rows}</table></body></html>")
 
 
 def write_answer_report(out: Path, meta: dict[str, Any], rows: list[AnswerRow],
                         ragas: dict[str, Any] | None = None) -> dict[str, Any]:
-    report = {"schema": REPORT_SCHEMA, "meta": meta, "summary": summarise(rows), "rows": rows}
+    report = {"schema": REPORT_SCHEMA, "meta": meta, "summary": summarise(rows), "curves": answer_curves(rows),
+              "rows": rows}
     if ragas is not None:
         report["ragas"] = ragas
     out.mkdir(parents=True, exist_ok=True)

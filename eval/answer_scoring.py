@@ -1,4 +1,4 @@
-"""Scoring answers of SQuAD 2.0 questions, offline: the split, gold matching, per-question scores,
+"""Scoring answers of QA questions (SQuAD 2.0, or any QA JSONL), offline: the split, gold matching, per-question scores,
 their summary, and the abstention calibration.
 
 Answers are normalised like SQuAD's ``normalize_answer`` (lower case, no punctuation, no articles,
@@ -22,7 +22,7 @@ from eval.datasets import QAExample
 from rag.answer import says_unknown
 
 SEED = 13
-SPLITS = ("calibration", "report")
+SPLITS = ("calibration", "report")  # "all" in sample_questions: both halves (a file nothing is tuned on)
 
 # ---------------------------------------------------------------------------------------------
 # Split and sample
@@ -39,7 +39,7 @@ def sample_questions(examples: Sequence[QAExample], *, split: str, limit: int, s
     """The first ``limit`` answerable and first ``limit`` unanswerable questions of ``split`` after a
     seeded shuffle (0: all of them), interleaved (answerable, unanswerable, …) so that a partial run
     holds both kinds."""
-    pool = sorted((e for e in examples if split_of(e.id) == split), key=lambda e: e.id)
+    pool = sorted((e for e in examples if split == "all" or split_of(e.id) == split), key=lambda e: e.id)
     random.Random(seed).shuffle(pool)
     answerable = [e for e in pool if not e.is_impossible]
     impossible = [e for e in pool if e.is_impossible]
@@ -128,6 +128,8 @@ class AnswerRow(TypedDict, total=False):
     answer: str
     latency_ms: float | None  # client-side, as the eval client measured it
     support_score: float | None
+    answerable_probability: float | None  # the answerability model's (None: the threshold decided)
+    server_ms: float | None  # the service's own latency_ms
     cited_docs: list[str | None]
     fallback_reason: str | None
     says_unknown: bool  # answered, yet the text says it does not know
@@ -135,7 +137,7 @@ class AnswerRow(TypedDict, total=False):
     contains_gold: bool  # answerable questions only, from here down
     cited_contains_gold: bool
     citation_precision: float | None
-    cited_gold_doc: bool
+    cited_gold_doc: bool  # only when the question names gold documents
     em: float
     f1: float
     error: Any  # a request that failed: counted, never scored
@@ -152,6 +154,7 @@ def score_one(example: QAExample, response: dict[str, Any]) -> AnswerRow:
         "golds": list(example.answers), "answered": answered, "mode": response.get("mode"),
         "answer": response.get("answer", ""), "latency_ms": response.get("_client_ms"),
         "support_score": (response.get("retrieval") or {}).get("support_score"),
+        "answerable_probability": _probability(response), "server_ms": response.get("latency_ms"),
         "cited_docs": [c.get("document_id") for c in cites], "fallback_reason": response.get("fallback_reason"),
         # answered, yet the text says it does not know (a generative answer that abstains in words)
         "says_unknown": answered and says_unknown(text),
@@ -163,11 +166,20 @@ def score_one(example: QAExample, response: dict[str, Any]) -> AnswerRow:
             "contains_gold": answered and contains_answer(text, example.answers),
             "cited_contains_gold": answered and citations_contain(cites, example.answers),
             "citation_precision": citation_precision(cites, example.answers) if answered else None,
-            "cited_gold_doc": answered and any(c.get("document_id") in example.gold_doc_ids for c in cites),
             "em": exact_match(text, example.answers) if answered else 0.0,
             "f1": f1_score(text, example.answers) if answered else 0.0,
         })
+        if example.gold_doc_ids:
+            row["cited_gold_doc"] = answered and any(c.get("document_id") in example.gold_doc_ids for c in cites)
     return row
+
+
+def _probability(response: dict[str, Any]) -> float | None:
+    """The response's ``answerable_probability`` (top level, or beside the support score), when it has one."""
+    value = response.get("answerable_probability")
+    if value is None:
+        value = (response.get("retrieval") or {}).get("answerable_probability")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def score_all(pairs: Iterable[tuple[QAExample, dict[str, Any]]]) -> list[AnswerRow]:
@@ -205,14 +217,26 @@ def summarise(rows: Sequence[AnswerRow]) -> dict[str, Any]:
         "cited_contains_gold": _mean([float(r["cited_contains_gold"]) for r in ans]),
         "cited_contains_gold_when_answered": _mean([float(r["cited_contains_gold"]) for r in answered]),
         "citation_precision": _mean(precisions),
-        "cited_gold_doc": _mean([float(r["cited_gold_doc"]) for r in ans]),
+        # over the answerable questions that name gold documents (None when none does)
+        "cited_gold_doc": _mean([float(r["cited_gold_doc"]) for r in ans if "cited_gold_doc" in r]),
+        "gold_document_questions": sum("cited_gold_doc" in r for r in ans),
         "em": _mean([r["em"] for r in ans]), "f1": _mean([r["f1"] for r in ans]),
         "answered_but_says_unknown": {"answerable": sum(r["says_unknown"] for r in ans),
                                       "unanswerable": sum(r["says_unknown"] for r in imp)},
         "modes": dict(collections.Counter(r["mode"] for r in ok if r["answered"])),
         "fallbacks": dict(collections.Counter(r["fallback_reason"] for r in ok if r["answered"] and r.get("fallback_reason"))),
         "latency_p50_ms": percentile(lat, 50), "latency_p95_ms": percentile(lat, 95),
+        "server_p50_ms": percentile([r["server_ms"] for r in ok if r.get("server_ms") is not None], 50),
+        # How well each signal separates answerable from unanswerable questions (None: not in the responses).
+        "auc_support_score": _auc_of(ans, imp, "support_score"),
+        "auc_answerable_probability": _auc_of(ans, imp, "answerable_probability"),
     }
+
+
+def _auc_of(ans: Sequence[AnswerRow], imp: Sequence[AnswerRow], key: str) -> float | None:
+    pos = [r[key] for r in ans if r.get(key) is not None]  # type: ignore[literal-required]
+    neg = [r[key] for r in imp if r.get(key) is not None]  # type: ignore[literal-required]
+    return auc(pos, neg)
 
 
 # ---------------------------------------------------------------------------------------------

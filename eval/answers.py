@@ -1,6 +1,6 @@
 """``python -m eval answers|calibrate`` and ``python -m eval bench answer``: answer quality on SQuAD 2.0
-dev through the real service (POST /v1/answer), abstention calibration, and the streaming answer
-benchmark.
+dev — or any QA JSONL with its corpus (``--qa``, ``--corpus``) — through the real service
+(POST /v1/answer), abstention calibration, and the streaming answer benchmark.
 
 The rooms behind the commands: :mod:`eval.answer_scoring` (the split, gold matching, scores and
 calibration, all offline), :mod:`eval.service` (the service subprocess and the HTTP client) and
@@ -21,25 +21,77 @@ from typing import IO, Any
 
 import httpx
 
-from eval.answer_report import format_ragas, format_summary, write_answer_report
+from eval.answer_report import format_curves, format_ragas, format_summary, write_answer_report
 from eval.answer_scoring import AnswerRow, calibrate, percentile, sample_questions, score_all
-from eval.datasets import QAExample, load_qa
+from eval.datasets import DatasetError, QAExample, iter_corpus, load_qa, load_qa_jsonl
 from eval.service import Service, ask_all, running_service, service_headers, upload_corpus
 
 # The service answers from the extractive pipeline only: no local LLM started, no remote one called.
 EXTRACTIVE = {"RAG_LLM_LOCAL": "no", "RAG_LLM_BASE_URL": ""}
 
 
+def corpus_paths(args) -> list[Path] | None:
+    """What the run uploads: ``--corpus`` (a BEIR folder's corpus.jsonl, a .jsonl, or any files or folder the
+    service ingests), else ``--dataset``'s corpus.jsonl; None with neither (documents already ingested)."""
+    corpus: Path | None = getattr(args, "corpus", None)
+    if corpus is None:
+        return [args.dataset / "corpus.jsonl"] if args.dataset else None
+    if corpus.is_dir() and (corpus / "corpus.jsonl").is_file():
+        return [corpus / "corpus.jsonl"]
+    if not corpus.exists():
+        raise DatasetError(corpus, "not found (--corpus: a BEIR folder with corpus.jsonl, a .jsonl, or documents)")
+    return [corpus]
+
+
+def corpus_documents(paths: list[Path]) -> dict[str, str]:
+    """Document id -> text ("" where only the service's loader can read it) of the corpus files, as the service
+    names them: a .jsonl line's ``_id``, any other file's sanitized name."""
+    from ingest.worker import iter_paths
+    from rag.loaders import SUPPORTED_SUFFIXES
+    from rag.loaders.core import default_document_id
+
+    docs: dict[str, str] = {}
+    for f in iter_paths(paths, SUPPORTED_SUFFIXES):
+        if f.suffix.lower() == ".jsonl":
+            docs.update((d.id, d.text) for d in iter_corpus(f))
+        else:
+            docs[default_document_id(f.name)] = ""
+    return docs
+
+
+def load_questions(args) -> tuple[list[QAExample], list[Path] | None]:
+    """The run's questions and the corpus to upload: ``--qa`` (any QA JSONL, gold document ids checked against the
+    corpus when there is one) or ``--dataset``'s SQuAD-format qa.jsonl."""
+    qa: Path | None = getattr(args, "qa", None)
+    if qa is None and args.dataset is None:
+        raise DatasetError("--qa", "give --qa FILE (a QA JSONL) with --corpus, or --dataset (a folder with qa.jsonl "
+                                   "and corpus.jsonl)")
+    paths = corpus_paths(args)
+    if paths is None and not args.no_upload:
+        raise DatasetError(qa or args.dataset, "no corpus to upload: give --corpus PATH, or --no-upload when the service "
+                               "already holds the documents")
+    if qa is None:
+        return load_qa(args.dataset / "qa.jsonl"), paths
+    documents = corpus_documents(paths) if paths else None
+    return load_qa_jsonl(qa, documents=documents), paths
+
+
 def run_answers(args) -> int:
     """``python -m eval answers``."""
-    examples = load_qa(args.dataset / "qa.jsonl")
-    chosen = sample_questions(examples, split="report", limit=args.limit, seed=args.seed)
+    examples, corpus = load_questions(args)
+    split = getattr(args, "split", "report")
+    chosen = sample_questions(examples, split=split, limit=args.limit, seed=args.seed)
+    if not chosen:
+        raise DatasetError(args.qa or args.dataset, f"no question of the {split!r} split (--split all asks every one)")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    meta = {"dataset": str(args.dataset), "split": "report", "seed": args.seed, "limit_per_kind": args.limit,
+    meta = {"dataset": str(args.qa or args.dataset), "corpus": ", ".join(map(str, corpus or [])) or "already ingested",
+            "split": split, "seed": args.seed, "limit_per_kind": args.limit,
             "git_commit": _git_commit(), "abstain_threshold_env": os.environ.get("RAG_ABSTAIN_THRESHOLD"),
-            "llm_local_env": os.environ.get("RAG_LLM_LOCAL"), "started": _now()}
+            "llm_local_env": os.environ.get("RAG_LLM_LOCAL"),
+            "answerability_model_env": os.environ.get("RAG_ANSWERABILITY_MODEL"),
+            "answerability_operating_point_env": os.environ.get("RAG_ANSWERABILITY_OPERATING_POINT"), "started": _now()}
     if args.score_only:
         by_id = {e.id: e for e in examples}
         pairs = [(by_id[r["id"]], r["response"]) for r in map(json.loads, results_path.read_text().splitlines())
@@ -48,7 +100,7 @@ def run_answers(args) -> int:
         _score_and_report(args, out, meta, pairs)
         return 0
     with running_service(args.url, args.data_dir, args.port, {}) as svc:
-        _index_corpus(args, svc)
+        _index_corpus(args, svc, corpus)
         meta["service"] = httpx.get(f"{svc.url}/readyz", timeout=5).json()
         with results_path.open("w") as fh:
             pairs = asyncio.run(ask_all(svc.url, chosen, tenant=args.tenant, concurrency=args.concurrency,
@@ -60,17 +112,31 @@ def run_answers(args) -> int:
 
 
 def run_calibrate(args) -> int:
-    """``python -m eval calibrate``: support scores on the calibration split, extractive, nothing abstains."""
-    examples = load_qa(args.dataset / "qa.jsonl")
+    """``python -m eval calibrate``: support scores on the calibration split, extractive, nothing abstains; then
+    the answerability model and sentence ranking weights from the same answers (eval/answerability_train.py)."""
+    examples, corpus = load_questions(args)
     chosen = sample_questions(examples, split="calibration", limit=args.limit, seed=args.seed)
     if args.url:
-        print("note: --url must point at a service run with RAG_LLM_LOCAL=no and RAG_ABSTAIN_THRESHOLD=0", flush=True)
-    with running_service(args.url, args.data_dir, args.port, {**EXTRACTIVE, "RAG_ABSTAIN_THRESHOLD": "0"}) as svc:
-        _index_corpus(args, svc)
-        t0 = time.perf_counter()
-        pairs = asyncio.run(ask_all(svc.url, chosen, tenant=args.tenant, concurrency=args.concurrency, top_k=args.top_k,
-                                    on_result=_progress(len(chosen), every=50)))
-        elapsed = time.perf_counter() - t0
+        print("note: --url must point at a service run with RAG_LLM_LOCAL=no, RAG_ABSTAIN_THRESHOLD=0, "
+              "RAG_ANSWERABILITY_MODEL= and RAG_ANSWER_EXPLAIN=true", flush=True)
+    # No model (sentences ranked by similarity alone, the fallback threshold's scores), nothing abstains, and
+    # every response explains its ranking so that the model is trained on what the service computes.
+    env = {**EXTRACTIVE, "RAG_ABSTAIN_THRESHOLD": "0", "RAG_ANSWERABILITY_MODEL": "", "RAG_ANSWER_EXPLAIN": "true"}
+    # The responses are kept beside the report: --from-responses retrains from them without a service.
+    responses = args.out.with_suffix(".responses.jsonl")
+    t0 = time.perf_counter()
+    if args.from_responses:
+        by_id = {e.id: e for e in chosen}
+        pairs = [(by_id[r["id"]], r["response"]) for r in map(json.loads, args.from_responses.read_text().splitlines())
+                 if r["id"] in by_id]
+    else:
+        responses.parent.mkdir(parents=True, exist_ok=True)
+        with running_service(args.url, args.data_dir, args.port, env) as svc, responses.open("w") as fh:
+            _index_corpus(args, svc, corpus)
+            t0 = time.perf_counter()
+            pairs = asyncio.run(ask_all(svc.url, chosen, tenant=args.tenant, concurrency=args.concurrency,
+                                        top_k=args.top_k, on_result=_progress(len(chosen), every=50, sink=fh)))
+    elapsed = time.perf_counter() - t0
     pos = [b["retrieval"]["support_score"] for ex, b in pairs if "error" not in b and not ex.is_impossible]
     neg = [b["retrieval"]["support_score"] for ex, b in pairs if "error" not in b and ex.is_impossible]
     errors = sum("error" in b for _, b in pairs)
@@ -82,23 +148,40 @@ def run_calibrate(args) -> int:
         print(f"{row['threshold']:>10.4f}{100 * row['answer_rate']:>10.1f}{100 * row['abstain_rate_unanswerable']:>20.1f}{mark}")
     print(f"chosen threshold {cal['threshold']} (target answer rate {args.target_answer_rate}): answers "
           f"{100 * cal['answer_rate']:.1f} % of answerable, abstains on {100 * cal['abstain_rate_unanswerable']:.1f} % "
-          f"of unanswerable; AUC {cal['auc']:.3f}")
-    result = {"schema": "rag-eval/calibration/1", "dataset": str(args.dataset), "split": "calibration",
+          f"of unanswerable; AUC {'-' if cal['auc'] is None else format(cal['auc'], '.3f')}")
+    result = {"schema": "rag-eval/calibration/1", "dataset": str(args.qa or args.dataset), "split": "calibration",
               "seed": args.seed, "limit_per_kind": args.limit, "target_answer_rate": args.target_answer_rate,
               "threshold": cal["threshold"], "answer_rate": cal["answer_rate"],
               "abstain_rate_unanswerable": cal["abstain_rate_unanswerable"], "auc": cal["auc"], "answerable": len(pos),
               "unanswerable": len(neg), "errors": errors, "table": cal["table"], "git_commit": _git_commit(),
               "scores": {"answerable": pos, "unanswerable": neg}}
+    if not args.no_model:
+        from eval.answerability_train import format_training, train, write_model
+        from rag.answerability import BUNDLED
+
+        model_out = args.model_out or BUNDLED
+        spec = train([(ex, b) for ex, b in pairs], meta={"dataset": Path(args.dataset).name, "split": "calibration",
+                                                         "seed": args.seed, "limit_per_kind": args.limit,
+                                                         "git_commit": _git_commit()})
+        print(format_training(spec))
+        version = write_model(spec, model_out)
+        print(f"wrote {model_out} ({version})")
+        result["answerability"] = {"version": version, "path": str(model_out),
+                                   **{k: v for k, v in spec["calibration"].items() if k != "cv_probabilities"},
+                                   "sentence_ranking": spec["sentence_ranking"], "top_features": spec["top_features"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     return 0
 
 
-def _index_corpus(args, svc: Service) -> None:
-    if not args.no_upload:
+def _index_corpus(args, svc: Service, corpus: list[Path] | None) -> None:
+    if not args.no_upload and corpus:
+        from ingest.cli import add_via_api
+
         print("indexing the corpus (a no-op when the data dir already holds it) …", flush=True)
-        print(upload_corpus(svc.url, args.dataset, args.tenant), flush=True)
+        summary = add_via_api(svc.url, corpus, tenant=args.tenant, headers=service_headers())
+        print("\n".join(summary.lines()), flush=True)
 
 
 def _progress(total: int, *, every: int, sink: IO[str] | None = None) -> Callable[[QAExample, dict[str, Any]], None]:
@@ -122,6 +205,11 @@ def _score_and_report(args, out: Path, meta: dict[str, Any], pairs: Sequence[tup
     rows = score_all(pairs)
     report = write_answer_report(out, meta, rows, ragas_section(args, pairs, rows))
     print(format_summary(report["summary"]))
+    print(format_curves(report["curves"]))
+    s = report["summary"]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    print(f"  AUC support score / answerable probability: {fmt(s.get('auc_support_score'))} / "
+          f"{fmt(s.get('auc_answerable_probability'))}; server latency p50 {s.get('server_p50_ms') or 0:.0f} ms")
     print(format_ragas(report.get("ragas")))
 
 

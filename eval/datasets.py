@@ -25,6 +25,7 @@ __all__ = [
     "iter_corpus",
     "load_beir",
     "load_qa",
+    "load_qa_jsonl",
     "load_qrels",
     "load_queries",
     "qa_as_retrieval",
@@ -334,6 +335,90 @@ def load_qa(path: Path) -> list[QAExample]:
             answer_starts=tuple(starts_raw), is_impossible=impossible, gold_doc_ids=gold, contexts=contexts,
             title=_str_field(path, number, record, "title", required=False),
         ))
+    if not out:
+        raise DatasetError(path, "no questions")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# QA JSONL of any corpus (what a user brings)
+# ---------------------------------------------------------------------------------------------
+
+QA_FIELDS = ("id", "question", "answers", "gold_document_ids", "unanswerable")
+# SQuAD's names (eval's own qa.jsonl) are read as the same fields.
+_QA_ALIASES = {"is_impossible": "unanswerable", "gold_doc_ids": "gold_document_ids"}
+
+
+def question_id(question: str) -> str:
+    """The id of a line without one: a hash of its question text, so the split stays put when lines move."""
+    return "q-" + hashlib.sha256(question.strip().encode()).hexdigest()[:16]
+
+
+def load_qa_jsonl(path: Path, *, documents: dict[str, str] | None = None) -> list[QAExample]:
+    """A user's QA JSONL, one question a line::
+
+        {"id"?: str|int, "question": str, "answers": [str, …], "gold_document_ids"?: [str|int, …], "unanswerable"?: bool}
+
+    An answerable question needs at least one non-empty answer; an unanswerable one
+    (``"unanswerable": true``) has none. ``id`` defaults to a hash of the question (:func:`question_id`);
+    ids are unique. SQuAD's ``is_impossible`` and ``gold_doc_ids`` are accepted for the last two
+    fields. With ``documents`` (the corpus's ids and texts, "" where unknown), every gold document id
+    must be one of them — a dangling id would silently lower the cited-gold-document rate — and the
+    gold documents' texts become the question's ``contexts`` (what ragas' context metrics compare
+    the cited sources with, as SQuAD's gold paragraph). Every problem is a
+    :class:`DatasetError` naming the line and the field.
+    """
+    path = Path(path)
+    out: list[QAExample] = []
+    seen: dict[str, int] = {}
+    for number, record in _iter_jsonl(path):
+        for alias, name in _QA_ALIASES.items():
+            if alias in record:
+                if name in record:
+                    raise DatasetError(path, f"both {name!r} and its alias {alias!r}: give one", number)
+                record[name] = record[alias]
+        question = _str_field(path, number, record, "question", required=True).strip()
+        if not question:
+            raise DatasetError(path, "empty 'question'", number)
+        qid = _id_field(path, number, record, "id") if record.get("id") is not None else question_id(question)
+        if qid in seen:
+            if record.get("id") is not None:
+                raise DatasetError(path, f"duplicate 'id' {qid!r} (first on line {seen[qid]})", number)
+            raise DatasetError(path, f"duplicate 'question' without an 'id' (first on line {seen[qid]}); "
+                                     "give each line an 'id'", number)
+        seen[qid] = number
+        unanswerable = record.get("unanswerable", False)
+        if not isinstance(unanswerable, bool):
+            raise DatasetError(path, f"'unanswerable' must be true or false, not {json.dumps(unanswerable)}", number)
+        if "answers" not in record and not unanswerable:
+            raise DatasetError(path, "missing 'answers' (a list of answer strings; [] with \"unanswerable\": true)",
+                               number)
+        raw = record.get("answers", [])
+        if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
+            raise DatasetError(path, f"'answers' must be a list of strings, not {json.dumps(raw)[:80]}", number)
+        answers = tuple(dict.fromkeys(a.strip() for a in raw if a.strip()))
+        if unanswerable and answers:
+            raise DatasetError(path, "'answers' must be empty when 'unanswerable' is true", number)
+        if not unanswerable and not answers:
+            raise DatasetError(path, "'answers' holds no non-empty answer (set \"unanswerable\": true for a question "
+                                     "the documents do not answer)", number)
+        gold_raw = record.get("gold_document_ids", [])
+        if gold_raw is None:
+            gold_raw = []
+        if not isinstance(gold_raw, list) or not all(isinstance(g, (str, int)) and not isinstance(g, bool)
+                                                     for g in gold_raw):
+            raise DatasetError(path, "'gold_document_ids' must be a list of document ids (strings)", number)
+        gold = tuple(dict.fromkeys(str(g).strip() for g in gold_raw if str(g).strip()))
+        contexts: tuple[str, ...] = ()
+        if documents is not None:
+            unknown = [g for g in gold if g not in documents]
+            if unknown:
+                raise DatasetError(path, f"'gold_document_ids' names documents the corpus does not hold: {unknown[:3]}",
+                                   number)
+            contexts = tuple(documents[g] for g in gold if documents[g])
+        out.append(QAExample(id=qid, question=question, answer=answers[0] if answers else "", answers=answers,
+                             answer_starts=(), is_impossible=unanswerable, gold_doc_ids=gold, contexts=contexts,
+                             title=""))
     if not out:
         raise DatasetError(path, "no questions")
     return out

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from eval.datasets import BeirDataset, load_beir
 from eval.metrics import DEFAULT_METRICS, MetricSummary, evaluate
 from eval.service import service_headers
+from rag.chunking import CHUNKER_VERSION
 from rag.errors import RagError
 from rag.settings import Settings
 
@@ -139,7 +140,7 @@ def chunks_to_documents(
 def index_key(corpus_hash: str, encoder_version: str, settings: Settings, sparse_version: str = "") -> str:
     """What decides the index's content: the corpus bytes, the encoders and the chunking."""
     parts = [corpus_hash, encoder_version, sparse_version, settings.tokenizer_encoding, str(settings.chunk_tokens),
-             str(settings.chunk_overlap)]
+             str(settings.chunk_overlap), CHUNKER_VERSION]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 

@@ -27,7 +27,7 @@ import msgspec
 import structlog
 
 from ingest.background import BackgroundCompute, Compute, LocalCompute
-from rag.chunking import chunk
+from rag.chunking import CHUNKER_VERSION, chunk
 from rag.embedding import Embedder
 from rag.encoder_pool import EncoderPool
 from rag.errors import BadRequest, NotFound, RagError, StoreError, TransientError
@@ -158,7 +158,8 @@ class IngestWorker:
 
     def _signature(self, embedder: Embedder) -> str:
         s = self.settings
-        return f"{embedder.version}|{s.tokenizer_encoding}|{s.chunk_tokens}|{s.chunk_overlap}|{self.sparse.version}"
+        return (f"{embedder.version}|{s.tokenizer_encoding}|{s.chunk_tokens}|{s.chunk_overlap}|{self.sparse.version}"
+                f"|{CHUNKER_VERSION}")
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:

@@ -18,7 +18,11 @@ import anyio.to_thread
 import msgspec
 import structlog
 
+from rag.answerability import features as answerability_features
+from rag.answerability import load_model as load_answerability_model
+from rag.citations import CitationCheck, verify_citations
 from rag.context import Context, build_context, render_source
+from rag.conversation import QueryRewriter, Rewrite
 from rag.embedding import Embedder
 from rag.extractive import ExtractiveAnswer, SupportingSentence, answer_from_ranked, rank_sentences
 from rag.llm import LLM, LLMError, LLMStreamInterrupted
@@ -85,8 +89,17 @@ class Answer(msgspec.Struct, kw_only=True):
     context: dict[str, Any] = msgspec.field(default_factory=dict)
     fallback_reason: str | None = None
     latency_ms: float = 0.0
+    # The answerability decision: its probability (None when RAG_ANSWERABILITY_MODEL is off and the
+    # support_score threshold decides) and the model version that decided.
+    answerable_probability: float | None = None
+    answerability_model: str | None = None
     # Where the time went: retrieve, rerank, context (assembly + sentence ranking), llm (first token and total).
     timings: dict[str, float] = msgspec.field(default_factory=dict)
+    # The query retrieval used (a follow-up made standalone) and how: "llm", "carried_terms" or "none".
+    retrieval_query: str = ""
+    query_rewrite: str = "none"
+    # What became of each [n] of a generative reply: kept, repointed (to) or dropped (rag/citations.py).
+    citation_checks: list[CitationCheck] = msgspec.field(default_factory=list)
 
 
 class Outcome(msgspec.Struct, kw_only=True, frozen=True):
@@ -97,6 +110,7 @@ class Outcome(msgspec.Struct, kw_only=True, frozen=True):
     mode: Literal["generative", "extractive"]
     answerable: bool = True
     fallback_reason: str | None = None
+    citation_checks: list[CitationCheck] = msgspec.field(default_factory=list)
 
 
 class Prepared(msgspec.Struct, kw_only=True):
@@ -111,6 +125,8 @@ class Prepared(msgspec.Struct, kw_only=True):
     retrieval: dict[str, Any]
     timings: dict[str, float]
     encoder_version: str = ""  # of the retriever that served this question (one encoder per request)
+    answerable_probability: float | None = None
+    rewrite: Rewrite | None = None  # the standalone query retrieval used (rag/conversation.py)
 
 
 def citations_for(context: Context, numbers: Sequence[int]) -> list[Citation]:
@@ -146,6 +162,11 @@ class AnswerPipeline:
         # Context sentences embedded once per tenant and encoder (RAG_SENTENCE_CACHE_SIZE), not at every question.
         self.sentence_cache = VectorCache(settings.sentence_cache_size)
         self._limiter: anyio.CapacityLimiter | None = None  # made on first use: it belongs to the running event loop
+        # The learned answerability decision and its sentence ranking weights (rag/answerability.py); None:
+        # the support_score threshold decides. A configured file that cannot be used fails here, at start.
+        self.answerability = load_answerability_model(settings.answerability_model,
+                                                      settings.answerability_operating_point)
+        self.rewriter = QueryRewriter.from_settings(settings, llm=llm, prompts=prompts, history_messages=HISTORY_MESSAGES)
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
@@ -160,7 +181,8 @@ class AnswerPipeline:
         return self.prompts.version
 
     async def prepare(self, req: AnswerRequest, tenant: str) -> Prepared:
-        question = req.question.strip()
+        rewrite = await self.rewriter.rewrite(req.question.strip(), req.history)
+        question = rewrite.query  # retrieval and sentence ranking use the standalone query
         t0 = time.perf_counter()
         depth = max(req.top_k, self.settings.rerank_depth)
         # One retriever for the whole request (a promotion may swap the tenant's): encoder and collection match.
@@ -168,6 +190,8 @@ class AnswerPipeline:
                      else await anyio.to_thread.run_sync(self.retriever_for, tenant))
         hits = await retriever.asearch(question, tenant=tenant, top_k=depth, mode=req.mode, filter=req.filter)
         retrieve_ms = (time.perf_counter() - t0) * 1000
+        model = self.answerability
+        weights = model.retrieval_weights if model is not None else (0.0, 0.0)
         async with self.limiter:
             t_wait = time.perf_counter()
             with span("rerank", reranker=self.reranker.name, hits=len(hits)):
@@ -178,26 +202,43 @@ class AnswerPipeline:
             top = rr.hits[: req.top_k]
             t1 = time.perf_counter()
 
-            def context_and_sentences() -> tuple[Context, list[SupportingSentence]]:
-                # In a thread, as the ranking: tokenising the context must not hold the event loop.
+            def context_and_rank() -> tuple[Context, list[SupportingSentence], dict[str, float] | None]:
+                # In a thread: tokenising the context and ranking its sentences must not hold the event loop.
                 ctx = build_context(top, budget_tokens=self.settings.context_tokens, encoding=self.encoding)
-                return ctx, rank_sentences(question, None, ctx, self.embedder, cache=self.sentence_cache,
-                                           namespace=tenant)
+                ranked = rank_sentences(question, None, ctx, self.embedder, cache=self.sentence_cache,
+                                        namespace=tenant, retrieval_weights=weights)
+                return ctx, ranked, None if model is None else answerability_features(question, ctx.sources, ranked)
 
             with span("context", chunks=len(top)):
-                context, ranked = await anyio.to_thread.run_sync(context_and_sentences)
+                context, ranked, feats = await anyio.to_thread.run_sync(context_and_rank)
         extractive = answer_from_ranked(ranked, max_sentences=2)
-        answerable = bool(context.sources) and extractive.best_score >= self.settings.abstain_threshold
+        probability = None
+        if model is None or feats is None:
+            answerable = bool(context.sources) and extractive.best_score >= self.settings.abstain_threshold
+        else:
+            decision = model.decide(feats)
+            probability = round(decision.probability, 4)
+            answerable = bool(context.sources) and decision.answerable
         timings = {"retrieve_ms": round(retrieve_ms, 2), "queue_ms": round((t_wait - t0) * 1000 - retrieve_ms, 2),
                    "rerank_ms": round(rr.ms, 2), "context_ms": _ms(t1)}
+        if rewrite.method != "none" or rewrite.error:
+            timings["rewrite_ms"] = rewrite.ms
         retrieval = {
             "mode": req.mode or self.settings.search_mode, "hits": len(hits), "retrieve_ms": round(retrieve_ms, 2),
             "reranker": self.reranker.name, "reranked": rr.reranked, "rerank_ms": round(rr.ms, 2),
             "support_score": round(extractive.best_score, 4), "abstain_threshold": self.settings.abstain_threshold,
         }
-        return Prepared(question=question, hits=top, context=context, extractive=extractive,
+        if model is not None:
+            retrieval["answerability"] = {"model": model.version, "operating_point": model.operating_point,
+                                          "threshold": round(model.threshold, 4), "features": feats}
+        if self.settings.answer_explain:
+            retrieval["explain"] = _explain(context, ranked)
+        if rewrite.error:
+            retrieval["rewrite_error"] = rewrite.error
+        return Prepared(question=req.question.strip(), rewrite=rewrite, hits=top, context=context, extractive=extractive,
                         evidence=ranked[:EVIDENCE_SENTENCES], answerable=answerable, retrieval=retrieval,
-                        timings=timings, encoder_version=retriever.embedder.version)
+                        timings=timings, encoder_version=retriever.embedder.version,
+                        answerable_probability=probability)
 
     def _messages(self, prep: Prepared, history: list[dict[str, str]]) -> list[dict[str, str]]:
         by_n = {s.n: s for s in prep.context.sources}
@@ -215,14 +256,26 @@ class AnswerPipeline:
         ctx = prep.context
         context = {"tokens": ctx.tokens, "sources": len(ctx.sources), "truncated": ctx.truncated,
                    "left_out": [msgspec.to_builtins(x) for x in ctx.left_out]}
+        rewrite = prep.rewrite or Rewrite(query=prep.question, method="none")
         return {"encoder_version": prep.encoder_version, "prompt": self.prompt_version, "retrieval": prep.retrieval,
-                "context": context, "timings": prep.timings}
+                "context": context, "timings": prep.timings, "answerable_probability": prep.answerable_probability,
+                "answerability_model": None if self.answerability is None else self.answerability.version,
+                "retrieval_query": rewrite.query, "query_rewrite": rewrite.method}
 
     def _no_answer(self, prep: Prepared) -> str:
         return self.prompts.no_answer.render(question=prep.question)
 
+    def verify(self, prep: Prepared, generated: str | None, tenant: str) -> tuple[str, list[CitationCheck]] | None:
+        """The reply's citations checked against their sources (rag/citations.py), when it will be the answer."""
+        if generated is None or not prep.answerable or says_unknown(generated):
+            return None
+        return verify_citations(generated, prep.question, prep.context, self.embedder,
+                                threshold=self.settings.citation_threshold, cache=self.sentence_cache,
+                                namespace=tenant)
+
     def finish(self, prep: Prepared, generated: str | None, *, streamed: bool,
-               fallback_reason: str = "no LLM configured") -> Outcome:
+               fallback_reason: str = "no LLM configured",
+               verified: tuple[str, list[CitationCheck]] | None = None) -> Outcome:
         """How a request ends: the one finishing policy of :meth:`answer` (JSON) and :meth:`stream` (SSE).
 
         ``generated`` is the LLM's whole reply, or None when there is none (no LLM configured, or it
@@ -237,8 +290,11 @@ class AnswerPipeline:
            its tokens are with the client already and a sent SSE event cannot be taken back, so it
            *appends* the extractive answer after a blank line; citations, mode, answerable and
            fallback_reason are the same as on the JSON path.
-        4. Otherwise a generative answer, grounded: its valid citations kept and the supporting
-           sentence quoted after it when it does not contain it (appended, so both paths can).
+        4. Otherwise a generative answer, grounded: its citations checked against their sources
+           (``verified``, from :meth:`verify`: each ``[n]`` kept, re-pointed or dropped, reported in
+           ``citation_checks``) and the supporting sentence quoted after it when it does not contain it
+           (appended, so both paths can). JSON returns the corrected text; a stream has sent the
+           reply's own markers already, so only its citations list and ``citation_checks`` follow the checks.
 
         With ``streamed`` the outcome's text always starts with ``generated`` unchanged, so the stream
         sends only ``text[len(generated):]`` more and its ``done.answer`` equals the tokens it sent.
@@ -251,13 +307,18 @@ class AnswerPipeline:
             text = ex.text if generated is None or not streamed else _append(generated, ex.text)
             return Outcome(text=text, citations=citations_for(prep.context, [s.n for s in ex.sentences]),
                            mode="extractive", fallback_reason=reason)
-        text = generated if streamed else generated.strip()
+        checked, checks = verified if verified is not None else (generated, [])
+        text = generated if streamed else checked.strip()
         quote = ex.sentences[0] if ex.sentences else None
         if quote is not None and quote.text not in text:
             cite = f"[{quote.n}]"
             text = _append(text, f'"{quote.text}" {cite}') if text.strip() else f"{text}{quote.text} {cite}"
-        return Outcome(text=text, citations=citations_for(prep.context, cited_numbers(text, prep.context)),
-                       mode="generative")
+        cited = cited_numbers(text, prep.context)
+        if streamed and verified is not None:  # the sent markers stand; the citations follow the checks
+            added = cited_numbers(text[len(generated):], prep.context)
+            cited = [c.to for c in checks if c.to is not None] + added
+        return Outcome(text=text, citations=citations_for(prep.context, cited), mode="generative",
+                       citation_checks=checks)
 
     async def answer(self, req: AnswerRequest, tenant: str) -> Answer:
         started = time.perf_counter()
@@ -274,10 +335,12 @@ class AnswerPipeline:
             else:
                 prep.timings["llm_ms"] = _ms(t_llm)
                 generated, usage, model = done.text, done.usage, done.model
-        out = self.finish(prep, generated, streamed=False, fallback_reason=why)
+        verified = await anyio.to_thread.run_sync(self.verify, prep, generated, tenant)
+        out = self.finish(prep, generated, streamed=False, fallback_reason=why, verified=verified)
+        usage = _with_rewrite(usage, prep)
         return Answer(answer=out.text, citations=out.citations, mode=out.mode, answerable=out.answerable,
                       usage=usage, model=model, fallback_reason=out.fallback_reason, latency_ms=_ms(started),
-                      **self._meta(prep))
+                      citation_checks=out.citation_checks, **self._meta(prep))
 
     async def stream(self, req: AnswerRequest, tenant: str) -> AsyncIterator[tuple[str, Any]]:
         """Events: ("token", {"text"}) …, ("citations", [..]), ("done", {...}); or ("error", {...}).
@@ -311,19 +374,38 @@ class AnswerPipeline:
             else:
                 prep.timings["llm_ms"] = _ms(t_llm)
                 generated = "".join(pieces)
-        out = self.finish(prep, generated, streamed=True, fallback_reason=why)
+        verified = await anyio.to_thread.run_sync(self.verify, prep, generated, tenant)
+        out = self.finish(prep, generated, streamed=True, fallback_reason=why, verified=verified)
         rest = out.text[len(generated or ""):]  # finish(streamed=True) only appends to what was sent
         if rest:
             yield "token", {"text": rest}
         yield "citations", [msgspec.to_builtins(c) for c in out.citations]
+        usage = _with_rewrite(usage, prep)
         yield "done", {"mode": out.mode, "answerable": out.answerable, "usage": usage, "model": model,
                        "answer": out.text, "fallback_reason": out.fallback_reason, "latency_ms": _ms(started),
-                       **self._meta(prep)}
+                       "citation_checks": [msgspec.to_builtins(c) for c in out.citation_checks], **self._meta(prep)}
 
 
 def _append(text: str, more: str) -> str:
     """``more`` after ``text`` with a blank line between; ``text`` itself never changes (it may be sent already)."""
     return f"{text}\n\n{more}" if text.strip() else f"{text}{more}"
+
+
+def _explain(context: Context, ranked: Sequence[SupportingSentence]) -> dict[str, Any]:
+    """Every source and ranked sentence with its score parts (RAG_ANSWER_EXPLAIN): what ``python -m eval
+    calibrate`` re-ranks and re-featurises offline to choose the sentence ranking weights and train the model."""
+    return {"sources": [{"n": s.n, "score": s.score, "text": s.text} for s in context.sources],
+            "sentences": [{"n": s.n, "start": s.start, "end": s.end, "cosine": s.cosine,
+                           "lexical": s.lexical} for s in ranked]}
+
+
+def _with_rewrite(usage: dict[str, int], prep: Prepared) -> dict[str, int]:
+    """The answer's LLM tokens plus those of the follow-up's LLM rewrite, if any (the quota counts both)."""
+    extra = prep.rewrite.usage if prep.rewrite is not None else {}
+    if not extra:
+        return usage
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return {**usage, **{k: int(usage.get(k) or 0) + int(extra.get(k) or 0) for k in keys}}
 
 
 def _ms(started: float) -> float:

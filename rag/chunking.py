@@ -10,29 +10,41 @@ Rules, in order of preference:
    ``heading_path`` is well defined. The one exception: a chunk holding nothing but headings
    (``# Install`` directly followed by ``## Linux``) is not emitted alone; it is carried into the
    next chunk, whose path is then the deepest one (``["Install", "Linux"]``).
-4. A block longer than ``max_tokens`` is cut into windows of at most ``max_tokens`` tokens; each
-   window ends at the last sentence end or line end in its second half if there is one, else at a
-   token boundary (snapped down to a character boundary, so a multi-byte character whose UTF-8
-   bytes are spread over several tokens is never cut). Consecutive windows overlap by about
-   ``overlap`` tokens; chunks made of whole blocks do not overlap. The last window of a long block
-   may be packed together with the blocks that follow it.
+4. A block longer than ``max_tokens`` is cut into windows of whole *units*: its sentences
+   (:func:`rag.sentences.split_sentences`); the words of a sentence longer than ``max_tokens``; and
+   runs of at most ``max_tokens`` tokens of a word longer than that (unspaced CJK text, a long URL),
+   snapped to character boundaries so that a multi-byte character whose UTF-8 bytes are spread
+   over several tokens is never cut. Windows are packed greedily (counted exactly); a window that
+   holds new text stops before a sentence too long for a window, which so starts the next one. The
+   next window starts at the suffix of whole units of the previous one whose token count is
+   nearest ``overlap`` (ties to the shorter; none when ``overlap`` is 0). So a chunk after the
+   first of a long paragraph starts at a sentence, unless it lies inside a sentence longer than a
+   window, and then at a word. Chunks made of whole blocks do not overlap. The last window of a
+   long block may be packed together with the blocks that follow it.
 
 Every chunk satisfies ``chunk.text == doc.text[chunk.start:chunk.end]``; it starts and ends on
 non-whitespace, and ``chunk.token_count == len(encoding.encode_ordinary(chunk.text)) <=
 max_tokens`` (counts are exact, not estimates: a chunk assembled from several pieces is re-encoded
-once to check it). Each block is encoded once; a long block's tokens are reused for its windows.
+once to check it). The output is a pure function of the text and the parameters (chunk ids are
+``(tenant, document, content hash, index)``; :data:`CHUNKER_VERSION` is part of the content hash).
 """
 
 from __future__ import annotations
 
 import re
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import numpy as np
 import tiktoken
 
+from rag.sentences import split_sentences
 from rag.types import Chunk, Document
+
+# Part of the ingest signature: a change to where chunks are cut changes every document's content
+# hash, so re-ingesting a document after an upgrade re-chunks it (new point ids, the old generation
+# replaced) instead of finding it "unchanged"; and the eval harness keys its index by it.
+CHUNKER_VERSION = "sentences-1"
 
 # The smallest budget that always fits one code point (at most 4 UTF-8 bytes, one token each).
 MIN_MAX_TOKENS = 4
@@ -43,9 +55,7 @@ _STRUCTURE_HINT = re.compile(r"^ {0,3}(?:#|```|~~~|=+[ \t]*$|-+[ \t]*$)", re.MUL
 _ATX = re.compile(r" {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*")
 _FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
 _SETEXT = re.compile(r" {0,3}(=+|-+)[ \t]*")
-# Where a window may end: after sentence punctuation (plus closing quotes/brackets) that is
-# followed by whitespace, after CJK full stops, or at the end of a line.
-_BREAK = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(?=\s)|[\u3002\uff01\uff1f]+|[^\n](?=\n)")
+_WORD = re.compile(r"\S+")
 
 
 @dataclass(slots=True)
@@ -55,6 +65,16 @@ class _Block:
     heading_path: list[str]
     is_heading: bool = False
     tokens: list[int] | None = None
+
+
+@dataclass(slots=True)
+class _Unit:
+    """A piece of a long span that windows never cut: offsets into the span, its own token count."""
+
+    start: int
+    end: int
+    tokens: int
+    long_head: bool = False  # the first word of a sentence too long for one window
 
 
 @dataclass(slots=True)
@@ -184,66 +204,125 @@ class _Chunker:
     def _split(
         self, start: int, end: int, heading_path: list[str], tokens: list[int] | None
     ) -> None:
-        """Cut ``text[start:end]`` into overlapping windows; the last one stays pending."""
+        """Cut ``text[start:end]`` into overlapping windows of whole units; the last one stays pending."""
         sub = self.text[start:end]
         if tokens is None:
             tokens = self.enc.encode_ordinary(sub)
-        n = len(tokens)
-        if n <= self.max:
-            self.pending = _Pending(start, end, heading_path, n, False, True, [end])
+        if len(tokens) <= self.max:
+            self.pending = _Pending(start, end, heading_path, len(tokens), False, True, [end])
             return
-        bounds = _token_char_bounds(self.enc, sub, tokens)
-        breaks = [m.end() for m in _BREAK.finditer(sub)]
-        sub_len = _rstrip_end(sub, 0, len(sub))
-        min_fill = min(self.max, max(self.max // 2, self.overlap + 1))
-
-        t0 = 0
-        prev_end = -1
-        while True:
-            c0 = _skip_space(sub, bounds[t0], sub_len)
-            if c0 >= sub_len:
-                return
-            if n - t0 <= self.max:
-                ce = sub_len
-            else:
-                hi = bounds[t0 + self.max]
-                lo = bounds[t0 + min_fill]
-                i = bisect_right(breaks, hi) - 1
-                ce = breaks[i] if i >= 0 and breaks[i] > lo else hi
-            ce = _rstrip_end(sub, c0, ce)
-            if ce <= c0:
-                ce = c0 + 1
-            count = len(self.enc.encode_ordinary(sub[c0:ce]))
-            while count > self.max:
-                # Shrink by the excess, at token boundaries, keeping at least one character.
-                # bisect_left: tokens of one split character share a boundary; starting from the
-                # first of them guarantees the end moves back.
-                te = bisect_left(bounds, ce)
-                te = max(te - (count - self.max), t0)
-                new_end = _rstrip_end(sub, c0, bounds[te])
-                ce = new_end if new_end > c0 else c0 + 1
-                count = len(self.enc.encode_ordinary(sub[c0:ce]))
-                if ce == c0 + 1:
-                    break  # unreachable when max_tokens >= MIN_MAX_TOKENS
-            if ce >= sub_len:
-                self.pending = _Pending(
-                    start + c0, start + ce, heading_path, count, False, True, [start + ce]
-                )
-                return
-            if ce <= prev_end:
-                # With a large overlap the shrunk window can end where the previous one did; it
-                # would be a redundant sub-chunk, so slide on instead.
-                t0 = _next_start(bounds, t0 + 1, c0, n)
+        units = self._units(sub)
+        n = len(units)
+        i = 0
+        prev_last = -1  # the last unit of the previous window
+        while i < n:
+            j, count = self._window(sub, units, i, prev_last)
+            if j <= prev_last:
+                # The overlap and the next unit do not fit together: start after the overlap.
+                i = prev_last + 1
                 continue
-            self._emit(start + c0, start + ce, heading_path, count)
-            prev_end = ce
-            te = bisect_right(bounds, ce) - 1
-            t0 = _next_start(bounds, max(te - self.overlap, t0 + 1), c0, n)
+            s, e = start + units[i].start, start + units[j].end
+            if j == n - 1:
+                self.pending = _Pending(s, e, heading_path, count, False, True, [e])
+                return
+            self._emit(s, e, heading_path, count)
+            prev_last = j
+            i = self._overlap_start(units, i, j)
+
+    def _window(self, sub: str, units: list[_Unit], i: int, prev_last: int) -> tuple[int, int]:
+        """The last unit ``j`` of the longest run ``units[i..j]`` within budget, and its exact count.
+
+        Units are packed by their own counts (an estimate: a run re-encodes a few tokens
+        differently at the joins), then the run is counted exactly and shrunk or grown by whole
+        units. A window that already holds new text stops before a sentence too long for a window
+        of its own, so that such a sentence starts a window.
+        """
+        n = len(units)
+
+        def stops_before(k: int, j: int) -> bool:
+            return units[k].long_head and j > prev_last
+
+        j, estimate = i, units[i].tokens
+        while j + 1 < n and not stops_before(j + 1, j) and estimate + units[j + 1].tokens <= self.max:
+            j += 1
+            estimate += units[j].tokens
+        count = self._count_sub(sub, units[i].start, units[j].end)
+        while count > self.max and j > i:
+            j -= 1
+            count = self._count_sub(sub, units[i].start, units[j].end)
+        while j + 1 < n and not stops_before(j + 1, j):
+            grown = self._count_sub(sub, units[i].start, units[j + 1].end)
+            if grown > self.max:
+                break
+            j, count = j + 1, grown
+        return j, count
+
+    def _overlap_start(self, units: list[_Unit], i: int, j: int) -> int:
+        """Where the window after ``units[i..j]`` starts: the suffix of whole units whose token count
+        is nearest ``overlap`` (ties to the shorter), leaving room for the next unit."""
+        best, best_diff = j + 1, self.overlap
+        room = self.max - units[j + 1].tokens
+        shared = 0
+        for k in range(j, i, -1):
+            shared += units[k].tokens
+            if shared > room or shared - self.overlap >= best_diff:
+                break
+            diff = abs(shared - self.overlap)
+            if diff < best_diff:
+                best, best_diff = k, diff
+        return best
+
+    def _units(self, sub: str) -> list[_Unit]:
+        """What windows are made of: sentences; the words of a sentence over budget; and token runs
+        (snapped to character boundaries) of a word over budget, such as unspaced CJK text."""
+        units: list[_Unit] = []
+        for s, e in split_sentences(sub):
+            n = self._count_sub(sub, s, e)
+            if n <= self.max:
+                units.append(_Unit(s, e, n))
+                continue
+            head = True
+            for m in _WORD.finditer(sub, s, e):
+                ws, we = m.span()
+                wn = self._count_sub(sub, ws, we)
+                if wn <= self.max:
+                    units.append(_Unit(ws, we, wn, long_head=head))
+                else:
+                    for k, (ps, pe, pn) in enumerate(self._token_runs(sub[ws:we])):
+                        units.append(_Unit(ws + ps, ws + pe, pn, long_head=head and k == 0))
+                head = False
+        return units
+
+    def _token_runs(self, word: str) -> list[tuple[int, int, int]]:
+        """``word`` cut into runs of at most ``max_tokens`` tokens at character boundaries."""
+        tokens = self.enc.encode_ordinary(word)
+        bounds = _token_char_bounds(self.enc, word, tokens)
+        n = len(tokens)
+        out: list[tuple[int, int, int]] = []
+        t0 = c0 = 0
+        while c0 < len(word):
+            te = min(t0 + self.max, n)
+            ce = bounds[te] if te < n else len(word)
+            ce = max(ce, c0 + 1)
+            count = self._count_sub(word, c0, ce)
+            while count > self.max and ce > c0 + 1:
+                # Shrink by the excess at token boundaries. bisect_left: the tokens of one split
+                # character share a boundary; starting from the first of them moves the end back.
+                te = max(bisect_left(bounds, ce) - (count - self.max), t0)
+                ce = max(bounds[te], c0 + 1)
+                count = self._count_sub(word, c0, ce)
+            out.append((c0, ce, count))
+            c0 = ce
+            t0 = bisect_left(bounds, ce)
+        return out
 
     # -- helpers --------------------------------------------------------------------------------
 
     def _count(self, start: int, end: int) -> int:
         return len(self.enc.encode_ordinary(self.text[start:end]))
+
+    def _count_sub(self, sub: str, start: int, end: int) -> int:
+        return len(self.enc.encode_ordinary(sub[start:end]))
 
     def _emit(self, start: int, end: int, heading_path: list[str], count: int) -> None:
         self.out.append(
@@ -417,14 +496,6 @@ def _closes(fence: str, marker: str, rest: str) -> bool:
     return marker[0] == fence[0] and len(marker) >= len(fence) and not rest.strip()
 
 
-def _next_start(bounds: list[int], t: int, c0: int, n: int) -> int:
-    """First token index from ``t`` whose boundary lies past ``c0`` (tokens of one split
-    multi-byte character share a boundary)."""
-    while t < n and bounds[t] <= c0:
-        t += 1
-    return t
-
-
 def _skip_space(text: str, pos: int, end: int) -> int:
     while pos < end and text[pos].isspace():
         pos += 1
@@ -437,4 +508,4 @@ def _rstrip_end(text: str, start: int, end: int) -> int:
     return end
 
 
-__all__ = ["MIN_MAX_TOKENS", "chunk"]
+__all__ = ["CHUNKER_VERSION", "MIN_MAX_TOKENS", "chunk"]

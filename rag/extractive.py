@@ -38,6 +38,7 @@ import numpy as np
 
 from rag.context import Context, Source
 from rag.embedding import Embedder
+from rag.sentences import split_sentences
 from rag.vector_cache import VectorCache
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "ExtractiveAnswer",
     "SupportingSentence",
     "best_support",
+    "content_words",
+    "retrieval_priors",
     "extract_answer",
     "split_sentences",
 ]
@@ -67,6 +70,10 @@ class SupportingSentence(msgspec.Struct, kw_only=True):
     start: int
     end: int
     score: float
+    # The parts of ``score``: cosine to the question, lexical overlap, and the retrieval prior of its source.
+    cosine: float = 0.0
+    lexical: float = 0.0
+    prior: float = 0.0
 
 
 class ExtractiveAnswer(msgspec.Struct, kw_only=True):
@@ -75,82 +82,6 @@ class ExtractiveAnswer(msgspec.Struct, kw_only=True):
     text: str
     sentences: list[SupportingSentence]
     best_score: float
-
-
-# -- sentence splitting -------------------------------------------------------------------------
-
-# Words that end with a period without ending a sentence (compared lower-case, without the period).
-_ABBREVIATIONS = frozenset(
-    """mr mrs ms mx dr prof sr jr st mt ft rev hon gov sen rep pres gen col lt sgt capt cmdr adm
-    messrs mme mlle vs etc al cf ca approx est inc ltd co corp bros dept univ assn ave blvd rd
-    jan feb apr jun jul aug sep sept oct nov dec""".split()
-)
-# Abbreviations that only stay glued to a following number ("No. 5", "Fig. 3", "pp. 12").
-_NUMBER_ABBREVIATIONS = frozenset("no nos fig figs eq eqs vol vols pp art sec ch op".split())
-# Sentence punctuation plus closing quotes/brackets, followed by whitespace or the end; or a CJK stop.
-_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(?=\s|$)|[\u3002\uff01\uff1f]")
-_INITIALS = re.compile(r"(?:[A-Za-z]\.)*[A-Za-z]")  # "U.S", "e.g", "J" (before the final period)
-_NEWLINE = re.compile(r"\n")
-# A line that starts a unit of its own: heading, list item, quote, table row.
-_STRUCTURAL_LINE = re.compile(r"[ \t]*(?:#{1,6}(?:\s|$)|[-*+\u2022]\s|\d{1,3}[.)]\s|>|\|)")
-_OPENERS = "\"'\u201c\u2018([{"
-
-
-def split_sentences(text: str) -> list[tuple[int, int]]:
-    """Sentence spans ``(start, end)`` of ``text``, trimmed of surrounding whitespace.
-
-    A sentence ends at ``.``, ``!``, ``?`` or ``…`` (with any closing quotes or brackets) followed
-    by whitespace, unless the next word starts lower-case or the period ends an abbreviation
-    (``Dr.``, ``e.g.``, ``U.S.``, an initial ``J.``, ``No. 5``); decimals (``3.14``) never split.
-    A blank line always ends a sentence; a single line break does when either line is a heading,
-    list item, quote or table row, so wrapped prose stays one sentence.
-    """
-    cuts: set[int] = set()
-    for m in _END.finditer(text):
-        if _ends_sentence(text, m.start(), m.end()):
-            cuts.add(m.end())
-    lines = [0] + [m.end() for m in _NEWLINE.finditer(text)]
-    for prev_start, start in zip(lines, lines[1:], strict=False):
-        stop = text.find("\n", start)
-        line = text[start : stop if stop >= 0 else len(text)]
-        prev = text[prev_start : start - 1]
-        if not line.strip() or not prev.strip() or _STRUCTURAL_LINE.match(line) or _STRUCTURAL_LINE.match(prev):
-            cuts.add(start)
-    spans: list[tuple[int, int]] = []
-    begin = 0
-    for cut in [*sorted(cuts), len(text)]:
-        s, e = begin, cut
-        while s < e and text[s].isspace():
-            s += 1
-        while e > s and text[e - 1].isspace():
-            e -= 1
-        if s < e:
-            spans.append((s, e))
-        begin = max(begin, cut)
-    return spans
-
-
-def _ends_sentence(text: str, start: int, end: int) -> bool:
-    nxt = end
-    while nxt < len(text) and text[nxt].isspace():
-        nxt += 1
-    if nxt == len(text):
-        return True
-    following = text[nxt]
-    if following.islower():
-        return False
-    if text[start] != "." or end - start > 1 and text[start : end].rstrip("\"'\u201d\u2019)]") != ".":
-        return True  # "!", "?", "…" or "..." before a capital
-    word_start = start
-    while word_start > 0 and not text[word_start - 1].isspace():
-        word_start -= 1
-    word = text[word_start:start].lstrip(_OPENERS)
-    lowered = word.lower()
-    if lowered in _ABBREVIATIONS or _INITIALS.fullmatch(word):
-        return False
-    if lowered in _NUMBER_ABBREVIATIONS and following.isdigit():
-        return False
-    return True
 
 
 # -- scoring ------------------------------------------------------------------------------------
@@ -180,14 +111,15 @@ def _stem(word: str) -> str:
     return word[:-1] if word.endswith("e") and len(word) > 3 else word
 
 
-def _content_words(text: str) -> set[str]:
+def content_words(text: str) -> set[str]:
+    """The text's content words: lower-cased, stop words removed, light suffixes stripped (the lexical overlap's unit)."""
     return {_stem(w) for w in _TOKEN.findall(text.lower()) if w not in _STOP_WORDS}
 
 
 def _overlap(query_words: set[str], sentence: str) -> float:
     if not query_words:
         return 0.0
-    return len(query_words & _content_words(sentence)) / len(query_words)
+    return len(query_words & content_words(sentence)) / len(query_words)
 
 
 @dataclass(slots=True)
@@ -208,14 +140,31 @@ def _candidates(context: Context) -> list[_Candidate]:
     return out
 
 
-def _scores(query: str, query_vec: np.ndarray, candidates: list[_Candidate], embedder: Embedder,
-            cache: VectorCache | None = None, namespace: str = "") -> np.ndarray:
+def _parts(query: str, query_vec: np.ndarray, candidates: list[_Candidate], embedder: Embedder,
+           cache: VectorCache | None = None, namespace: str = "") -> tuple[np.ndarray, np.ndarray]:
     texts = [c.text for c in candidates]
     vectors = embedder.embed_documents(texts) if cache is None else cache.documents(embedder, texts, namespace=namespace)
     cosine = vectors @ np.asarray(query_vec, dtype=np.float32).reshape(-1)
-    words = _content_words(query)
+    words = content_words(query)
     lexical = np.array([_overlap(words, c.text) for c in candidates], dtype=np.float32)
+    return cosine, lexical
+
+
+def _scores(query: str, query_vec: np.ndarray, candidates: list[_Candidate], embedder: Embedder,
+            cache: VectorCache | None = None, namespace: str = "") -> np.ndarray:
+    cosine, lexical = _parts(query, query_vec, candidates, embedder, cache, namespace)
     return cosine + LEXICAL_WEIGHT * lexical
+
+
+def retrieval_priors(sources: list[Source] | tuple[Source, ...], rank_weight: float, fused_weight: float) -> dict[int, float]:
+    """Each source's retrieval prior, added to its sentences' scores: ``rank_weight / rank`` (rank 1 is the
+    first source of the context) plus ``fused_weight * score / best score`` (the fused retrieval score
+    relative to the best source's). Both weights 0 (the default) rank by the sentence alone."""
+    if not sources or (rank_weight == 0 and fused_weight == 0):
+        return {s.n: 0.0 for s in sources}
+    top = max(s.score for s in sources)
+    return {s.n: rank_weight / rank + (fused_weight * s.score / top if top > 0 else 0.0)
+            for rank, s in enumerate(sources, start=1)}
 
 
 def _ranked(candidates: list[_Candidate], scores: np.ndarray) -> list[int]:
@@ -224,20 +173,24 @@ def _ranked(candidates: list[_Candidate], scores: np.ndarray) -> list[int]:
     return sorted(eligible, key=lambda i: -float(scores[i]))
 
 
-def _supporting(c: _Candidate, score: float) -> SupportingSentence:
+def _supporting(c: _Candidate, score: float, cosine: float = 0.0, lexical: float = 0.0,
+                prior: float = 0.0) -> SupportingSentence:
     return SupportingSentence(
-        n=c.source.n, document_id=c.source.document_id, text=c.text, start=c.start, end=c.end, score=float(score)
+        n=c.source.n, document_id=c.source.document_id, text=c.text, start=c.start, end=c.end, score=float(score),
+        cosine=float(cosine), lexical=float(lexical), prior=float(prior),
     )
 
 
 def rank_sentences(
     question: str, question_vec: np.ndarray | None, context: Context, embedder: Embedder, *,
-    cache: VectorCache | None = None, namespace: str = "",
+    cache: VectorCache | None = None, namespace: str = "", retrieval_weights: tuple[float, float] = (0.0, 0.0),
 ) -> list[SupportingSentence]:
     """Every sentence of the context scored against ``question``, best first (see :func:`extract_answer`).
 
     With a ``cache``, sentences (and the question) embedded before under ``namespace`` (the tenant) and
     this encoder are not embedded again: a chunk retrieved for many questions costs one embedding.
+    ``retrieval_weights`` ``(rank, fused)`` add each sentence's source prior (:func:`retrieval_priors`):
+    a sentence of the best-retrieved chunk beats an equally similar one of the eighth.
     """
     candidates = _candidates(context)
     if not candidates:
@@ -245,8 +198,11 @@ def rank_sentences(
     if question_vec is None:
         question_vec = (embedder.embed_queries([question]) if cache is None
                         else cache.queries(embedder, [question], namespace=namespace))[0]
-    scores = _scores(question, question_vec, candidates, embedder, cache, namespace)
-    return [_supporting(candidates[i], scores[i]) for i in _ranked(candidates, scores)]
+    cosine, lexical = _parts(question, question_vec, candidates, embedder, cache, namespace)
+    priors = retrieval_priors(context.sources, *retrieval_weights)
+    prior = np.array([priors[c.source.n] for c in candidates], dtype=np.float32)
+    scores = cosine + LEXICAL_WEIGHT * lexical + prior
+    return [_supporting(candidates[i], scores[i], cosine[i], lexical[i], prior[i]) for i in _ranked(candidates, scores)]
 
 
 def answer_from_ranked(ranked: list[SupportingSentence], *, max_sentences: int = 2) -> ExtractiveAnswer:

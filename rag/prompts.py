@@ -8,7 +8,7 @@ prompt does not allow; a variable that is allowed but unused by the current temp
 so a template can stop using ``evidence`` (say) without breaking its callers.
 
 A prompt's version is ``name@`` + the first 12 hex digits of the sha256 of its file's bytes; the
-set's version joins them (``system@…+answer@…+no_answer@…``) and goes on every answer, so an answer
+set's version joins them (``system@…+answer@…+no_answer@…+rewrite@…``) and goes on every answer, so an answer
 or an eval result can be traced to the exact wording that produced it.
 """
 
@@ -51,6 +51,9 @@ PROMPT_SPECS: dict[str, PromptSpec] = {
     ),
     # Returned as the answer, without calling a model, when retrieval finds nothing relevant enough.
     "no_answer": PromptSpec(allowed=frozenset({"question"})),
+    # Asks the LLM for a follow-up question made standalone, for retrieval (rag/conversation.py):
+    # the earlier turns ("User: …" / "Assistant: …" lines) and the last question.
+    "rewrite": PromptSpec(allowed=frozenset({"history", "question"}), required=frozenset({"history", "question"})),
 }
 
 _FORMATTER = string.Formatter()

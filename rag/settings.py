@@ -39,6 +39,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     qdrant_on_disk_payload: bool = False
     qdrant_quantization: Literal["none", "int8"] = "none"  # int8: a 4x smaller in-RAM copy for search
     qdrant_write_ordering: Literal["weak", "medium", "strong"] = "weak"
+    # Embedded store: the HNSW search beam, and how many points written outside the index start a
+    # background index build (in a child process; 0: never). See `python -m eval bench scale`.
+    hnsw_ef: int = 128
+    index_auto_build_points: int = 20_000
     # Encoder: a local sentence-transformers folder or a hub name; empty means the bundled MiniLM.
     encoder_model: str = ""
     encoder_batch_size: int = 64
@@ -104,6 +108,20 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # Answers whose best supporting sentence scores below this abstain. 0.6439 answers 90 % of the
     # answerable questions of the SQuAD 2.0 dev calibration half (`python -m eval calibrate`); 0 disables.
     abstain_threshold: float = 0.6439
+    # The learned answerability decision (rag/answerability.py): "bundled" (rag/models/answerability.json),
+    # a path to a model file, or empty to decide by abstain_threshold alone. Its operating point:
+    # answer_rate=R, precision=P (on the calibration sample) or probability=T.
+    answerability_model: str = "bundled"
+    answerability_operating_point: str = "answer_rate=0.9"
+    answer_explain: bool = False  # every answer lists its sources and ranked sentences with score parts (calibration)
+    # A cited [n] stands when a sentence of source n supports the claim at this score (rag/citations.py);
+    # the default reuses abstain_threshold's value (calibrated for question-to-sentence support).
+    citation_threshold: float = 0.6439
+    # Follow-ups made standalone for retrieval (rag/conversation.py): auto (the LLM at RAG_LLM_BASE_URL,
+    # else the previous question's key terms: the bundled 135M model rarely rewrites usably), llm (any
+    # configured LLM, the bundled one too), terms (key terms only), off.
+    query_rewrite: Literal["auto", "llm", "terms", "off"] = "auto"
+    rewrite_timeout_s: float = 5.0  # the LLM's rewrite; past it, the key-terms rewrite is used
     llm_base_url: str = ""  # an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8081/v1; empty: extractive answers
     # auto: start the bundled llama-server (SmolLM2) when no endpoint is set and it is installed
     llm_local: Literal["auto", "yes", "no"] = "auto"
@@ -184,10 +202,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     def __post_init__(self) -> None:
         checks = [
             (self.chunk_tokens >= 16, "chunk_tokens", "must be at least 16"),
+            (re.fullmatch(r"\s*(answer_rate|precision|probability)\s*=\s*(0(\.\d+)?|1(\.0*)?|\.\d+)\s*",
+                          self.answerability_operating_point) is not None, "answerability_operating_point",
+             "must be answer_rate=R, precision=P or probability=T with a number in [0, 1]"),
             (0 <= self.chunk_overlap < self.chunk_tokens, "chunk_overlap", "must be >= 0 and below RAG_CHUNK_TOKENS"),
             (self.encoder_batch_size >= 1, "encoder_batch_size", "must be at least 1"),
             (self.encoder_cache_size >= 1, "encoder_cache_size", "must be at least 1"),
             (self.qdrant_shards >= 1, "qdrant_shards", "must be at least 1"),
+            (self.hnsw_ef >= 1, "hnsw_ef", "must be at least 1"),
+            (self.index_auto_build_points >= 0, "index_auto_build_points", "must be 0 (off) or more"),
             (self.qdrant_replication_factor >= 1, "qdrant_replication_factor", "must be at least 1"),
             (1 <= self.qdrant_write_consistency_factor <= self.qdrant_replication_factor,
              "qdrant_write_consistency_factor", "must be between 1 and RAG_QDRANT_REPLICATION_FACTOR"),
@@ -229,6 +252,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.context_tokens >= 64, "context_tokens", "must be at least 64"),
             (self.llm_max_tokens >= 1, "llm_max_tokens", "must be at least 1"),
             (self.llm_max_retries >= 0, "llm_max_retries", "must be >= 0"),
+            (self.rewrite_timeout_s > 0, "rewrite_timeout_s", "must be positive"),
             (0 <= self.query_sample_size <= 1_000_000, "query_sample_size", "must be between 0 (off) and 1000000"),
             (self.drift_max_samples >= 10, "drift_max_samples", "must be at least 10"),
             (self.drift_monitor_interval_s >= 0, "drift_monitor_interval_s", "must be >= 0 (0: off)"),

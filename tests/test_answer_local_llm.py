@@ -35,7 +35,8 @@ def test_squad_question_answered_with_citation_by_smollm2(llama, settings, embed
     questions = [json.loads(line) for line in (shared_data / "squad2-dev" / "qa_answerable.jsonl").read_text().splitlines()]
     qa = next(q for q in questions if q["question"] == "From which countries did the Norse originate?")
     settings = msgspec.structs.replace(settings, llm_base_url=llama.base_url, llm_model="SmolLM2-135M-Instruct",
-                                       llm_timeout_s=120, llm_max_tokens=64, abstain_threshold=0.0)
+                                       llm_timeout_s=120, llm_max_tokens=64, abstain_threshold=0.0,
+                                       answerability_model="")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store, registry = open_store(settings), SqliteRegistry(settings.registry_path)
     services = Services(settings=settings, registry=registry, store=store, embedder=embedder)

@@ -8,8 +8,11 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rag.chunking import MIN_MAX_TOKENS, chunk
+from rag.sentences import split_sentences
 from rag.tokens import get_encoding
 from rag.types import Chunk, Document
 
@@ -294,3 +297,159 @@ def test_scifact_documents() -> None:
                 check_invariants(doc, chunks, max_tokens)
             else:
                 assert chunks == []
+
+
+# -- sentence boundaries: properties --------------------------------------------------------------
+
+SENTENCES = [
+    "Dr. Smith measured 25-hydroxyvitamin D in 120 adults.",
+    "The prevalence was 0.1% (14.4), with little change over 3.5 years.",
+    "Results were similar in the U.S. and in Europe, e.g. in Norway.",
+    "See Fig. 3 and No. 5 for details!",
+    "Why does it matter?",
+    "東京は日本の首都です。",
+    "大阪は大きい。",
+    "Grüße 😀 naïve café 👍🏽 straße.",
+    "A heading without a period",
+    "- a list item",
+    "1. a numbered item",
+    "Supercalifragilisticexpialidocious" * 6 + ".",
+    "漢字かな交じり文" * 20,
+    "x" * 300,
+    "a very long sentence " + "with many words and no stop " * 12 + "ends here.",
+]
+SEPARATORS = [" ", " ", "  ", "\n", "\n\n", "\n\n\n"]
+
+
+@st.composite
+def documents(draw: st.DrawFn) -> Document:
+    parts = draw(st.lists(st.sampled_from(SENTENCES), min_size=1, max_size=40))
+    seps = draw(st.lists(st.sampled_from(SEPARATORS), min_size=len(parts), max_size=len(parts)))
+    heading = draw(st.sampled_from(["", "# Title\n\n", "## Section\n"]))
+    return Document(id="h", text=heading + "".join(p + s for p, s in zip(parts, seps)))
+
+
+def sentence_starts(text: str) -> set[int]:
+    return {s for s, _ in split_sentences(text)}
+
+
+def longest_unit_tokens(text: str) -> int:
+    return max((tokens(text[s:e]) for s, e in split_sentences(text)), default=0)
+
+
+def word_at(text: str, pos: int) -> str:
+    """The run of non-space characters containing ``pos``."""
+    s, e = pos, pos
+    while s > 0 and not text[s - 1].isspace():
+        s -= 1
+    while e < len(text) and not text[e].isspace():
+        e += 1
+    return text[s:e]
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc=documents(), max_tokens=st.sampled_from([MIN_MAX_TOKENS, 6, 16, 40, 64, 200]), data=st.data())
+def test_chunks_start_at_sentences_or_words(doc: Document, max_tokens: int, data: st.DataObject) -> None:
+    overlap = data.draw(st.integers(0, max_tokens - 1))
+    chunks = chunk(doc, max_tokens, overlap, ENC)
+    # offsets exact, budget kept, all text covered, trimmed, monotone
+    check_invariants(doc, chunks, max_tokens)
+    text = doc.text
+    starts = sentence_starts(text)
+    every_sentence_fits = longest_unit_tokens(text) <= max_tokens
+    for c in chunks:
+        if every_sentence_fits:
+            assert c.start in starts, (c.text[:40], max_tokens)
+        elif c.start not in starts and not text[c.start - 1].isspace():
+            # inside a word only when that word alone is over the budget
+            assert tokens(word_at(text, c.start)) > max_tokens, c.text[:40]
+    assert chunk(doc, max_tokens, overlap, ENC) == chunks  # deterministic
+
+
+@settings(max_examples=60, deadline=None)
+@given(doc=documents(), max_tokens=st.sampled_from([16, 64, 200]), data=st.data())
+def test_overlap_is_whole_sentences_near_the_request(doc: Document, max_tokens: int, data: st.DataObject) -> None:
+    overlap = data.draw(st.integers(0, max_tokens // 2))
+    chunks = chunk(doc, max_tokens, overlap, ENC)
+    for a, b in zip(chunks, chunks[1:]):
+        if b.start < a.end:
+            assert overlap > 0
+            shared = tokens(doc.text[b.start : a.end])
+            # never more than twice the request (plus the few tokens joins re-encode differently)
+            assert shared < 2 * overlap + 4, (shared, overlap)
+
+
+def test_cjk_without_spaces_splits_at_characters_not_bytes() -> None:
+    text = "漢字かな交じり文" * 200  # no stop, no space: token runs at character boundaries
+    doc = Document(id="cjk", text=text)
+    chunks = chunk(doc, 32, 8, ENC)
+    check_invariants(doc, chunks, 32)
+    assert len(chunks) > 10
+    assert all(ENC.decode(ENC.encode_ordinary(c.text)) == c.text for c in chunks)
+
+
+def test_a_sentence_over_the_budget_is_cut_at_words_and_the_next_starts_a_chunk() -> None:
+    long = "This one goes on " + "and on " * 80 + "until it stops."
+    doc = Document(id="long-sentence", text=f"A short opener. {long} The next sentence. And one more.")
+    chunks = chunk(doc, 40, 8, ENC)
+    check_invariants(doc, chunks, 40)
+    assert chunks[0].text == "A short opener."  # the long sentence starts a chunk of its own
+    assert chunks[1].text.startswith("This one goes on")
+    assert all(doc.text[c.start - 1] == " " for c in chunks[1:])  # every cut at a word
+    assert chunks[-1].text.endswith("The next sentence. And one more.")
+
+
+def test_abbreviations_and_decimals_are_not_cut_points() -> None:
+    sentences = [f"In cohort {i}, Dr. Lee et al. found 0.{i}% (95% CI 1.2-3.4) vs. 2.{i}% at 3.5 yrs." for i in range(40)]
+    doc = Document(id="abbr", text=" ".join(sentences))
+    chunks = chunk(doc, 64, 16, ENC)
+    check_invariants(doc, chunks, 64)
+    for c in chunks:
+        assert c.text.startswith("In cohort ") and c.text.endswith(" yrs."), c.text[:30]
+
+
+# -- SciFact: what a chat frontend shows as the cited source --------------------------------------
+
+
+def scifact_docs(limit: int | None = None) -> list[Document]:
+    if not SCIFACT.exists():
+        pytest.skip("SciFact corpus not available")
+    with SCIFACT.open("rb") as fh:
+        records = [json.loads(line) for line in islice(fh, limit)]
+    return [Document(id=r["_id"], text=r["text"], title=r["title"]) for r in records]
+
+
+def test_scifact_chunks_the_issue_quoted_now_start_at_sentences() -> None:
+    # Before: "iferol. In Boston…", ", the importance of this hormone…", ".1%(14.4), with little…"
+    want = {
+        "275294": ["All vertebrates, including humans", "In Boston, exposure to sunlight"],
+        "23267371": ["Vitamin D insufficiency affects", "As the number of people with VDD"],
+        "13312471": ["Vitamin D insufficiency is common", "30 patients (10 women in 3 groups)",
+                     "Following oral supplementation"],
+    }
+    docs = {d.id: d for d in scifact_docs() if d.id in want}
+    for doc_id, beginnings in want.items():
+        chunks = chunk(docs[doc_id], 200, 32, ENC)
+        check_invariants(docs[doc_id], chunks, 200)
+        assert [c.text[: len(b)] for c, b in zip(chunks, beginnings)] == beginnings
+        assert len(chunks) == len(beginnings)
+
+
+def test_scifact_non_first_chunks_start_at_sentences() -> None:
+    docs = scifact_docs(600)
+    for max_tokens, overlap in [(200, 32), (64, 16)]:
+        at_sentence = total = 0
+        for doc in docs:
+            spans = split_sentences(doc.text)
+            starts = {s for s, _ in spans}
+            for c in chunk(doc, max_tokens, overlap, ENC)[1:]:
+                total += 1
+                assert doc.text[c.start - 1].isspace(), c.text[:40]  # always at a word
+                if c.start in starts:
+                    at_sentence += 1
+                else:  # mid-sentence only inside a sentence longer than the window
+                    (s, e), = [(s, e) for s, e in spans if s < c.start < e]
+                    assert tokens(doc.text[s:e]) > max_tokens, c.text[:40]
+        assert total > 200
+        if max_tokens == 200:  # before: 3 % of SciFact's non-first chunks started at a sentence
+            assert at_sentence / total >= 0.99, at_sentence / total

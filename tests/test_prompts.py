@@ -27,7 +27,7 @@ def prompts_copy(tmp_path: Path) -> Path:
 
 def test_the_shipped_prompts_load_with_their_declared_variables():
     prompts = load_prompts(PROMPTS)
-    assert [p.name for p in prompts] == ["system", "answer", "no_answer"]
+    assert [p.name for p in prompts] == ["system", "answer", "no_answer", "rewrite"]
     assert prompts.system.variables == frozenset()
     assert {"sources", "question"} <= prompts.answer.variables <= PROMPT_SPECS["answer"].allowed
     assert prompts.no_answer.variables == frozenset({"question"})

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rag.errors import StoreLockedError
+from rag.errors import StoreError, StoreLockedError
 from rag.store import EdgeVectorStore
 from tests.store_contract.helpers import COLL, DIM, index, make_points, unit_vectors
 
@@ -175,5 +175,165 @@ def test_edge_optimize_builds_hnsw_and_search_stays_right(tmp_path: Path) -> Non
         store.optimize(COLL)
         for k in (0, 150, 299):
             assert store.search(COLL, vecs[k].tolist(), tenant="t", top_k=1)[0].payload["chunk_index"] == k
+    finally:
+        store.close()
+
+
+# -- the HNSW index built in a child process --------------------------------------------------------
+
+BUILD_DIM = 384
+BUILD_POINTS = 9_000  # above the engine's indexing threshold (~6.6k 384-d vectors), so HNSW is built
+
+
+def _clustered(n: int, seed: int) -> np.ndarray:
+    """Unit vectors around 40 centres: closer to real text embeddings than uniform noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, BUILD_DIM))
+    v = (centres[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, BUILD_DIM))).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _points(vecs: np.ndarray, start: int, doc: str, tenant: str = "t") -> list:
+    from rag.types import PointRecord
+
+    return [PointRecord(id=f"00000000-0000-0000-0000-{start + i:012d}", vector=v.tolist(),
+                        payload={"tenant": tenant, "document_id": doc, "content_hash": "h", "chunk_index": start + i,
+                                 "live": True}) for i, v in enumerate(vecs)]
+
+
+def _leftovers(root: Path) -> list[str]:
+    """Build copies that no ``.current-`` file names."""
+    cdir = root / "collections"
+    current = {p.read_text().strip() for p in cdir.glob(".current-*")}
+    return sorted(p.name for p in cdir.glob(".build-*") if p.name not in current)
+
+
+@pytest.fixture(scope="module")
+def built_vectors() -> np.ndarray:
+    return _clustered(BUILD_POINTS + 2_000, 41)
+
+
+def test_an_index_build_runs_beside_searches_and_writes_and_loses_none(tmp_path: Path, built_vectors) -> None:
+    vecs = built_vectors
+    store = EdgeVectorStore(tmp_path, exact_search_max_points=1_000, auto_index_points=0)
+    try:
+        store.ensure_collection("c", BUILD_DIM)
+        store.upsert("c", _points(vecs[:BUILD_POINTS], 0, "bulk"))
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        written: list[int] = []
+
+        def searcher() -> None:
+            k = 0
+            while not stop.is_set():
+                try:
+                    store.search("c", vecs[k % 500].tolist(), tenant="t", top_k=10)
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+                k += 1
+
+        def writer() -> None:
+            n = BUILD_POINTS
+            while not stop.is_set() and n < len(vecs) - 10:
+                store.upsert("c", _points(vecs[n:n + 10], n, f"late-{n}"))
+                store.publish("c", "t", f"late-{n}", "h")
+                written.append(n)
+                n += 10
+                stop.wait(0.02)
+
+        threads = [threading.Thread(target=searcher), threading.Thread(target=writer)]
+        for t in threads:
+            t.start()
+        try:
+            report = store.build_index("c")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not errors, errors[0]
+        assert written, "no write landed during the build"
+        assert report["replayed_writes"] > 0 and report["build_s"] > 0
+        # Every write made during the build is in the shard now serving, and searchable.
+        total = BUILD_POINTS + 10 * len(written)
+        assert store.count("c") == total
+        for n in written[:: max(1, len(written) // 5)]:
+            hit = store.search("c", vecs[n].tolist(), tenant="t", top_k=1)[0]
+            assert hit.payload["chunk_index"] == n
+        # The HNSW path (not exact) finds a bulk point's own vector first.
+        hits = [store.search("c", vecs[k].tolist(), tenant="t", top_k=1)[0].payload["chunk_index"] for k in range(0, 9_000, 450)]
+        assert hits == list(range(0, 9_000, 450))
+        assert (tmp_path / "collections" / ".current-c").is_file()
+        assert store.list_collections() == ["c"]
+    finally:
+        store.close()
+    assert _leftovers(tmp_path) == []  # the replaced shard went on close
+    again = EdgeVectorStore(tmp_path, auto_index_points=0)
+    try:
+        assert again.count("c") == total and again.list_collections() == ["c"]
+        again.drop_collection("c")
+        assert again.list_collections() == [] and not (tmp_path / "collections" / ".current-c").exists()
+    finally:
+        again.close()
+
+
+def test_a_failed_index_build_leaves_the_live_shard_as_it_was(tmp_path: Path, built_vectors) -> None:
+    store = EdgeVectorStore(tmp_path, auto_index_points=0)
+    try:
+        store.ensure_collection("c", BUILD_DIM)
+        store.upsert("c", _points(built_vectors[:BUILD_POINTS], 0, "bulk"))
+        with pytest.raises(StoreError, match="took over"):
+            store.build_index("c", timeout_s=0.05)
+        assert _leftovers(tmp_path) == [] and not (tmp_path / "collections" / ".current-c").exists()
+        assert store.count("c") == BUILD_POINTS
+        store.upsert("c", _points(built_vectors[BUILD_POINTS:BUILD_POINTS + 5], BUILD_POINTS, "after"))
+        assert store.count("c") == BUILD_POINTS + 5
+    finally:
+        store.close()
+
+
+def test_what_a_crash_leaves_of_an_index_build_is_cleared_on_open(tmp_path: Path, built_vectors) -> None:
+    import shutil
+
+    store = EdgeVectorStore(tmp_path, auto_index_points=0)
+    store.ensure_collection("c", BUILD_DIM)
+    store.upsert("c", _points(built_vectors[:100], 0, "d"))
+    store.close()
+    cdir = tmp_path / "collections"
+    # A crash during the build: a copy that no .current- file names; it must not be taken for data.
+    shutil.copytree(cdir / "c", cdir / ".build-c-deadbeef")
+    store = EdgeVectorStore(tmp_path, auto_index_points=0)
+    try:
+        assert _leftovers(tmp_path) == [] and store.list_collections() == ["c"] and store.count("c") == 100
+    finally:
+        store.close()
+    # A crash just after the switch: the new copy is current, the replaced shard still on disk.
+    shutil.copytree(cdir / "c", cdir / ".build-c-feedf00d")
+    (cdir / ".current-c").write_text(".build-c-feedf00d\n")
+    store = EdgeVectorStore(tmp_path, auto_index_points=0)
+    try:
+        assert not (cdir / "c").exists() and store.list_collections() == ["c"] and store.count("c") == 100
+        store.upsert("c", _points(built_vectors[100:110], 100, "e"))
+        assert store.count("c") == 110
+    finally:
+        store.close()
+
+
+def test_writes_past_the_threshold_start_an_index_build_in_the_background(tmp_path: Path, built_vectors) -> None:
+    store = EdgeVectorStore(tmp_path, auto_index_points=BUILD_POINTS)
+    try:
+        store.ensure_collection("c", BUILD_DIM)
+        store.upsert("c", _points(built_vectors[:BUILD_POINTS], 0, "bulk"))
+        store.publish("c", "t", "bulk", "h")  # a publish ends with a flush: the moment the store checks
+        thread = store._index_threads.get("c")
+        assert thread is not None
+        with pytest.raises(StoreError, match="already running"):
+            # Give the background build time to take the collection, then a second build is refused.
+            for _ in range(100):
+                if "c" in store._building:
+                    store.build_index("c")
+                threading.Event().wait(0.05)
+        thread.join(300)
+        assert (tmp_path / "collections" / ".current-c").is_file()
+        assert store.count("c", live=True) == BUILD_POINTS
     finally:
         store.close()

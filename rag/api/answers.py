@@ -100,7 +100,8 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
 
 @post("/v1/chat/completions", status_code=200, summary="OpenAI-compatible chat over the documents", **access("read", 413, 415))
 async def chat_completions(data: ChatRequest, svc: Services, caller: Caller) -> Response:
-    """The last user message is the question; earlier turns are history. Citations travel in the
+    """The last user message is the question; earlier turns are history (a follow-up is made
+    standalone for retrieval: ``rag.retrieval_query``, ``rag.query_rewrite``). Citations travel in the
     extra ``citations`` field of the response (or of the final stream chunk)."""
     users = [i for i, m in enumerate(data.messages) if m.role == "user"]
     if not users:
@@ -131,7 +132,9 @@ async def chat_completions(data: ChatRequest, svc: Services, caller: Caller) -> 
             "usage": usage,
             "citations": [msgspec.to_builtins(c) for c in result.citations],
             "rag": {"mode": result.mode, "answerable": result.answerable, "prompt": result.prompt,
-                    "encoder_version": result.encoder_version, "fallback_reason": result.fallback_reason},
+                    "encoder_version": result.encoder_version, "fallback_reason": result.fallback_reason,
+                    "retrieval_query": result.retrieval_query, "query_rewrite": result.query_rewrite,
+                    "citation_checks": [msgspec.to_builtins(c) for c in result.citation_checks]},
         })
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
@@ -150,7 +153,8 @@ async def chat_completions(data: ChatRequest, svc: Services, caller: Caller) -> 
                     citations = payload
                 elif event == "done":
                     await _count_llm_tokens(svc, caller, payload.get("usage") or {})
-                    rag = {k: payload.get(k) for k in ("mode", "answerable", "prompt", "encoder_version", "fallback_reason")}
+                    rag = {k: payload.get(k) for k in ("mode", "answerable", "prompt", "encoder_version", "fallback_reason",
+                                                       "retrieval_query", "query_rewrite", "citation_checks")}
                     yield chunk({}, "stop", citations=citations, rag=rag)
                 elif event == "error":
                     yield f"data: {json.dumps({'error': payload})}\n\n".encode()

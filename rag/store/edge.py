@@ -12,10 +12,16 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from rag.errors import NotFound, RagError, StoreError, StoreLockedError
 from rag.store.base import Branch, QdrantLikeStore, SearchPlan
@@ -28,6 +34,8 @@ from rag.store.protocol import (
     check_collection_name,
 )
 from rag.types import PointRecord, SparseVector
+
+log = structlog.get_logger("rag.store.edge")
 
 __all__ = ["EdgeVectorStore"]
 
@@ -70,19 +78,35 @@ class EdgeVectorStore(QdrantLikeStore):
     # scores exactly when the filtered set is small.
     EXACT_SEARCH_MAX_POINTS = 20_000
 
-    def __init__(self, root: Path | str, *, exact_search_max_points: int | None = None) -> None:
-        """Take the exclusive lock on ``root/.lock``, or raise :class:`StoreLockedError` at once."""
+    def __init__(self, root: Path | str, *, exact_search_max_points: int | None = None, hnsw_ef: int = 128,
+                 auto_index_points: int = 20_000) -> None:
+        """Take the exclusive lock on ``root/.lock``, or raise :class:`StoreLockedError` at once.
+
+        ``hnsw_ef``: the HNSW search beam (recall against cost; ``python -m eval bench scale``).
+        ``auto_index_points``: once a collection holds this many points outside its HNSW index, a write
+        starts :meth:`build_index` in a background thread (0: never; call :meth:`optimize` yourself).
+        """
         self.root = Path(root)
         self.lock_path = self.root / ".lock"
         self._exact_max = self.EXACT_SEARCH_MAX_POINTS if exact_search_max_points is None else exact_search_max_points
+        self._hnsw_ef = hnsw_ef
+        self._auto_index_points = auto_index_points
+        self._index_threads: dict[str, threading.Thread] = {}
+        self._children: set[subprocess.Popen[str]] = set()  # running index builds, stopped by close()
+        self._unindexed: dict[int, int] = {}  # id(shard handle) -> points upserted since its last index build
         self._lock_fd = self._acquire_lock()
         # Lock order: _write_lock before _shards_lock. Searches take only _shards_lock, briefly.
         self._write_lock = threading.RLock()
         self._shards_lock = threading.RLock()
         self._shards: dict[str, Any] = {}
+        # id(shard handle) -> the writes applied to it since an index build copied it (see build_index).
+        self._journals: dict[int, list[Any]] = {}
+        self._building: set[str] = set()
+        self._retired: list[tuple[Any, Path]] = []  # swapped-out shards, closed on the next build or close()
         self._closed = False
         try:
             self._collections_dir.mkdir(parents=True, exist_ok=True)
+            self._recover_builds()
         except OSError as exc:
             self._release_lock()
             raise StoreError(f"cannot create {self._collections_dir}: {exc}") from exc
@@ -125,7 +149,10 @@ class EdgeVectorStore(QdrantLikeStore):
             self._lock_fd = -1
 
     def close(self) -> None:
-        """Flush and close every shard, then release the lock. Safe to call twice."""
+        """Stop index builds, flush and close every shard, then release the lock. Safe to call twice."""
+        for child in list(self._children):
+            with contextlib.suppress(OSError):
+                child.kill()
         with self._write_lock, self._shards_lock:
             if self._closed:
                 return
@@ -138,6 +165,7 @@ class EdgeVectorStore(QdrantLikeStore):
                 except Exception as exc:  # the engine raises bare Exception; close the rest anyway
                     errors.append(f"{name}: {exc}")
             self._shards.clear()
+            self._close_retired()
             self._release_lock()
         if errors:
             raise StoreError(f"closing the embedded store at {self.root} failed: {'; '.join(errors)}")
@@ -159,7 +187,18 @@ class EdgeVectorStore(QdrantLikeStore):
         return self.root / "active"
 
     def _shard_path(self, name: str) -> Path:
-        return self._collections_dir / name
+        """The collection's shard directory: ``collections/<name>``, or the index build that replaced it
+        (named by ``collections/.current-<name>``, see :meth:`build_index`)."""
+        try:
+            target = self._redirect_path(name).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return self._collections_dir / name
+        except OSError as exc:
+            raise StoreError(f"cannot read {self._redirect_path(name)}: {exc}") from exc
+        return self._collections_dir / target
+
+    def _redirect_path(self, name: str) -> Path:
+        return self._collections_dir / f".current-{name}"
 
     @staticmethod
     def _is_shard(path: Path) -> bool:
@@ -187,6 +226,9 @@ class EdgeVectorStore(QdrantLikeStore):
 
                 with _edge_errors(f"loading collection {name!r}"):
                     shard = EdgeShard.load(str(path))
+                # Never indexed by build_index (no .current- file): count every point as unindexed.
+                built = self._redirect_path(name).exists()
+                self._unindexed[id(shard)] = 0 if built else shard.info().points_count
                 self._shards[name] = shard
             return shard
 
@@ -246,7 +288,11 @@ class EdgeVectorStore(QdrantLikeStore):
         """Names of every collection (shard directories), sorted."""
         self._check_open()
         try:
-            return sorted(p.name for p in self._collections_dir.iterdir() if self._is_shard(p))
+            # Names starting with "." are index builds (never a valid collection name); a built index that
+            # replaced a shard is named by its .current-<name> file.
+            names = {p.name for p in self._collections_dir.iterdir() if not p.name.startswith(".") and self._is_shard(p)}
+            names |= {p.name[len(".current-"):] for p in self._collections_dir.glob(".current-*")}
+            return sorted(names)
         except OSError as exc:
             raise StoreError(f"cannot list {self._collections_dir}: {exc}") from exc
 
@@ -297,15 +343,17 @@ class EdgeVectorStore(QdrantLikeStore):
             self._check_open()
             shard = self._shards.pop(name, None)
             if shard is not None:
+                self._unindexed.pop(id(shard), None)
                 with _edge_errors(f"closing collection {name!r}"):
                     shard.close()
             path = self._shard_path(name)
             if self.get_active() == name:
                 self._write_pointer(None)
             try:
-                shutil.rmtree(path)
-            except FileNotFoundError:
-                pass
+                self._redirect_path(name).unlink(missing_ok=True)
+                for doomed in {path, self._collections_dir / name}:
+                    with contextlib.suppress(FileNotFoundError):
+                        shutil.rmtree(doomed)
             except OSError as exc:
                 raise StoreError(f"cannot delete {path}: {exc}") from exc
 
@@ -355,17 +403,51 @@ class EdgeVectorStore(QdrantLikeStore):
     def _upsert_raw(self, handle: Any, points: list[Any]) -> None:
         from qdrant_edge import UpdateOperation
 
-        handle.update(UpdateOperation.upsert_points(points))
+        self._apply(handle, UpdateOperation.upsert_points(points))
+        self._unindexed[id(handle)] = self._unindexed.get(id(handle), 0) + len(points)
 
     def _set_payload_raw(self, handle: Any, flt: Any, payload: dict[str, Any]) -> None:
         from qdrant_edge import UpdateOperation
 
-        handle.update(UpdateOperation.set_payload_by_filter(flt, payload))
+        self._apply(handle, UpdateOperation.set_payload_by_filter(flt, payload))
 
     def _delete_raw(self, handle: Any, flt: Any) -> None:
         from qdrant_edge import UpdateOperation
 
-        handle.update(UpdateOperation.delete_points_by_filter(flt))
+        self._apply(handle, UpdateOperation.delete_points_by_filter(flt))
+
+    def _flush(self, handle: Any) -> None:
+        handle.flush()
+        # Every multi-step write ends with a flush: the moment to see whether the index has fallen behind.
+        if self._auto_index_points > 0:
+            self._maybe_index(handle)
+
+    def _maybe_index(self, handle: Any) -> None:
+        # Points written since the shard was last indexed; the engine's own counts mix in sparse vectors.
+        if self._unindexed.get(id(handle), 0) < self._auto_index_points:
+            return
+        name = next((n for n, h in list(self._shards.items()) if h is handle), None)
+        running = self._index_threads.get(name) if name else None
+        if name is None or name in self._building or (running is not None and running.is_alive()):
+            return
+
+        def build() -> None:
+            try:
+                self.build_index(name)
+            except Exception as exc:  # logged, never raised into a writer; the next flush tries again
+                log.warning("index_build_failed", collection=name, error=str(exc))
+
+        thread = threading.Thread(target=build, name=f"index-{name}", daemon=True)
+        self._index_threads[name] = thread
+        thread.start()
+
+    def _apply(self, handle: Any, op: Any) -> None:
+        # Callers hold the write lock. While an index build works on a copy of this shard, the write is
+        # journaled too and replayed into the built copy before it replaces the shard.
+        handle.update(op)
+        journal = self._journals.get(id(handle))
+        if journal is not None:
+            journal.append(op)
 
     def _count_raw(self, handle: Any, flt: Any) -> int:
         from qdrant_edge import CountRequest
@@ -379,14 +461,13 @@ class EdgeVectorStore(QdrantLikeStore):
         return handle.scroll(ScrollRequest(offset=offset, limit=limit, filter=flt, with_payload=with_payload,
                                            with_vector=with_vector))
 
-    def _flush(self, handle: Any) -> None:
-        handle.flush()
-
     def _dense_branch(self, handle: Any, vector: list[float]) -> Branch:
         from qdrant_edge import Query, SearchParams
 
         exact = handle.info().points_count <= self._exact_max  # see EXACT_SEARCH_MAX_POINTS
-        return Branch(Query.Nearest(vector, using=VECTOR_NAME), VECTOR_NAME, SearchParams(exact=exact))
+        # Segments not yet indexed are scanned exactly by the engine whatever this says.
+        return Branch(Query.Nearest(vector, using=VECTOR_NAME), VECTOR_NAME,
+                      SearchParams(exact=exact, hnsw_ef=None if exact else self._hnsw_ef))
 
     def _sparse_branch(self, vector: SparseVector, scope: list[Any]) -> Branch:
         from qdrant_edge import Filter, IdfParams, Query, SearchParams
@@ -435,17 +516,178 @@ class EdgeVectorStore(QdrantLikeStore):
         return counts
 
     def optimize(self, collection: str) -> bool:
-        """Run the engine's optimizers (HNSW build, merges, vacuum) now; blocks the process meanwhile.
+        """Build the collection's vector index now, in a child process (:meth:`build_index`); True when done.
 
-        Returns True if any segment changed. The engine only builds HNSW for segments above its
-        indexing threshold (roughly 10k 384-d vectors), so small collections stay brute force.
+        Collections at or below the engine's indexing threshold (roughly 10k 384-d vectors) stay brute
+        force, which is exact and fast at that size.
         """
+        self.build_index(collection)
+        return True
+
+    def build_index(self, collection: str, *, timeout_s: float = 6 * 3600, nice: int = 10) -> dict[str, float]:
+        """Build the collection's HNSW index without stalling this process's searches or writes for long.
+
+        The engine's optimizer holds the GIL for the whole build (8 s at 40k x 384-d here), so it runs
+        in another process, on a copy:
+
+        1. Under the write lock: flush the shard and copy its directory (sparse-aware ``cp``; writes wait,
+           searches go on). From then on every write to the shard is also journaled.
+        2. A child process (``python -m rag.store.edge_index``, at ``nice``) loads the copy and builds the
+           index. Searches and writes go on here, on the live shard (brute force).
+        3. The built copy is loaded here and the journal replayed into it, outside the write lock, until
+           only a few writes are left; then, under the write lock, the rest is replayed and flushed,
+           ``collections/.current-<name>`` is switched atomically to the copy, and the copy becomes the
+           shard searches use. The old shard is closed and deleted on the next build or close, so a
+           search that already holds it finishes.
+
+        A crash at any point leaves either the old shard (holding every write) or the new one (flushed
+        with every write) named as current; the leftovers are deleted when the store is next opened.
+        Returns the seconds of each step (``copy_s``, ``build_s``, ``catch_up_s``, ``swap_s``) and the
+        writes replayed. Raises :class:`StoreError` if a build of the collection is already running, the
+        child fails or times out, or the collection was dropped meanwhile; the live shard is untouched then.
+        """
+        check_collection_name(collection)
+        build_name = f".build-{collection}-{uuid.uuid4().hex[:8]}"
+        build_dir = self._collections_dir / build_name
+        t0 = time.perf_counter()
         with self._write_lock:
-            shard = self._shard(collection)
-            with _edge_errors(f"optimizing {collection!r}"):
-                changed = bool(shard.optimize())
-                shard.flush()
-        return changed
+            self._check_open()
+            if collection in self._building:
+                raise StoreError(f"an index build of {collection!r} is already running")
+            self._close_retired()
+            handle = self._shard(collection)
+            old_dir = self._shard_path(collection)
+            with _edge_errors(f"flushing {collection!r}"):
+                handle.flush()
+            copied = subprocess.run(["cp", "-a", "--sparse=always", str(old_dir), str(build_dir)],
+                                    capture_output=True, text=True)
+            if copied.returncode != 0:
+                shutil.rmtree(build_dir, ignore_errors=True)
+                raise StoreError(f"cannot copy {collection!r} for an index build: {copied.stderr.strip()}")
+            journal: list[Any] = []
+            self._journals[id(handle)] = journal
+            self._building.add(collection)
+            unindexed_before = self._unindexed.get(id(handle), 0)
+            self._unindexed[id(handle)] = 0  # what is written from now on is outside the index being built
+        t1 = time.perf_counter()
+        new: Any = None
+        swapped = False
+        try:
+            self._run_index_child(build_dir, timeout_s=timeout_s, nice=nice)
+            t2 = time.perf_counter()
+            from qdrant_edge import EdgeShard
+
+            with _edge_errors(f"loading the indexed copy of {collection!r}"):
+                new = EdgeShard.load(str(build_dir))
+            done = 0
+            while True:
+                with self._write_lock:
+                    self._check_open()
+                    if self._shards.get(collection) is not handle:
+                        raise StoreError(f"collection {collection!r} was dropped during its index build")
+                    if len(journal) - done <= self.SWAP_MAX_REPLAY:
+                        t3 = time.perf_counter()
+                        with _edge_errors(f"replaying writes into the indexed {collection!r}"):
+                            for op in journal[done:]:
+                                new.update(op)
+                            new.flush()
+                        self._write_redirect(collection, build_name)
+                        with self._shards_lock:
+                            self._shards[collection] = new
+                        self._unindexed[id(new)] = self._unindexed.pop(id(handle), 0)
+                        swapped = True
+                        self._retired.append((handle, old_dir))
+                        replayed = len(journal)
+                        t4 = time.perf_counter()
+                        break
+                upto = len(journal)  # the journal only grows (under the write lock); replay what is there
+                with _edge_errors(f"replaying writes into the indexed {collection!r}"):
+                    for op in journal[done:upto]:
+                        new.update(op)
+                    new.flush()  # so that the flush under the write lock has little left to write
+                done = upto
+        finally:
+            with self._write_lock:
+                self._journals.pop(id(handle), None)
+                self._building.discard(collection)
+            if not swapped:
+                self._unindexed[id(handle)] = self._unindexed.get(id(handle), 0) + unindexed_before
+                if new is not None:
+                    with contextlib.suppress(Exception):
+                        new.close()
+                shutil.rmtree(build_dir, ignore_errors=True)
+        report = {"copy_s": t1 - t0, "build_s": t2 - t1, "catch_up_s": t3 - t2, "swap_s": t4 - t3,
+                  "replayed_writes": float(replayed)}
+        log.info("index_built", collection=collection, **{k: round(v, 3) for k, v in report.items()})
+        return report
+
+    # Writes left to replay under the write lock when an index build swaps in (the rest is replayed before).
+    SWAP_MAX_REPLAY = 16
+
+    def _run_index_child(self, build_dir: Path, *, timeout_s: float, nice: int) -> None:
+        cmd = [sys.executable, "-m", "rag.store.edge_index", str(build_dir)]
+        try:
+            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        except OSError as exc:
+            raise StoreError(f"cannot start the index build process: {exc}") from exc
+        self._children.add(child)
+        try:
+            out, err = child.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            child.kill()
+            child.communicate()
+            raise StoreError(f"the index build of {build_dir.name} took over {timeout_s:.0f} s; it was stopped") from exc
+        finally:
+            self._children.discard(child)
+        if child.returncode != 0:
+            tail = (err or out or "").strip().splitlines()[-3:]
+            raise StoreError(f"the index build process failed (exit {child.returncode}): {' | '.join(tail)}")
+
+    def _write_redirect(self, collection: str, target: str) -> None:
+        redirect = self._redirect_path(collection)
+        tmp = redirect.with_name(redirect.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(target + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, redirect)
+        _fsync_dir(self._collections_dir)
+
+    def _close_retired(self) -> None:
+        for shard, path in self._retired:
+            with contextlib.suppress(Exception):
+                shard.close()
+            shutil.rmtree(path, ignore_errors=True)
+        self._retired.clear()
+
+    def _recover_builds(self) -> None:
+        """Delete what an interrupted or finished index build left: copies no ``.current-*`` file names,
+        and shards that a ``.current-*`` file replaced."""
+        current = set()
+        for redirect in self._collections_dir.glob(".current-*"):
+            if redirect.name.endswith(".tmp"):
+                redirect.unlink()
+                continue
+            target = redirect.read_text(encoding="utf-8").strip()
+            if not self._is_shard(self._collections_dir / target):
+                redirect.unlink()  # cannot happen (the copy is complete before the switch); be safe
+                continue
+            current.add(target)
+            replaced = self._collections_dir / redirect.name[len(".current-"):]
+            if replaced.is_dir():
+                shutil.rmtree(replaced)
+        for leftover in self._collections_dir.glob(".build-*"):
+            if leftover.name not in current:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_pid(fd: int) -> str:

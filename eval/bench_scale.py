@@ -1,0 +1,234 @@
+"""``python -m eval bench scale``: the embedded store at a large number of chunks.
+
+Vectors: ``--real`` texts of a BEIR corpus are embedded with the configured encoder (real MiniLM
+vectors of real text); the ``--chunks`` points are drawn around them (a random real vector plus
+isotropic Gaussian noise of ``--noise`` per dimension, re-normalised: cosine ~0.9 to its source), so
+that the collection has the neighbourhood structure of real chunk vectors at a size this machine
+cannot embed in a bench run. Queries are the corpus's real query texts, embedded as queries.
+
+Steps, all through :class:`rag.store.EdgeVectorStore` (the code the service runs):
+
+1. Upsert every point (``--tenants`` tenants, payload as the worker writes it): upsert throughput.
+2. Filtered top-10 search before the index exists (the engine scans exactly).
+3. Traffic without a build for ``--idle-s`` (one thread searching without pause, another upserting 10
+   points every 50 ms): the baseline of this machine, in the same run.
+4. :meth:`~rag.store.EdgeVectorStore.build_index` (child process, copy, journal, switch) under the same
+   traffic: time to index and, per step of the build, p50/p95 and the longest call (the stalls).
+5. Filtered top-10 search with the index, per ``--ef``: p50/p95 and recall@10 against an exact scan
+   of the same collection (taken after the build, since the traffic added points).
+6. Process RSS (current, peak) and the store's disk use.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval.datasets import iter_corpus, load_queries
+from rag.store import EdgeVectorStore
+from rag.types import PointRecord
+
+COLLECTION = "scale"
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def _rss_mib() -> tuple[float, float]:
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            values[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return values.get("VmRSS", float("nan")), values.get("VmHWM", float("nan"))
+
+
+def _disk_mib(path: Path) -> float:
+    out = subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True).stdout.split()
+    return int(out[0]) / 1024 if out else float("nan")
+
+
+def _real_vectors(settings, dataset: Path, n_real: int, n_queries: int) -> tuple[np.ndarray, np.ndarray, str]:
+    from rag.embedding import load_embedder
+
+    encoder = load_embedder(settings)
+    texts = []
+    for doc in iter_corpus(dataset / "corpus.jsonl"):
+        texts.append(f"{doc.title}\n{doc.text}" if doc.title else doc.text)
+        if len(texts) >= n_real:
+            break
+    queries = list(load_queries(dataset / "queries.jsonl").values())[:n_queries]
+    docs = np.asarray(encoder.embed_documents(texts), dtype=np.float32)
+    qs = np.asarray(encoder.embed_queries(queries), dtype=np.float32)
+    return docs, qs, encoder.version
+
+
+def _points(real: np.ndarray, start: int, count: int, rng: np.random.Generator, noise: float,
+            tenants: int) -> list[PointRecord]:
+    src = real[rng.integers(0, len(real), count)]
+    v = src + noise * rng.standard_normal(src.shape).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    out = []
+    for i in range(count):
+        n = start + i
+        out.append(PointRecord(id=str(uuid.UUID(int=n + 1)), vector=v[i].tolist(), payload={
+            "tenant": f"t{n % tenants}", "document_id": f"d{n // 8}", "content_hash": "h", "chunk_index": n % 8,
+            "live": True}))
+    return out
+
+
+def _searches(store: EdgeVectorStore, queries: np.ndarray, tenants: int, top_k: int = 10) -> tuple[list[float], list[list[str]]]:
+    times, ids = [], []
+    for i, q in enumerate(queries):
+        t0 = time.perf_counter()
+        hits = store.search(COLLECTION, q.tolist(), tenant=f"t{i % tenants}", top_k=top_k)
+        times.append(1000 * (time.perf_counter() - t0))
+        ids.append([h.id for h in hits])
+    return times, ids
+
+
+def _summary(ms: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(statistics.median(ms), 3), "p95_ms": round(_pct(ms, 95), 3),
+            "max_ms": round(max(ms), 3), "n": len(ms)}
+
+
+def bench_scale(settings, args) -> dict[str, Any]:
+    rng = np.random.default_rng(args.seed)
+    t0 = time.perf_counter()
+    real, queries, version = _real_vectors(settings, args.dataset, args.real, args.queries)
+    embed_s = time.perf_counter() - t0
+    print(f"embedded {len(real)} real texts and {len(queries)} queries with {version} in {embed_s:.0f} s")
+    data_dir = args.data_dir
+    if data_dir.exists():
+        subprocess.run(["rm", "-rf", str(data_dir)], check=True)
+    store = EdgeVectorStore(data_dir, exact_search_max_points=0, hnsw_ef=128, auto_index_points=0)
+    try:
+        store.ensure_collection(COLLECTION, real.shape[1])
+        t0 = time.perf_counter()
+        batch = 2_000
+        for start in range(0, args.chunks, batch):
+            store.upsert(COLLECTION, _points(real, start, min(batch, args.chunks - start), rng, args.noise, args.tenants))
+        store._shard(COLLECTION).flush()
+        upsert_s = time.perf_counter() - t0
+        print(f"upserted {args.chunks} points in {upsert_s:.0f} s ({args.chunks / upsert_s:.0f} points/s)")
+
+        exact_ms, exact_ids = _searches(store, queries, args.tenants)
+        print(f"before the index (exact scan): p50 {statistics.median(exact_ms):.2f} ms, p95 {_pct(exact_ms, 95):.2f} ms")
+
+        def traffic(work) -> tuple[dict[str, list[tuple[float, float]]], list[str], float, float, Any]:
+            """Run ``work()`` while one thread searches without pause and another upserts 10 points every
+            50 ms; returns every call's (start, ms), the errors, the window, and work's result."""
+            events: dict[str, list[tuple[float, float]]] = {"search": [], "upsert": []}
+            stop = threading.Event()
+            errors: list[str] = []
+
+            def searcher() -> None:
+                i = 0
+                while not stop.is_set():
+                    s = time.perf_counter()
+                    try:
+                        store.search(COLLECTION, queries[i % len(queries)].tolist(), tenant=f"t{i % args.tenants}",
+                                     top_k=10)
+                    except Exception as exc:  # noqa: BLE001 - counted, the bench goes on
+                        errors.append(f"search: {exc}")
+                    events["search"].append((s, 1000 * (time.perf_counter() - s)))
+                    i += 1
+
+            def writer() -> None:
+                nonlocal written
+                while not stop.is_set():
+                    points = _points(real, written, 10, wrng, args.noise, args.tenants)
+                    s = time.perf_counter()
+                    try:
+                        store.upsert(COLLECTION, points)
+                    except Exception as exc:  # noqa: BLE001
+                        errors.append(f"upsert: {exc}")
+                    events["upsert"].append((s, 1000 * (time.perf_counter() - s)))
+                    written += 10
+                    stop.wait(0.05)
+
+            threads = [threading.Thread(target=searcher, daemon=True), threading.Thread(target=writer, daemon=True)]
+            begin = time.perf_counter()
+            for t in threads:
+                t.start()
+            try:
+                result = work()
+            finally:
+                end = time.perf_counter()
+                stop.set()
+                for t in threads:
+                    t.join()
+            return events, errors, begin, end, result
+
+        def window(events, lo: float, hi: float) -> dict[str, dict[str, float]]:
+            return {kind: _summary([ms for s, ms in ev if lo <= s < hi] or [float("nan")]) for kind, ev in events.items()}
+
+        written = args.chunks
+        wrng = np.random.default_rng(args.seed + 1)
+        # Baseline: the same traffic with no build, in this run (this machine's own noise).
+        idle_events, idle_errors, lo, hi, _ = traffic(lambda: time.sleep(args.idle_s))
+        idle = window(idle_events, lo, hi)
+        for kind, row in idle.items():
+            print(f"no build ({args.idle_s:.0f} s), {kind}: {row['n']} calls, p50 {row['p50_ms']:.2f} ms, "
+                  f"p95 {row['p95_ms']:.2f} ms, longest {row['max_ms']:.1f} ms")
+        events, errors, lo, hi, steps = traffic(lambda: store.build_index(COLLECTION, timeout_s=args.timeout))
+        errors += idle_errors
+        index_s = hi - lo
+        print(f"index built in {index_s:.0f} s: " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()))
+        # The build's steps, in order, from the moment it began (the traffic threads start just before).
+        bounds, t = {}, hi - sum(steps[k] for k in ("copy_s", "build_s", "catch_up_s", "swap_s"))
+        for k in ("copy_s", "build_s", "catch_up_s", "swap_s"):
+            bounds[k.removesuffix("_s")] = (t, t + steps[k])
+            t += steps[k]
+        during = {"whole": window(events, lo, hi), **{k: window(events, a, b) for k, (a, b) in bounds.items()}}
+        for phase, rows in during.items():
+            for kind, row in rows.items():
+                print(f"during the build ({phase}), {kind}: {row['n']} calls, p50 {row['p50_ms']:.2f} ms, "
+                      f"p95 {row['p95_ms']:.2f} ms, longest {row['max_ms']:.1f} ms")
+
+        # Ground truth now (the writes during the build changed the neighbours): an exact scan.
+        store._exact_max = 10**12
+        exact_after_ms, exact_ids = _searches(store, queries, args.tenants)
+        store._exact_max = 0
+        indexed = []
+        for ef in args.ef:
+            store._hnsw_ef = ef
+            _searches(store, queries[:20], args.tenants)  # warm
+            ms, ids = _searches(store, queries, args.tenants)
+            recall = float(np.mean([len(set(a) & set(e)) / max(1, len(e)) for a, e in zip(ids, exact_ids)]))
+            indexed.append({"ef": ef, **_summary(ms), "recall_at_10": round(recall, 4)})
+            print(f"with the index, ef {ef}: p50 {statistics.median(ms):.2f} ms, p95 {_pct(ms, 95):.2f} ms, "
+                  f"recall@10 {recall:.4f} (exact scan now: p50 {statistics.median(exact_after_ms):.2f} ms)")
+        rss, peak = _rss_mib()
+        disk = _disk_mib(data_dir)
+        print(f"RSS {rss:.0f} MiB (peak {peak:.0f}), disk {disk:.0f} MiB")
+        return {
+            "bench": "scale", "chunks": args.chunks, "tenants": args.tenants, "queries": len(queries),
+            "vectors": f"{len(real)} real {version} vectors of {args.dataset.name} texts; points = a random real "
+                       f"vector + N(0, {args.noise}^2) per dimension, re-normalised; queries: real query texts",
+            "encoder": version, "embed_s": round(embed_s, 1),
+            "upsert": {"seconds": round(upsert_s, 1), "points_per_s": round(args.chunks / upsert_s)},
+            "exact_search": _summary(exact_ms),
+            "traffic_without_build": idle,
+            "build": {"seconds": round(index_s, 1), **{k: round(v, 3) for k, v in steps.items()},
+                      "during": during, "errors": errors[:10], "error_count": len(errors)},
+            "exact_search_after_build": _summary(exact_after_ms),
+            "indexed_search": indexed,
+            "rss_mib": round(rss), "peak_rss_mib": round(peak), "disk_mib": round(disk),
+            "cpus": os.cpu_count(),
+        }
+    finally:
+        store.close()
+        if not args.keep:
+            subprocess.run(["rm", "-rf", str(data_dir)], check=False)
