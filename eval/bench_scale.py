@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from eval.datasets import iter_corpus, load_queries
+from rag.errors import StoreError
 from rag.store import EdgeVectorStore
 from rag.types import PointRecord
 
@@ -182,7 +183,20 @@ def bench_scale(settings, args) -> dict[str, Any]:
         for kind, row in idle.items():
             print(f"no build ({args.idle_s:.0f} s), {kind}: {row['n']} calls, p50 {row['p50_ms']:.2f} ms, "
                   f"p95 {row['p95_ms']:.2f} ms, longest {row['max_ms']:.1f} ms")
-        events, errors, lo, hi, steps = traffic(lambda: store.build_index(COLLECTION, timeout_s=args.timeout))
+        def build() -> dict[str, float]:
+            try:
+                return store.build_index(COLLECTION, timeout_s=args.timeout)
+            except StoreError as exc:  # e.g. past --timeout: report what was measured up to there
+                print(f"the index build failed: {exc}")
+                return {}
+
+        events, errors, lo, hi, steps = traffic(build)
+        if not steps:
+            return {"bench": "scale", "chunks": args.chunks, "error": "index build failed or timed out",
+                    "timeout_s": args.timeout, "upsert": {"seconds": round(upsert_s, 1),
+                                                          "points_per_s": round(args.chunks / upsert_s)},
+                    "exact_search": _summary(exact_ms), "traffic_without_build": idle,
+                    "during_failed_build": window(events, lo, hi), "cpus": os.cpu_count()}
         errors += idle_errors
         index_s = hi - lo
         print(f"index built in {index_s:.0f} s: " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()))
