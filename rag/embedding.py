@@ -126,7 +126,20 @@ def runtime_for(version: str, configured: str) -> str:
     return "onnx"
 
 
-class SentenceTransformerEmbedder:
+class _SlicedEncoding:
+    """Documents encoded in slices (a waiting query goes first between them); a few queries at once, urgent.
+    Subclasses give ``_encode(texts, batch_size, urgent=False)``, ``batch_size`` and ``dimension``."""
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        return encode_in_slices(lambda part: self._encode(part, self.batch_size), texts, self.dimension)
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        if len(texts) > URGENT_TEXTS:  # bulk query work (a validation set) waits like documents
+            return encode_in_slices(lambda part: self._encode(part, self.batch_size), texts, self.dimension)
+        return self._encode(texts, max(1, min(len(texts), self.batch_size)), urgent=True)
+
+
+class SentenceTransformerEmbedder(_SlicedEncoding):
     """A sentence-transformers bi-encoder; vectors are L2-normalised for cosine search.
 
     ``encode`` is guarded by a lock: torch already uses every core for one batch, so two
@@ -172,16 +185,8 @@ class SentenceTransformerEmbedder:
             )
         return np.asarray(vectors, dtype=np.float32)
 
-    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
-        return encode_in_slices(lambda part: self._encode(part, self.batch_size), texts, self.dimension)
 
-    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        if len(texts) > URGENT_TEXTS:  # bulk query work (a validation set) waits like documents
-            return encode_in_slices(lambda part: self._encode(part, self.batch_size), texts, self.dimension)
-        return self._encode(texts, max(1, min(len(texts), self.batch_size)), urgent=True)
-
-
-class OnnxEmbedder:
+class OnnxEmbedder(_SlicedEncoding):
     """The same encoder run by ONNX Runtime from an export of its sentence-transformers pipeline
     (:mod:`rag.onnx_export`, built on first use and cached under ``cache``), fp32 or int8.
 
@@ -259,14 +264,6 @@ class OnnxEmbedder:
                 vectors = self._session.run(None, feed)[0]
             out[rows] = vectors
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-
-    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
-        return encode_in_slices(lambda part: self._encode(part, self.batch_size), texts, self.dimension)
-
-    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        if len(texts) > URGENT_TEXTS:  # bulk query work (a validation set) waits like documents
-            return encode_in_slices(lambda part: self._encode(part, self.batch_size), texts, self.dimension)
-        return self._encode(texts, max(1, min(len(texts), self.batch_size)), urgent=True)
 
 
 def _available_cpus() -> int:
