@@ -139,4 +139,5 @@ def test_every_metric_the_alerts_and_the_dashboard_name_exists(tmp_path) -> None
     named = {m for e in exprs for m in re.findall(r"\brag_[a-z_]+\b", e)}
     assert named and not named - known, f"not exported: {sorted(named - known)}"
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"]}
-    assert {"RagSearchLatencySLOBurn", "RagQueueStuck", "RagJobFailureRate", "RagLLMErrors"} <= alerts
+    assert {"RagSearchLatencySLOBurn", "RagQueueStuck", "RagJobFailureRate", "RagLLMErrors", "RagEmbeddingDrift",
+            "RagEmbeddingCollapse", "RagIndexInconsistent"} <= alerts
