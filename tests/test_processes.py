@@ -227,9 +227,20 @@ CRASH_DOCUMENTS = 64
 CRASH_ENV = {"RAG_CHUNK_TOKENS": "32", "RAG_CHUNK_OVERLAP": "0", "RAG_WORKER_POLL_S": "0.1"}
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def registry_env(request) -> dict[str, str]:
+    """The registry the service processes share: the data dir's SQLite file, or a PostgreSQL schema."""
+    if request.param == "sqlite":
+        return {}
+    return {"RAG_DATABASE_URL": request.getfixturevalue("postgres_url")}
+
+
 @pytest.mark.slow
-def test_crash_mid_job_is_retried_to_a_correct_state(tmp_path, shared_data):
-    from rag.registry import SqliteRegistry
+def test_crash_mid_job_is_retried_to_a_correct_state(tmp_path, shared_data, registry_env):
+    """A process SIGKILLed mid-job; a new process (on the same registry, SQLite or PostgreSQL) takes the job
+    over and every document ends indexed exactly once, with nothing half-written in between."""
+    from rag.registry_factory import open_registry
+    from rag.settings import Settings
 
     lines = []
     with open(shared_data / "scifact" / "corpus.jsonl", encoding="utf-8") as fh:
@@ -242,7 +253,7 @@ def test_crash_mid_job_is_retried_to_a_correct_state(tmp_path, shared_data):
     assert len(set(ids)) == len(ids) == CRASH_DOCUMENTS
     corpus = ("\n".join(lines) + "\n").encode()
     data_dir = tmp_path / "data"
-    service = Service(data_dir, free_port(), tmp_path / "service.log", **CRASH_ENV)
+    service = Service(data_dir, free_port(), tmp_path / "service.log", **CRASH_ENV, **registry_env)
     try:
         # 1. Upload and kill the process once some documents are done but the job is not.
         service.start().wait_ready()
@@ -260,7 +271,7 @@ def test_crash_mid_job_is_retried_to_a_correct_state(tmp_path, shared_data):
         assert before["progress"]["documents_done"] < CRASH_DOCUMENTS
 
         # 2. While it is dead: no document is half visible, and what the registry calls indexed is whole.
-        registry = SqliteRegistry(data_dir / "registry.sqlite3")
+        registry = open_registry(Settings(data_dir=data_dir, database_url=registry_env.get("RAG_DATABASE_URL", "")))
         try:
             records = registry.get_documents(TENANT, ids)
             job = registry.get_job(job_id)
@@ -320,6 +331,8 @@ def test_crash_mid_job_is_retried_to_a_correct_state(tmp_path, shared_data):
             store.close()
         leftovers = [p for p in (data_dir / "uploads").rglob("*") if p.is_file()]
         assert not leftovers, f"uploads of a finished job are still on disk: {leftovers}"
+        # The processes really shared the configured registry (no SQLite file beside a PostgreSQL one).
+        assert (data_dir / "registry.sqlite3").exists() == ("RAG_DATABASE_URL" not in registry_env)
     finally:
         service.kill()
 
