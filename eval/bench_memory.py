@@ -4,7 +4,8 @@ A service is started per configuration (``python -m rag serve`` on a data dir of
 answers, no LLM process), a QA corpus is indexed, then N requests run at a small concurrency: searches,
 extractive answers and small uploads in a fixed, seeded mix of real questions. The process's RSS is
 sampled every ``--every`` requests. Reported per configuration: RSS after the warm-up (the first
-``--settle`` requests), at the end, the growth between the two, and the peak (VmHWM). The baseline
+``--settle`` requests), at the end, the growth between the two, and the peak (VmHWM); the child processes
+(the background compute child) are reported beside it, never summed into the API's figure. The baseline
 configuration (glibc's default malloc arenas) runs in the same invocation as the tuned one.
 """
 
@@ -35,6 +36,34 @@ def _rss(pid: int) -> tuple[float, float]:
         if line.startswith(("VmRSS:", "VmHWM:")):
             values[line.split(":")[0]] = int(line.split()[1]) / 1024
     return values.get("VmRSS", float("nan")), values.get("VmHWM", float("nan"))
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (the background compute child, a local llama-server when on)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def _children_rss(pid: int) -> tuple[float, float]:
+    """(summed VmRSS, summed VmHWM) of ``pid``'s descendants in MiB; reported beside, never in, the API's."""
+    rss = peak = 0.0
+    for child in _children(pid):
+        try:
+            r, h = _rss(child)
+        except OSError:  # it ended meanwhile
+            continue
+        rss, peak = rss + r, peak + h
+    return rss, peak
 
 
 def _requests(questions: list[str], n: int, seed: int) -> list[tuple[str, dict[str, Any]]]:
@@ -72,9 +101,12 @@ async def _drive(url: str, plan: list[tuple[str, dict[str, Any]]], pid: int, *, 
                 done += 1
                 if done % every == 0:
                     rss, hwm = _rss(pid)
+                    child_rss, child_hwm = _children_rss(pid)
                     samples.append({"requests": done, "rss_mb": round(rss, 1), "peak_mb": round(hwm, 1),
+                                    "children_rss_mb": round(child_rss, 1), "children_peak_mb": round(child_hwm, 1),
                                     "seconds": round(time.perf_counter() - started, 1), "errors": errors})
-                    print(f"  {done:>6} requests  RSS {rss:7.1f} MiB  peak {hwm:7.1f} MiB  errors {errors}", flush=True)
+                    print(f"  {done:>6} requests  RSS {rss:7.1f} MiB  peak {hwm:7.1f} MiB  "
+                          f"(child processes {child_rss:7.1f} MiB)  errors {errors}", flush=True)
 
         await asyncio.gather(*(user() for _ in range(concurrency)))
     return samples
@@ -104,10 +136,12 @@ def bench_memory(args) -> dict[str, Any]:
         results[label] = {"env": env, "rss_after_indexing_mb": round(start_rss, 1), "samples": samples,
                           "rss_after_settle_mb": settled and settled["rss_mb"], "rss_end_mb": end and end["rss_mb"],
                           "growth_pct": round(growth, 1), "peak_mb": end and end["peak_mb"],
+                          "children_peak_mb": end and end["children_peak_mb"],
                           "errors": end and end["errors"]}
-    print(f"\n{'configuration':18}{'after ' + str(args.settle):>14}{'end':>10}{'growth':>9}{'peak':>10}")
+    print(f"\n{'configuration':18}{'after ' + str(args.settle):>14}{'end':>10}{'growth':>9}{'peak':>10}"
+          f"{'children peak':>15}")
     for label, r in results.items():
         print(f"{label:18}{r['rss_after_settle_mb']:>12.1f}MB{r['rss_end_mb']:>8.1f}MB{r['growth_pct']:>8.1f}%"
-              f"{r['peak_mb']:>8.1f}MB")
+              f"{r['peak_mb']:>8.1f}MB{r['children_peak_mb']:>13.1f}MB")
     return {"benchmark": "memory", "dataset": str(args.dataset), "requests": args.requests,
             "concurrency": args.concurrency, "settle": args.settle, "results": results}
