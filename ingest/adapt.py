@@ -37,6 +37,7 @@ from ingest.pairs import (
 )
 from ingest.progress import Progress
 from ingest.promotion import promote, prune, rollback
+from rag.drift_reference import save_gate_queries
 from rag.embedding import Embedder, neighbour_overlap, runtime_for
 from rag.encoders import AdaptOptions, EncoderRecord, EncoderRegistry, check_options
 from rag.errors import BadRequest
@@ -264,7 +265,11 @@ def gate_candidate(run: AdaptRun, data: TrainingSet, cand: Candidate, started: f
     queries, relevant = validation_set(data.validation)
     docs = [document_key(p.tenant, p.document_id) for p in run.passages]
     before = score_encoder(run.embedder, run.vectors, docs, queries, relevant)
-    after = score_encoder(candidate, cand_vectors, docs, queries, relevant)
+    cand_queries = np.asarray(candidate.embed_queries(list(queries)), np.float32)
+    after = score_encoder(candidate, cand_vectors, docs, queries, relevant, query_vectors=cand_queries)
+    # A labelled validation set is real queries: promoted, this version's drift monitor starts from them.
+    save_gate_queries(cand.folder, cand_queries, validation=data.validation_kind,
+                      labelled=not data.validation_kind.endswith("generated pairs"))
     metric = settings.adapt_gate_metric
     gain = after[metric] - before[metric]
     passed = gain >= settings.adapt_gate_margin

@@ -76,9 +76,12 @@ def validation_set(pairs: Sequence[Pair]) -> tuple[list[str], list[set[str]]]:
 
 
 def score_encoder(encoder, passage_vecs: np.ndarray, passage_docs: Sequence[str], queries: Sequence[str],
-                  relevant: Sequence[set[str]]) -> dict[str, float]:
-    """``encoder``'s queries ranked against its own passage vectors, scored against ``relevant``."""
-    return retrieval_scores(rank_documents(encoder.embed_queries(list(queries)), passage_vecs, passage_docs), relevant)
+                  relevant: Sequence[set[str]], *, query_vectors: np.ndarray | None = None) -> dict[str, float]:
+    """``encoder``'s queries (``query_vectors`` when already embedded) ranked against its own passage vectors,
+    scored against ``relevant``."""
+    if query_vectors is None:
+        query_vectors = encoder.embed_queries(list(queries))
+    return retrieval_scores(rank_documents(query_vectors, passage_vecs, passage_docs), relevant)
 
 
 def document_folds(pairs: Sequence[Pair], folds: int, seed: int) -> list[list[int]]:

@@ -23,6 +23,7 @@ import structlog
 from ingest.background import Compute, compute_for
 from ingest.pairs import passage_text
 from ingest.progress import Progress
+from rag.drift_reference import adopt_at_promotion
 from rag.embedding import Embedder, runtime_for
 from rag.encoders import EncoderRecord, EncoderRegistry, version_of_collection
 from rag.errors import BadRequest, NotFound, RagError
@@ -102,6 +103,8 @@ def promote(settings: Settings, store: VectorStore, version: str, *, pointers: R
     stats = sync_collection(store, source, target, encoder, registry.folder(version), progress, scope=scope,
                             tenant=tenant)
     store.optimize(target)
+    # Before the switch, so the monitor never freezes live queries as the reference of a version that has one.
+    adopt_at_promotion(settings.encoders_dir, version)
     if tenant is None:
         store.set_active(target)
     else:

@@ -5,7 +5,7 @@ collection and the active pointer, then the registry (SQLite's online backup: do
 quotas, datasets, tenant encoder pointers) and the uploads waiting for a job — so that what the
 registry says was indexed is in the copied store. A job in flight at that moment is in the copy as
 running; after a restore it is queued again and runs from its saved upload. Encoder versions (model
-folders and records) are copied too. ``restore`` puts a backup into an empty data dir.
+folders, records and drift references) are copied too. ``restore`` puts a backup into an empty data dir.
 
 The server engines have their own tools: Qdrant snapshots and ``pg_dump`` (README, "Operating it").
 """

@@ -60,14 +60,14 @@ class Metrics:
                                ["mode"], registry=r)
         self.feedback = Counter("rag_feedback", "Judgements of answer sources from chat frontends (POST /v1/feedback)",
                                 ["verdict"], registry=r)
-        self.drift_mmd2 = Gauge("rag_drift_mmd2", "MMD² between the earlier and the later half of the query sample",
+        self.drift_mmd2 = Gauge("rag_drift_mmd2", "MMD² between the encoder's frozen reference and its recent queries",
                                 ["encoder_version"], registry=r)
         self.drift_p_value = Gauge("rag_drift_p_value", "Permutation p-value of that MMD²", ["encoder_version"],
                                    registry=r)
-        self.drift_centroid = Gauge("rag_drift_centroid_shift", "Cosine distance between the halves' mean vectors",
+        self.drift_centroid = Gauge("rag_drift_centroid_shift", "Cosine distance between the reference's and the recent queries' mean vectors",
                                     ["encoder_version"], registry=r)
         self.drift_variance = Gauge("rag_drift_variance_ratio_min", "Smallest per-dimension variance ratio "
-                                    "(later / earlier half): collapse when it nears 0", ["encoder_version"], registry=r)
+                                    "(recent / reference): collapse when it nears 0", ["encoder_version"], registry=r)
         self.drift_detected = Gauge("rag_drift_detected", "1 when the last check found drift", ["encoder_version"],
                                     registry=r)
         self.inconsistencies = Gauge("rag_index_inconsistencies", "What the last reconcile found, by problem "

@@ -2,7 +2,8 @@
 
 Off unless ``RAG_QUERY_SAMPLE_SIZE`` > 0; then it keeps a uniform random sample of at most that
 many query vectors out of every query seen since start (reservoir sampling, Algorithm R), each with
-its arrival number and time (to the second) so "earlier" and "later" halves can be compared.
+its arrival number and time (to the second), and besides it the first ``first`` vectors exactly (the
+drift monitor freezes them as the encoder version's reference when it has none: :mod:`rag.drift_reference`).
 It stores vectors only: never the query text, the tenant or the request. The sample lives in
 memory and is lost on restart; ``save`` writes it to ``.npy`` + ``.json`` for ``python -m eval drift``.
 """
@@ -14,6 +15,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import msgspec
@@ -41,11 +43,14 @@ class QuerySampleOut(msgspec.Struct, kw_only=True):
 class QuerySample:
     """Thread-safe reservoir of query vectors; ``add_many`` costs a lock and a few random draws."""
 
-    def __init__(self, capacity: int, *, encoder_version: str = "", seed: int = 0) -> None:
+    def __init__(self, capacity: int, *, encoder_version: str = "", seed: int = 0, first: int = 0) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1 (leave sampling off instead)")
         self.capacity = capacity
         self.encoder_version = encoder_version
+        self.id = uuid.uuid4().hex  # arrival numbers count from 0 in each sample: this tells samples apart
+        self.first_capacity = max(0, first)
+        self._first: np.ndarray | None = None  # the first ``first`` vectors offered, never replaced
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._vectors: np.ndarray | None = None  # allocated on the first vector (its dimension)
@@ -70,8 +75,12 @@ class QuerySample:
         with self._lock:
             if self._vectors is None:
                 self._vectors = np.zeros((self.capacity, vectors.shape[1]), dtype=np.float32)
+                self._first = np.zeros((self.first_capacity, vectors.shape[1]), dtype=np.float32)
             elif vectors.shape[1] != self._vectors.shape[1]:
                 raise ValueError(f"vector dimension {vectors.shape[1]} != the sample's {self._vectors.shape[1]}")
+            if self._seen < self.first_capacity:
+                take = vectors[:self.first_capacity - self._seen]
+                self._first[self._seen:self._seen + len(take)] = take
             for row in vectors:
                 if self._count < self.capacity:
                     slot = self._count
@@ -95,6 +104,13 @@ class QuerySample:
             seq, ts = self._seq[:n].copy(), self._time[:n].copy()
         order = np.argsort(seq, kind="stable")
         return vectors[order], seq[order], ts[order]
+
+    def first(self) -> np.ndarray:
+        """A copy of the first ``first`` vectors offered (fewer while fewer were seen)."""
+        with self._lock:
+            if self._first is None:
+                return np.zeros((0, 0), np.float32)
+            return self._first[:min(self._seen, self.first_capacity)].copy()
 
     def snapshot(self) -> QuerySampleOut:
         vectors, seq, ts = self.arrays()

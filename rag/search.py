@@ -96,7 +96,8 @@ class Retriever:
         self.sparse = sparse
         self.settings = settings
         # RAG_QUERY_SAMPLE_SIZE > 0: keep a bounded sample of query vectors (never text) for drift checks.
-        self.query_sample = (QuerySample(settings.query_sample_size, encoder_version=embedder.version)
+        self.query_sample = (QuerySample(settings.query_sample_size, encoder_version=embedder.version,
+                                         first=settings.drift_reference_rows)
                              if settings.query_sample_size > 0 else None)
         self.query_encoder = QueryEncoder(embedder, sample=self.query_sample)
         # The tenant's recent queries (RAG_QUERY_CACHE_SIZE): a repeated question costs no encode.

@@ -184,8 +184,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # `python -m eval drift`: rows per side (seeded subsample) and the verdict's thresholds, chosen from
     # SciFact halves vs SciFact-vs-SQuAD corpus chunks (README, "Embedding drift").
     drift_max_samples: int = 1000
-    drift_monitor_interval_s: float = 300.0  # with query sampling on: compare the sample's halves this often (0: off)
+    drift_monitor_interval_s: float = 300.0  # with query sampling on: compare reference and recent queries this often (0: off)
     drift_monitor_permutations: int = 100
+    # An encoder version without a reference saved at its promotion freezes its first this many queries as one.
+    drift_reference_rows: int = 200
     # When a drift check fires: propose (or, with adapt_on_drift, queue) an adaptation for each tenant of that
     # encoder holding at least this many feedback pairs (POST /v1/feedback).
     adapt_propose_min_pairs: int = 50
@@ -258,6 +260,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.drift_monitor_interval_s >= 0, "drift_monitor_interval_s", "must be >= 0 (0: off)"),
             (self.adapt_propose_min_pairs >= 1, "adapt_propose_min_pairs", "must be at least 1"),
             (self.drift_monitor_permutations >= 10, "drift_monitor_permutations", "must be at least 10"),
+            (40 <= self.drift_reference_rows <= 100_000, "drift_reference_rows", "must be between 40 and 100000"),
             (0 < self.drift_p_value < 1, "drift_p_value", "must be between 0 and 1"),
             (self.drift_min_mmd2 >= 0, "drift_min_mmd2", "must be >= 0"),
             (0 <= self.drift_max_centroid_shift <= 2, "drift_max_centroid_shift", "must be between 0 and 2"),

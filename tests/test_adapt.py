@@ -13,6 +13,7 @@ import pytest
 from ingest.pairs import (
     Pair, Passage, ict_pairs, order_for_in_batch_negatives, read_labelled, split_validation, title_pairs,
 )
+from rag.drift_reference import load_reference
 from rag.embedding import SentenceTransformerEmbedder
 from rag.encoders import EncoderRegistry
 from rag.errors import BadRequest
@@ -186,6 +187,9 @@ def test_the_operator_adapts_and_switches_the_default_encoder_for_every_tenant(a
     after = client.post("/v1/search", json={"query": probe["title"], "top_k": 3, "mode": "dense"}).json()
     assert after["encoder_version"] == version and after["results"][0]["document_id"] == probe["_id"]
     assert client.get("/v1/encoders").json()["active"] == version
+    # Its gate asked generated pairs (titles, corpus sentences), not real queries: no reference was saved at the
+    # promotion, so the drift monitor will freeze the version's first live queries instead.
+    assert load_reference(client.services.settings.encoders_dir, version) is None
     store = client.services.store
     # Each collection holds one encoder's vectors, and the new one holds every point of the old.
     assert _versions_in(store, collection_name(base)) == {base}
