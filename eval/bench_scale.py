@@ -21,6 +21,7 @@ Steps, all through :class:`rag.store.EdgeVectorStore` (the code the service runs
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import statistics
@@ -176,32 +177,35 @@ def bench_scale(settings, args) -> dict[str, Any]:
         def traffic(work) -> tuple[dict[str, list[tuple[float, float]]], list[str], float, float, Any]:
             """Run ``work()`` while one thread searches without pause and another upserts 10 points every
             50 ms; returns every call's (start, ms), the errors, the window, and work's result."""
-            events: dict[str, list[tuple[float, float]]] = {"search": [], "upsert": []}
+            events: dict[str, list[tuple[float, float, int]]] = {"search": [], "upsert": []}
             stop = threading.Event()
             errors: list[str] = []
+
+            def majflt() -> int:  # this thread's major page faults (reads from disk) so far
+                return resource.getrusage(resource.RUSAGE_THREAD).ru_majflt
 
             def searcher() -> None:
                 i = 0
                 while not stop.is_set():
-                    s = time.perf_counter()
+                    s, f = time.perf_counter(), majflt()
                     try:
                         store.search(COLLECTION, queries[i % len(queries)].tolist(), tenant=f"t{i % args.tenants}",
                                      top_k=10)
                     except Exception as exc:  # noqa: BLE001 - counted, the bench goes on
                         errors.append(f"search: {exc}")
-                    events["search"].append((s, 1000 * (time.perf_counter() - s)))
+                    events["search"].append((s, 1000 * (time.perf_counter() - s), majflt() - f))
                     i += 1
 
             def writer() -> None:
                 nonlocal written
                 while not stop.is_set():
                     points = _points(real, written, 10, wrng, args.noise, args.tenants)
-                    s = time.perf_counter()
+                    s, f = time.perf_counter(), majflt()
                     try:
                         store.upsert(COLLECTION, points)
                     except Exception as exc:  # noqa: BLE001
                         errors.append(f"upsert: {exc}")
-                    events["upsert"].append((s, 1000 * (time.perf_counter() - s)))
+                    events["upsert"].append((s, 1000 * (time.perf_counter() - s), majflt() - f))
                     written += 10
                     stop.wait(0.05)
 
@@ -219,7 +223,28 @@ def bench_scale(settings, args) -> dict[str, Any]:
             return events, errors, begin, end, result
 
         def window(events, lo: float, hi: float) -> dict[str, dict[str, float]]:
-            return {kind: _summary([ms for s, ms in ev if lo <= s < hi] or [float("nan")]) for kind, ev in events.items()}
+            out = {}
+            for kind, ev in events.items():
+                calls = [e for e in ev if lo <= e[0] < hi]
+                out[kind] = _summary([e[1] for e in calls] or [float("nan")])
+                if calls:  # what the longest call overlapped: its own disk reads, and Python's GC pauses
+                    s, ms, faults = max(calls, key=lambda e: e[1])
+                    out[kind]["longest_major_faults"] = faults
+                    out[kind]["longest_gc_ms"] = round(sum(
+                        min(g + d / 1000, s + ms / 1000) - max(g, s) for g, d in gc_pauses
+                        if g < s + ms / 1000 and g + d / 1000 > s) * 1000, 1)
+            return out
+
+        gc_pauses: list[tuple[float, float]] = []  # (start, ms) of every collection of the bench process
+        gc_started = [0.0]
+
+        def on_gc(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                gc_started[0] = time.perf_counter()
+            else:
+                gc_pauses.append((gc_started[0], 1000 * (time.perf_counter() - gc_started[0])))
+
+        gc.callbacks.append(on_gc)
 
         written = args.chunks
         wrng = np.random.default_rng(args.seed + 1)
@@ -255,7 +280,8 @@ def bench_scale(settings, args) -> dict[str, Any]:
         for phase, rows in during.items():
             for kind, row in rows.items():
                 print(f"during the build ({phase}), {kind}: {row['n']} calls, p50 {row['p50_ms']:.2f} ms, "
-                      f"p95 {row['p95_ms']:.2f} ms, longest {row['max_ms']:.1f} ms")
+                      f"p95 {row['p95_ms']:.2f} ms, longest {row['max_ms']:.1f} ms "
+                      f"({row.get('longest_major_faults', 0)} major faults, GC {row.get('longest_gc_ms', 0)} ms in it)")
 
         # Ground truth now (the writes during the build changed the neighbours): an exact scan.
         store._exact_max = 10**12
