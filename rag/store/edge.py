@@ -529,9 +529,9 @@ class EdgeVectorStore(QdrantLikeStore):
         self.build_index(collection)
         return True
 
-    # Files whose mtime is within this much before the bulk copy began are copied again under the lock
-    # (mtime granularity is a clock tick; a margin this wide costs only a few re-copied files).
-    _MTIME_SLACK_NS = 2_000_000_000
+    # Files whose mtime is up to this much before the mark are copied again under the lock too: the kernel
+    # stamps mtime from a coarse clock (one tick, 1-10 ms, behind the fine one).
+    _MTIME_SLACK_NS = 50_000_000
 
     def build_index(self, collection: str, *, timeout_s: float = 6 * 3600, nice: int = 10,
                     on_copied: Callable[[], None] | None = None) -> dict[str, float]:
@@ -577,7 +577,13 @@ class EdgeVectorStore(QdrantLikeStore):
                 raise
         try:
             # The bulk copy, writes going on: what changes meanwhile is copied again below, under the lock.
-            since_ns = time.time_ns() - self._MTIME_SLACK_NS  # taken before the flush: see _recopy_changed
+            # The first flush writes out everything pending (many files); the mark is taken after it, so those
+            # files are not copied twice; the second, short flush makes every page clean again after the mark
+            # (see _recopy_changed).
+            with _edge_errors(f"flushing {collection!r}"):
+                handle.flush()
+            time.sleep(2 * self._MTIME_SLACK_NS / 1e9)
+            since_ns = time.time_ns() - self._MTIME_SLACK_NS
             with _edge_errors(f"flushing {collection!r}"):
                 handle.flush()
             copied = subprocess.run(["cp", "-a", "--sparse=always", str(old_dir), str(build_dir)],
@@ -731,9 +737,10 @@ def _recopy_changed(src: Path, dst: Path, since_ns: int) -> int:
 
     Copies again every file of ``src`` modified (mtime or ctime) at or after ``since_ns``, or missing or of
     another size in ``dst``, and deletes what ``dst`` holds that ``src`` no longer does. Sound because the
-    shard was flushed after ``since_ns`` was taken and before the bulk copy: a write after that flush,
-    through ``write`` or through a clean (write-protected) memory-mapped page, sets the file's mtime to
-    its own time. Returns the number of files copied again.
+    shard was flushed after ``since_ns`` was taken and before the bulk copy (which reads through the page
+    cache, so it sees every write made before it): a write after that flush, through ``write`` or through
+    a clean (write-protected) memory-mapped page, sets the file's mtime to its own time. Returns the
+    number of files copied again.
     """
     recopied = 0
     for dirpath, dirnames, filenames in os.walk(src):
