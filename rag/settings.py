@@ -44,7 +44,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     hnsw_ef: int = 128
     index_auto_build_points: int = 20_000
     # The graph an index build makes: links per point over all points (0: none) and within each tenant.
-    hnsw_m: int = 16
+    hnsw_m: int = 0
     hnsw_payload_m: int = 16
     # Encoder: a local sentence-transformers folder or a hub name; empty means the bundled MiniLM.
     encoder_model: str = ""

@@ -79,14 +79,18 @@ class EdgeVectorStore(QdrantLikeStore):
     EXACT_SEARCH_MAX_POINTS = 20_000
 
     def __init__(self, root: Path | str, *, exact_search_max_points: int | None = None, hnsw_ef: int = 128,
-                 auto_index_points: int = 20_000, hnsw_m: int = 16, hnsw_payload_m: int | None = None) -> None:
+                 auto_index_points: int = 20_000, hnsw_m: int = 0, hnsw_payload_m: int | None = 16) -> None:
         """Take the exclusive lock on ``root/.lock``, or raise :class:`StoreLockedError` at once.
 
         ``hnsw_ef``: the HNSW search beam (recall against cost; ``python -m eval bench scale``).
         ``auto_index_points``: once a collection holds this many points outside its HNSW index, a write
         starts :meth:`build_index` in a background thread (0: never; call :meth:`optimize` yourself).
         ``hnsw_m``, ``hnsw_payload_m``: the graph :meth:`build_index` builds: links per point over all points
-        (0: no such graph) and within each tenant (None: ``hnsw_m``); see :mod:`rag.store.edge_index`.
+        (0: no such graph) and within each tenant (None: ``hnsw_m``); see :mod:`rag.store.edge_index`. The
+        default, per-tenant graphs only, suits this store, whose every vector search is filtered to one
+        tenant (half the build time at 200k, recall@10 within 0.01; README "The embedded store at scale");
+        an unfiltered vector search through such an index finds only part of the neighbours (exact=True
+        does, at the cost of a scan).
         """
         self.root = Path(root)
         self.lock_path = self.root / ".lock"
