@@ -129,6 +129,10 @@ def _add_bench_commands(sub):
     sc.add_argument("--idle-s", type=float, default=20.0, help="seconds of traffic without a build (the baseline)")
     sc.add_argument("--timeout", type=float, default=6 * 3600, help="give up the index build after this long")
     sc.add_argument("--seed", type=int, default=13)
+    sc.add_argument("--hnsw-m", type=int, default=0, help="HNSW links per point over all points (0: none)")
+    sc.add_argument("--payload-m", type=int, default=16, help="HNSW links per point within each tenant")
+    sc.add_argument("--vectors-cache", type=Path, default=None,
+                    help="an .npz file: the embedded texts and queries are read from it, or written to it if absent")
     sc.add_argument("--data-dir", type=Path, default=Path(".eval-data/bench-scale"))
     sc.add_argument("--keep", action="store_true", help="keep the store's folder afterwards")
     sc.add_argument("--out", type=Path, default=Path("bench"))

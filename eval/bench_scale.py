@@ -21,7 +21,9 @@ Steps, all through :class:`rag.store.EdgeVectorStore` (the code the service runs
 
 from __future__ import annotations
 
+import gc
 import os
+import resource
 import statistics
 import subprocess
 import threading
@@ -104,16 +106,61 @@ def _summary(ms: list[float]) -> dict[str, float]:
             "max_ms": round(max(ms), 3), "n": len(ms)}
 
 
+def _unfiltered(store: EdgeVectorStore, queries: np.ndarray, efs: list[int]) -> list[dict[str, Any]]:
+    """Top-10 over all tenants, straight on the engine (the store's search always filters to one tenant;
+    an operator tool would not): with the index at each ef, and exact, with recall against exact."""
+    from qdrant_edge import Query, QueryRequest, SearchParams
+
+    from rag.store.protocol import VECTOR_NAME
+
+    handle = store._shard(COLLECTION)
+
+    def run(params) -> tuple[list[float], list[set[Any]]]:
+        times, ids = [], []
+        for q in queries:
+            t0 = time.perf_counter()
+            hits = handle.query(QueryRequest(limit=10, query=Query.Nearest(q.tolist(), using=VECTOR_NAME),
+                                             params=params))
+            times.append(1000 * (time.perf_counter() - t0))
+            ids.append({h.id for h in hits})
+        return times, ids
+
+    exact_ms, exact_ids = run(SearchParams(exact=True))
+    rows = [{"ef": "exact", **_summary(exact_ms), "recall_at_10": 1.0}]
+    for ef in efs:
+        ms, ids = run(SearchParams(hnsw_ef=ef))
+        recall = float(np.mean([len(a & e) / max(1, len(e)) for a, e in zip(ids, exact_ids)]))
+        rows.append({"ef": ef, **_summary(ms), "recall_at_10": round(recall, 4),
+                     "mean_hits": round(float(np.mean([len(a) for a in ids])), 2)})
+    for row in rows:
+        print(f"unfiltered (engine, all tenants), ef {row['ef']}: p50 {row['p50_ms']:.2f} ms, "
+              f"recall@10 {row['recall_at_10']:.4f}")
+    return rows
+
+
 def bench_scale(settings, args) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
-    real, queries, version = _real_vectors(settings, args.dataset, args.real, args.queries)
+    cache = args.vectors_cache
+    if cache is not None and cache.exists():
+        with np.load(cache) as saved:
+            real, queries, version = saved["real"], saved["queries"], str(saved["version"])
+        if len(real) != args.real or len(queries) != args.queries:
+            raise SystemExit(f"{cache} holds {len(real)} texts and {len(queries)} queries, not {args.real} and "
+                             f"{args.queries}; delete it or name another file")
+    else:
+        real, queries, version = _real_vectors(settings, args.dataset, args.real, args.queries)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, real=real, queries=queries, version=np.str_(version))
     embed_s = time.perf_counter() - t0
     print(f"embedded {len(real)} real texts and {len(queries)} queries with {version} in {embed_s:.0f} s")
     data_dir = args.data_dir
     if data_dir.exists():
         subprocess.run(["rm", "-rf", str(data_dir)], check=True)
-    store = EdgeVectorStore(data_dir, exact_search_max_points=0, hnsw_ef=128, auto_index_points=0)
+    store = EdgeVectorStore(data_dir, exact_search_max_points=0, hnsw_ef=128, auto_index_points=0,
+                            hnsw_m=args.hnsw_m, hnsw_payload_m=args.payload_m)
+    print(f"HNSW layout: m {args.hnsw_m}, payload_m {args.payload_m if args.payload_m is not None else 'unset (= m)'}")
     try:
         store.ensure_collection(COLLECTION, real.shape[1])
         t0 = time.perf_counter()
@@ -130,32 +177,35 @@ def bench_scale(settings, args) -> dict[str, Any]:
         def traffic(work) -> tuple[dict[str, list[tuple[float, float]]], list[str], float, float, Any]:
             """Run ``work()`` while one thread searches without pause and another upserts 10 points every
             50 ms; returns every call's (start, ms), the errors, the window, and work's result."""
-            events: dict[str, list[tuple[float, float]]] = {"search": [], "upsert": []}
+            events: dict[str, list[tuple[float, float, int]]] = {"search": [], "upsert": []}
             stop = threading.Event()
             errors: list[str] = []
+
+            def majflt() -> int:  # this thread's major page faults (reads from disk) so far
+                return resource.getrusage(resource.RUSAGE_THREAD).ru_majflt
 
             def searcher() -> None:
                 i = 0
                 while not stop.is_set():
-                    s = time.perf_counter()
+                    s, f = time.perf_counter(), majflt()
                     try:
                         store.search(COLLECTION, queries[i % len(queries)].tolist(), tenant=f"t{i % args.tenants}",
                                      top_k=10)
                     except Exception as exc:  # noqa: BLE001 - counted, the bench goes on
                         errors.append(f"search: {exc}")
-                    events["search"].append((s, 1000 * (time.perf_counter() - s)))
+                    events["search"].append((s, 1000 * (time.perf_counter() - s), majflt() - f))
                     i += 1
 
             def writer() -> None:
                 nonlocal written
                 while not stop.is_set():
                     points = _points(real, written, 10, wrng, args.noise, args.tenants)
-                    s = time.perf_counter()
+                    s, f = time.perf_counter(), majflt()
                     try:
                         store.upsert(COLLECTION, points)
                     except Exception as exc:  # noqa: BLE001
                         errors.append(f"upsert: {exc}")
-                    events["upsert"].append((s, 1000 * (time.perf_counter() - s)))
+                    events["upsert"].append((s, 1000 * (time.perf_counter() - s), majflt() - f))
                     written += 10
                     stop.wait(0.05)
 
@@ -173,7 +223,28 @@ def bench_scale(settings, args) -> dict[str, Any]:
             return events, errors, begin, end, result
 
         def window(events, lo: float, hi: float) -> dict[str, dict[str, float]]:
-            return {kind: _summary([ms for s, ms in ev if lo <= s < hi] or [float("nan")]) for kind, ev in events.items()}
+            out = {}
+            for kind, ev in events.items():
+                calls = [e for e in ev if lo <= e[0] < hi]
+                out[kind] = _summary([e[1] for e in calls] or [float("nan")])
+                if calls:  # what the longest call overlapped: its own disk reads, and Python's GC pauses
+                    s, ms, faults = max(calls, key=lambda e: e[1])
+                    out[kind]["longest_major_faults"] = faults
+                    out[kind]["longest_gc_ms"] = round(sum(
+                        min(g + d / 1000, s + ms / 1000) - max(g, s) for g, d in gc_pauses
+                        if g < s + ms / 1000 and g + d / 1000 > s) * 1000, 1)
+            return out
+
+        gc_pauses: list[tuple[float, float]] = []  # (start, ms) of every collection of the bench process
+        gc_started = [0.0]
+
+        def on_gc(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                gc_started[0] = time.perf_counter()
+            else:
+                gc_pauses.append((gc_started[0], 1000 * (time.perf_counter() - gc_started[0])))
+
+        gc.callbacks.append(on_gc)
 
         written = args.chunks
         wrng = np.random.default_rng(args.seed + 1)
@@ -209,7 +280,8 @@ def bench_scale(settings, args) -> dict[str, Any]:
         for phase, rows in during.items():
             for kind, row in rows.items():
                 print(f"during the build ({phase}), {kind}: {row['n']} calls, p50 {row['p50_ms']:.2f} ms, "
-                      f"p95 {row['p95_ms']:.2f} ms, longest {row['max_ms']:.1f} ms")
+                      f"p95 {row['p95_ms']:.2f} ms, longest {row['max_ms']:.1f} ms "
+                      f"({row.get('longest_major_faults', 0)} major faults, GC {row.get('longest_gc_ms', 0)} ms in it)")
 
         # Ground truth now (the writes during the build changed the neighbours): an exact scan.
         store._exact_max = 10**12
@@ -224,9 +296,11 @@ def bench_scale(settings, args) -> dict[str, Any]:
             indexed.append({"ef": ef, **_summary(ms), "recall_at_10": round(recall, 4)})
             print(f"with the index, ef {ef}: p50 {statistics.median(ms):.2f} ms, p95 {_pct(ms, 95):.2f} ms, "
                   f"recall@10 {recall:.4f} (exact scan now: p50 {statistics.median(exact_after_ms):.2f} ms)")
+        unfiltered = _unfiltered(store, queries, args.ef)
+        child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         rss, peak = _rss_mib()
         disk = _disk_mib(data_dir)
-        print(f"RSS {rss:.0f} MiB (peak {peak:.0f}), disk {disk:.0f} MiB")
+        print(f"RSS {rss:.0f} MiB (peak {peak:.0f}; index-building child peak {child_peak:.0f}), disk {disk:.0f} MiB")
         return {
             "bench": "scale", "chunks": args.chunks, "tenants": args.tenants, "queries": len(queries),
             "vectors": f"{len(real)} real {version} vectors of {args.dataset.name} texts; points = a random real "
@@ -238,8 +312,10 @@ def bench_scale(settings, args) -> dict[str, Any]:
             "build": {"seconds": round(index_s, 1), **{k: round(v, 3) for k, v in steps.items()},
                       "during": during, "errors": errors[:10], "error_count": len(errors)},
             "exact_search_after_build": _summary(exact_after_ms),
-            "indexed_search": indexed,
-            "rss_mib": round(rss), "peak_rss_mib": round(peak), "disk_mib": round(disk),
+            "indexed_search": indexed, "unfiltered_engine_search": unfiltered,
+            "hnsw": {"m": args.hnsw_m, "payload_m": args.payload_m},
+            "rss_mib": round(rss), "peak_rss_mib": round(peak), "child_peak_rss_mib": round(child_peak),
+            "disk_mib": round(disk),
             "cpus": os.cpu_count(),
         }
     finally:

@@ -43,6 +43,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # background index build (in a child process; 0: never). See `python -m eval bench scale`.
     hnsw_ef: int = 128
     index_auto_build_points: int = 20_000
+    # The graph an index build makes: links per point over all points (0: none) and within each tenant.
+    hnsw_m: int = 0
+    hnsw_payload_m: int = 16
     # Encoder: a local sentence-transformers folder or a hub name; empty means the bundled MiniLM.
     encoder_model: str = ""
     encoder_batch_size: int = 64
@@ -212,6 +215,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.encoder_cache_size >= 1, "encoder_cache_size", "must be at least 1"),
             (self.qdrant_shards >= 1, "qdrant_shards", "must be at least 1"),
             (self.hnsw_ef >= 1, "hnsw_ef", "must be at least 1"),
+            (self.hnsw_m >= 0, "hnsw_m", "must be 0 (no graph over all points) or more"),
+            (self.hnsw_payload_m >= 0, "hnsw_payload_m", "must be 0 (no per-tenant graphs) or more"),
+            (self.hnsw_m > 0 or self.hnsw_payload_m > 0, "hnsw_m", "cannot be 0 with RAG_HNSW_PAYLOAD_M 0 too"),
             (self.index_auto_build_points >= 0, "index_auto_build_points", "must be 0 (off) or more"),
             (self.qdrant_replication_factor >= 1, "qdrant_replication_factor", "must be at least 1"),
             (1 <= self.qdrant_write_consistency_factor <= self.qdrant_replication_factor,

@@ -337,3 +337,84 @@ def test_writes_past_the_threshold_start_an_index_build_in_the_background(tmp_pa
         assert store.count("c", live=True) == BUILD_POINTS
     finally:
         store.close()
+
+
+def test_writes_go_on_while_an_index_build_copies_the_shard_and_none_is_lost(tmp_path: Path, built_vectors) -> None:
+    vecs = built_vectors
+    store = EdgeVectorStore(tmp_path, exact_search_max_points=1_000, auto_index_points=0)
+    try:
+        store.ensure_collection("c", BUILD_DIM)
+        store.upsert("c", _points(vecs[:BUILD_POINTS], 0, "bulk"))
+        store.upsert("c", _points(vecs[BUILD_POINTS:BUILD_POINTS + 50], BUILD_POINTS, "doomed"))
+        store.publish("c", "t", "doomed", "h")
+        done: list[str] = []
+
+        def write_while_copying() -> None:
+            # Runs in another thread while build_index waits in its hook after the bulk copy: it completes only
+            # if the build holds no lock the writes need.
+            store.upsert("c", _points(vecs[BUILD_POINTS + 100:BUILD_POINTS + 140], BUILD_POINTS + 100, "new"))
+            store.publish("c", "t", "new", "h")
+            assert store.delete_document("c", "t", "doomed") == 50
+            done.append("written")
+
+        def on_copied() -> None:
+            writer = threading.Thread(target=write_while_copying)
+            writer.start()
+            writer.join(120)  # a guard against a deadlock, not a timing: the writer never waits for the build
+            assert not writer.is_alive(), "writes waited for the copy of the shard"
+
+        report = store.build_index("c", on_copied=on_copied)
+        assert done == ["written"]
+        # Nothing was written after the copy was made consistent, so the journal is empty: what the writer did
+        # reached the built shard only through the files copied again under the lock.
+        assert report["replayed_writes"] == 0 and report["recopied_files"] > 0
+        assert (tmp_path / "collections" / ".current-c").is_file()
+        assert store.count("c") == BUILD_POINTS + 40
+        assert store.count("c", document_id="new", live=True) == 40
+        assert store.count("c", document_id="doomed") == 0
+        hit = store.search("c", vecs[BUILD_POINTS + 120].tolist(), tenant="t", top_k=1)[0]
+        assert hit.payload["chunk_index"] == BUILD_POINTS + 120
+    finally:
+        store.close()
+    again = EdgeVectorStore(tmp_path, auto_index_points=0)
+    try:
+        assert again.count("c") == BUILD_POINTS + 40 and again.count("c", document_id="doomed") == 0
+    finally:
+        again.close()
+
+
+def test_per_tenant_graphs_without_a_global_one_serve_each_tenants_search(tmp_path: Path) -> None:
+    # 1536-d, so that 2,500 points a tenant pass the engine's filtered full-scan threshold (10 MB of vectors):
+    # a tenant's search then goes through the graph, which with m=0 holds only the per-tenant links.
+    dim, per_tenant = 1536, 2_500
+    rng = np.random.default_rng(44)
+    centres = rng.standard_normal((30, dim))
+    vecs = (centres[rng.integers(0, 30, 2 * per_tenant)] + 0.6 * rng.standard_normal((2 * per_tenant, dim)))
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    from rag.types import PointRecord
+
+    def points(tenant: str, offset: int) -> list:
+        return [PointRecord(id=f"00000000-0000-0000-0000-{offset + i:012d}", vector=vecs[offset + i].tolist(),
+                            payload={"tenant": tenant, "document_id": f"d{(offset + i) // 10}", "content_hash": "h",
+                                     "chunk_index": offset + i, "live": True}) for i in range(per_tenant)]
+
+    store = EdgeVectorStore(tmp_path, exact_search_max_points=0, auto_index_points=0, hnsw_m=0, hnsw_payload_m=16)
+    try:
+        store.ensure_collection("c", dim)
+        store.upsert("c", points("a", 0))
+        store.upsert("c", points("b", per_tenant))
+        store.build_index("c")
+        shard_dir = tmp_path / "collections" / (tmp_path / "collections" / ".current-c").read_text().strip()
+        import json
+
+        saved = json.loads((shard_dir / "edge_config.json").read_text())["hnsw_config"]
+        assert saved["m"] == 0 and saved["payload_m"] == 16
+        schema = store._shard("c").info().payload_schema
+        assert schema["live"].params.enable_hnsw is False and schema["content_hash"].params.enable_hnsw is False
+        for tenant, offset in (("a", 0), ("b", per_tenant)):
+            for k in range(offset, offset + per_tenant, 250):
+                hits = store.search("c", vecs[k].tolist(), tenant=tenant, top_k=5)
+                assert len(hits) == 5 and {h.payload["tenant"] for h in hits} == {tenant}
+                assert hits[0].payload["chunk_index"] == k
+    finally:
+        store.close()

@@ -64,6 +64,7 @@ def open_store(settings: Settings) -> VectorStore:
     """The store the settings name: embedded under ``settings.qdrant_dir``, or the server at ``qdrant_url``."""
     if settings.embedded:
         return EdgeVectorStore(settings.qdrant_dir, hnsw_ef=settings.hnsw_ef,
-                               auto_index_points=settings.index_auto_build_points)
+                               auto_index_points=settings.index_auto_build_points, hnsw_m=settings.hnsw_m,
+                               hnsw_payload_m=settings.hnsw_payload_m)
     return QdrantServerStore.from_url(settings.qdrant_url, settings.qdrant_api_key or None, settings.qdrant_timeout_s,
                                       ClusterOptions.from_settings(settings))
