@@ -105,7 +105,9 @@ def _add_bench_commands(sub):
     ec.add_argument("--queries", type=int, default=200, help="single queries, one at a time per runtime")
     ec.add_argument("--chunks", type=int, default=512, help="chunks for batch-64 throughput and cosine")
     ec.add_argument("--quality", action="store_true",
-                    help="also SciFact test nDCG@10, dense and hybrid, per runtime (indexes the corpus per runtime)")
+                    help="also nDCG@10, dense and hybrid, per runtime: deciding figures on --dataset's train qrels "
+                         "(and --squad's calibration half), reported ones on test (indexes each corpus per runtime)")
+    ec.add_argument("--squad", type=Path, help="with --quality: a SQuAD BEIR folder (squad2-dev), split in halves")
     ec.add_argument("--no-memory", action="store_true", help="skip the per-runtime process RSS")
     ec.add_argument("--out", type=Path, default=Path("bench"))
 
