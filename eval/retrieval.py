@@ -84,6 +84,7 @@ class IndexInfo:
     ingest_s: float
     signature: str
     failures: list[str] = field(default_factory=list)
+    new_chunks: int = 0  # chunks this build wrote (fewer than ``chunks`` when it resumed an interrupted one)
 
 
 @dataclass(slots=True)
@@ -177,6 +178,7 @@ def index_corpus(
         return reused, worker
     marker_path.unlink(missing_ok=True)
 
+    before = store.count(worker.collection, tenant=tenant, live=True)
     job = _submit_corpus(settings, registry, corpus, tenant)
     total = _count_lines(corpus)
     started = time.perf_counter()
@@ -190,7 +192,8 @@ def index_corpus(
     chunks = store.count(worker.collection, tenant=tenant, live=True)
     info = IndexInfo(data_dir=str(settings.data_dir), collection=worker.collection, reused=False,
                      documents=final.done, failed_documents=final.failed, chunks=chunks,
-                     ingest_s=round(elapsed, 2), signature=worker.signature, failures=failures[:50])
+                     ingest_s=round(elapsed, 2), signature=worker.signature, failures=failures[:50],
+                     new_chunks=chunks - before)
     marker_path.write_text(json.dumps({
         **expected, "documents": info.documents, "failed_documents": info.failed_documents,
         "chunks": chunks, "ingest_s": info.ingest_s, "failures": info.failures, "completed_at": time.time(),
