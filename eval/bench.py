@@ -494,10 +494,11 @@ def bench_encode(settings: Settings, args) -> dict[str, Any]:
             q, v = r["quality"], verdict["runtimes"][rt]
             for kind in ("decide", "report"):
                 cells = "  ".join(f"{name} {mode} {s[mode]:.4f}" for name, s in q[kind].items()
-                                  for mode in ("dense", "hybrid"))
+                                  for mode in ("dense", "hybrid") if mode in s)
                 print(f"{rt:10} {kind:7} {cells}  keeps quality: {v[kind]['keeps_quality']}")
-            print(f"{rt:10} ingest  {q.get('ingest_chunks_per_s', float('nan')):.1f} chunks/s "
-                  f"({v['ingest_speedup']}x torch)")
+            print(f"{rt:10} ingest  {args.dataset.name} {q.get('ingest_chunks_per_s', float('nan')):.1f} chunks/s "
+                  f"({v['ingest_speedup']}x torch); {q.get('squad_ingest_chunks_per_s', float('nan')):.1f} "
+                  f"on the SQuAD build")
         print(f"default (fastest that keeps quality on the deciding splits): {verdict['default']}")
     env = _environment(settings)
     env.update(onnxruntime=onnxruntime.__version__, load_average_before=load_before, load_average_after=load_after)
@@ -515,7 +516,10 @@ def _encode_quality(settings: Settings, args, runtimes: list[str]) -> dict[str, 
     ``report`` on the test ones (SciFact test, SQuAD's report half). ``dense``/``hybrid`` repeat SciFact test.
     ``ingest_chunks_per_s``: the chunks of the SciFact index over its build (worker: encode, sparse, store),
     when this run built it."""
+    import hashlib
+
     from eval.answer_scoring import split_of
+    from eval.datasets import load_beir
     from eval.retrieval import EvalOptions, run_retrieval_eval
 
     scifact_splits = ["train", "test"] if (args.dataset / "qrels" / "train.tsv").is_file() else ["test"]
@@ -540,13 +544,21 @@ def _encode_quality(settings: Settings, args, runtimes: list[str]) -> dict[str, 
         q.update(q["report"][f"{args.dataset.name}_test"])
         if args.squad:
             print(f"quality: {rt}, {args.squad.name} (both halves) …", flush=True)
-            run = run_retrieval_eval(rs, EvalOptions(dataset=args.squad, split="test", modes=["dense", "hybrid"],
-                                                     progress=False, resamples=100), embedder=embedder)
+            sample = None
+            if args.squad_queries:  # a hash-spread sample (the qrels run article by article)
+                ids = load_beir(args.squad, "test", validate_corpus=False).split_query_ids
+                sample = sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:args.squad_queries]
+            run = run_retrieval_eval(rs, EvalOptions(dataset=args.squad, split="test", modes=["hybrid"],
+                                                     query_ids=sample, progress=False, resamples=100),
+                                     embedder=embedder)
             for half, where in (("calibration", "decide"), ("report", "report")):
                 ids = [qid for qid in run.query_ids if split_of(qid) == half]
                 scores = {mode: round(statistics.fmean(res.summary.per_query[i]["ndcg@10"] for i in ids), 4)
                           for mode, res in run.results.items()}
                 q[where][f"{args.squad.name}_{half}"] = scores | {"queries": len(ids)}
+            if run.index and not run.index.reused and run.index.new_chunks > 0 and run.index.ingest_s > 0:
+                q["squad_index_chunks"] = run.index.new_chunks
+                q["squad_ingest_chunks_per_s"] = round(run.index.new_chunks / run.index.ingest_s, 1)
         out[rt] = q
         del embedder
     return out

@@ -60,6 +60,7 @@ class EvalOptions:
     split: str = "test"
     modes: Sequence[str] = ("dense",)
     limit_queries: int = 0
+    query_ids: Sequence[str] | None = None  # only these queries of the split (in the split's order)
     data_dir: Path | None = None  # default: .eval-data/<dataset>-<key>
     url: str | None = None
     tenant: str = DEFAULT_TENANT
@@ -333,6 +334,9 @@ def run_retrieval_eval(settings: Settings, options: EvalOptions, *, embedder=Non
         raise EvalError(f"unknown mode(s) {bad}; use {', '.join(MODES)}")
     dataset = load_beir(options.dataset, options.split)
     query_ids = _select_queries(dataset, options.limit_queries)
+    if options.query_ids is not None:
+        wanted = set(options.query_ids)
+        query_ids = [q for q in query_ids if q in wanted]
     started_at = time.time()
     if options.url or http_client is not None:
         return _run_http(options, dataset, query_ids, started_at, http_client)
