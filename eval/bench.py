@@ -499,7 +499,8 @@ def bench_encode(settings: Settings, args) -> dict[str, Any]:
             print(f"{rt:10} ingest  {args.dataset.name} {q.get('ingest_chunks_per_s', float('nan')):.1f} chunks/s "
                   f"({v['ingest_speedup']}x torch); {q.get('squad_ingest_chunks_per_s', float('nan')):.1f} "
                   f"on the SQuAD build")
-        print(f"default (fastest that keeps quality on the deciding splits): {verdict['default']}")
+        print(f"default (fastest that keeps quality on the deciding splits): {verdict['default']}; "
+              f"that also keeps it on the test splits: {verdict['default_that_also_keeps_test']}")
     env = _environment(settings)
     env.update(onnxruntime=onnxruntime.__version__, load_average_before=load_before, load_average_after=load_after)
     return {"benchmark": "encode", "dataset": str(args.dataset), "squad": str(args.squad) if args.squad else None,
@@ -585,8 +586,12 @@ def _encode_verdict(results: dict[str, Any]) -> dict[str, Any]:
         verdict["runtimes"][rt] = row
     keep = [rt for rt, row in verdict["runtimes"].items() if row["decide"]["keeps_quality"]]
     # Ingest through the worker when measured, else the interleaved batch encode (the same machine noise for all).
-    verdict["default"] = max(keep, key=lambda rt: results[rt]["quality"].get("ingest_chunks_per_s")
-                             or results[rt]["chunks_per_s"])
+    speed = lambda rt: results[rt]["quality"].get("ingest_chunks_per_s") or results[rt]["chunks_per_s"]  # noqa: E731
+    verdict["default"] = max(keep, key=speed)
+    # The bar also holds the test figures to it: a candidate chosen on the deciding splits that misses
+    # there is reported, not made the default.
+    verdict["default_that_also_keeps_test"] = max(
+        [rt for rt in keep if verdict["runtimes"][rt]["report"]["keeps_quality"]], key=speed)
     return verdict
 
 
