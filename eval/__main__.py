@@ -105,7 +105,12 @@ def _add_bench_commands(sub):
     ec.add_argument("--queries", type=int, default=200, help="single queries, one at a time per runtime")
     ec.add_argument("--chunks", type=int, default=512, help="chunks for batch-64 throughput and cosine")
     ec.add_argument("--quality", action="store_true",
-                    help="also SciFact test nDCG@10, dense and hybrid, per runtime (indexes the corpus per runtime)")
+                    help="also nDCG@10, dense and hybrid, per runtime: deciding figures on --dataset's train qrels "
+                         "(and --squad's calibration half), reported ones on test (indexes each corpus per runtime)")
+    ec.add_argument("--squad", type=Path, help="with --quality: a SQuAD BEIR folder (squad2-dev), split in halves "
+                                               "(calibration: deciding; report: reported), hybrid nDCG@10")
+    ec.add_argument("--squad-queries", type=int, default=0,
+                    help="a hash-spread sample of this many SQuAD questions, both halves (0: all 2,910)")
     ec.add_argument("--no-memory", action="store_true", help="skip the per-runtime process RSS")
     ec.add_argument("--out", type=Path, default=Path("bench"))
 
@@ -152,7 +157,7 @@ def _add_retrieval_command(sub) -> None:
                      help="one or more retrieval modes, compared in one table (default: dense)")
     ret.add_argument("--encoder", help="sentence-transformers folder or name (default: RAG_ENCODER_MODEL or the bundled MiniLM)")
     ret.add_argument("--runtime", choices=["torch", "onnx", "onnx-int8"],
-                     help="encoder runtime (default: RAG_ENCODER_RUNTIME); ONNX exports are cached in RAG_DATA_DIR/onnx")
+                     help="encoder runtime (default: RAG_ENCODER_RUNTIME); ONNX exports are cached in RAG_ONNX_CACHE_DIR")
     ret.add_argument("--limit-queries", type=int, default=0, help="evaluate only the first N queries of the split")
     ret.add_argument("--out", type=Path, required=True, help="folder for report.json, report.html and runs/")
     ret.add_argument("--data-dir", type=Path,

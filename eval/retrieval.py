@@ -60,6 +60,7 @@ class EvalOptions:
     split: str = "test"
     modes: Sequence[str] = ("dense",)
     limit_queries: int = 0
+    query_ids: Sequence[str] | None = None  # only these queries of the split (in the split's order)
     data_dir: Path | None = None  # default: .eval-data/<dataset>-<key>
     url: str | None = None
     tenant: str = DEFAULT_TENANT
@@ -84,6 +85,7 @@ class IndexInfo:
     ingest_s: float
     signature: str
     failures: list[str] = field(default_factory=list)
+    new_chunks: int = 0  # chunks this build wrote (fewer than ``chunks`` when it resumed an interrupted one)
 
 
 @dataclass(slots=True)
@@ -177,6 +179,7 @@ def index_corpus(
         return reused, worker
     marker_path.unlink(missing_ok=True)
 
+    before = store.count(worker.collection, tenant=tenant, live=True)
     job = _submit_corpus(settings, registry, corpus, tenant)
     total = _count_lines(corpus)
     started = time.perf_counter()
@@ -190,7 +193,8 @@ def index_corpus(
     chunks = store.count(worker.collection, tenant=tenant, live=True)
     info = IndexInfo(data_dir=str(settings.data_dir), collection=worker.collection, reused=False,
                      documents=final.done, failed_documents=final.failed, chunks=chunks,
-                     ingest_s=round(elapsed, 2), signature=worker.signature, failures=failures[:50])
+                     ingest_s=round(elapsed, 2), signature=worker.signature, failures=failures[:50],
+                     new_chunks=chunks - before)
     marker_path.write_text(json.dumps({
         **expected, "documents": info.documents, "failed_documents": info.failed_documents,
         "chunks": chunks, "ingest_s": info.ingest_s, "failures": info.failures, "completed_at": time.time(),
@@ -330,6 +334,9 @@ def run_retrieval_eval(settings: Settings, options: EvalOptions, *, embedder=Non
         raise EvalError(f"unknown mode(s) {bad}; use {', '.join(MODES)}")
     dataset = load_beir(options.dataset, options.split)
     query_ids = _select_queries(dataset, options.limit_queries)
+    if options.query_ids is not None:
+        wanted = set(options.query_ids)
+        query_ids = [q for q in query_ids if q in wanted]
     started_at = time.time()
     if options.url or http_client is not None:
         return _run_http(options, dataset, query_ids, started_at, http_client)

@@ -373,7 +373,7 @@ def serve_requests(conn: Connection, settings: Settings, nice: int, threads: int
         if key in models:
             models.move_to_end(key)
             return models[key]
-        embedder = load_embedder(run, name, runtime=runtime)  # an onnx export is cached under the data dir
+        embedder = load_embedder(run, name, runtime=runtime)  # an onnx export is cached in RAG_ONNX_CACHE_DIR
         models[key] = embedder
         while len(models) > CHILD_MODELS:
             models.popitem(last=False)

@@ -24,7 +24,7 @@ from ingest.background import Compute, compute_for
 from ingest.pairs import passage_text
 from ingest.progress import Progress
 from rag.drift_reference import adopt_at_promotion
-from rag.embedding import Embedder, runtime_for
+from rag.embedding import Embedder, model_source, model_version, runtime_for, split_version
 from rag.encoders import EncoderRecord, EncoderRegistry, version_of_collection
 from rag.errors import BadRequest, NotFound, RagError
 from rag.index import collection_name
@@ -82,6 +82,12 @@ def promote(settings: Settings, store: VectorStore, version: str, *, pointers: R
     """
     progress = progress or Progress()
     registry = EncoderRegistry(settings.encoders_dir)
+    configured = model_source(settings.encoder_model)
+    if registry.get(version) is None and split_version(version)[0] == model_version(configured):
+        # The configured model on another runtime (``<v>-onnx-int8``, or its fp32 version back): recorded as a
+        # base, as the configured model itself is, so that it can be switched to. Never an adapted version's
+        # variant: that one belongs to the adapted version's tenant.
+        registry.ensure_base(version, configured)
     rec = registry.require(version)
     check_owner(rec, tenant)
     if rec.status == "rejected" and not force:

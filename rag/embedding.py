@@ -188,7 +188,7 @@ class SentenceTransformerEmbedder(_SlicedEncoding):
 
 class OnnxEmbedder(_SlicedEncoding):
     """The same encoder run by ONNX Runtime from an export of its sentence-transformers pipeline
-    (:mod:`rag.onnx_export`, built on first use and cached under ``cache``), fp32 or int8.
+    (:mod:`rag.onnx_export`, built on first use and cached under ``cache``, ``RAG_ONNX_CACHE_DIR``), fp32 or int8.
 
     Tokenization is the model's own tokenizer (its ``tokenizer.json`` through ``tokenizers``, with the
     max length and padding sentence-transformers uses), so torch is not loaded to serve. ``threads`` is
@@ -241,7 +241,10 @@ class OnnxEmbedder(_SlicedEncoding):
             self._session = ort.InferenceSession(str(self.folder / MODEL_FILE), options,
                                                  providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors on a bad file
-            raise ModelError(f"cannot load the onnx export {self.folder}: {exc}") from exc
+            from rag.onnx_export import library_versions
+
+            raise ModelError(f"cannot load the onnx export {self.folder} (built with {meta.get('built_with')}, "
+                             f"installed {library_versions()}; delete the folder to rebuild it): {exc}") from exc
         self._lock = PriorityLock()
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -297,7 +300,7 @@ def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10, rows: np.ndarra
 def load_embedder(settings, model: str | None = None, *,
                   runtime: str | None = None) -> SentenceTransformerEmbedder | OnnxEmbedder:
     """Build ``model`` (default: the configured encoder) on ``runtime`` (default: ``RAG_ENCODER_RUNTIME``)
-    with the settings' batch size, device and threads; ONNX exports are cached under ``data_dir/onnx``."""
+    with the settings' batch size, device and threads; ONNX exports are cached in ``RAG_ONNX_CACHE_DIR``."""
     model = settings.encoder_model if model is None else model
     runtime = settings.encoder_runtime if runtime is None else runtime
     if runtime == "torch":

@@ -1,7 +1,7 @@
 """``python -m rag encoder export``: build the ONNX exports of an encoder ahead of its first use.
 
 The service exports on first use anyway (some seconds for MiniLM); running this at deploy time moves that
-cost out of the first start. Exports are cached under ``RAG_DATA_DIR/onnx`` and shared by every process.
+cost out of the first start. Exports are cached in ``RAG_ONNX_CACHE_DIR`` and shared by every process and data dir.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rag.settings import Settings
 def add_encoder_command(sub: argparse._SubParsersAction) -> None:
     encoder = sub.add_parser("encoder", help="encoder runtimes: build ONNX exports")
     verbs = encoder.add_subparsers(dest="verb", required=True)
-    export = verbs.add_parser("export", help="export the encoder to ONNX (fp32 and/or int8) into RAG_DATA_DIR/onnx")
+    export = verbs.add_parser("export", help="export the encoder to ONNX (fp32 and/or int8) into RAG_ONNX_CACHE_DIR")
     export.add_argument("--runtime", choices=["onnx", "onnx-int8", "all"], default=None,
                         help="which export (default: RAG_ENCODER_RUNTIME when it is an onnx one, else all)")
     export.add_argument("--model", default=None,

@@ -1,6 +1,7 @@
 """ONNX exports of a sentence-transformers encoder: fp32 and int8, built once and cached on disk.
 
-An export is a self-contained folder ``<cache>/<source weights hash>-<runtime>/``: ``model.onnx`` (token
+An export is a self-contained folder ``<cache>/<source weights hash>-<runtime>-r<recipe>/`` (the cache:
+``RAG_ONNX_CACHE_DIR``, one per user by default, shared by every data dir): ``model.onnx`` (token
 ids in, the model's own sentence vector out: transformer, pooling, normalisation and any dense layers
 traced together), the tokenizer files, and ``meta.json``, written last, with what the runtime needs to
 tokenize exactly as sentence-transformers does (max length, padding token, input names). A folder is
@@ -40,7 +41,8 @@ import structlog
 
 from rag.errors import ModelError
 
-__all__ = ["EXPORT_RECIPE", "META", "MODEL_FILE", "export_dir", "ensure_export", "int8_exclusions", "read_meta"]
+__all__ = ["EXPORT_RECIPE", "META", "MODEL_FILE", "export_dir", "ensure_export", "int8_exclusions", "library_versions",
+           "read_meta"]
 
 log = structlog.get_logger("rag.onnx_export")
 
@@ -56,10 +58,30 @@ _ACTIVATIONS = {"Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Relu", "Tanh", "Si
 
 
 def export_dir(cache: Path, digest: str, runtime: str) -> Path:
-    """Where the export of the weights hashed ``digest`` for ``runtime`` lives."""
+    """Where the export of the weights hashed ``digest`` for ``runtime`` lives: the recipe is in the name, so
+    checkouts of two recipes share one cache without rebuilding over each other's exports."""
     if runtime not in ONNX_RUNTIMES:
         raise ValueError(f"not an onnx runtime: {runtime!r}")
-    return Path(cache) / f"{digest}-{runtime}"
+    return Path(cache) / f"{digest}-{runtime}-r{EXPORT_RECIPE}"
+
+
+def library_versions() -> dict[str, str]:
+    """The installed torch and onnxruntime versions, from their package metadata (nothing is imported).
+
+    Recorded in ``meta.json``, not in the cache key: an export is a plain opset-17 graph that any later
+    ONNX Runtime loads, and an fp32 export from another torch gives the same vectors (to float rounding);
+    reusing one int8 export keeps its version's vectors the same where re-quantizing with another
+    onnxruntime might not. An export the installed ONNX Runtime cannot load fails with both versions named.
+    """
+    from importlib import metadata
+
+    out = {}
+    for package in ("torch", "onnxruntime"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = ""
+    return out
 
 
 def read_meta(folder: Path) -> dict[str, Any] | None:
@@ -95,7 +117,8 @@ def ensure_export(source: str, digest: str, runtime: str, cache: Path) -> Path:
             else:
                 meta = _quantize_int8(fp32, tmp)
             meta.update(recipe=EXPORT_RECIPE, runtime=runtime, source=str(source), source_digest=digest,
-                        model_bytes=(tmp / MODEL_FILE).stat().st_size, created_at=time.time())
+                        model_bytes=(tmp / MODEL_FILE).stat().st_size, created_at=time.time(),
+                        built_with=library_versions())
             _write_json(tmp / META, meta)  # last: its presence marks a complete export
             if final.exists():  # an incomplete or outdated export: moved aside, then replaced
                 stale = cache / f".stale-{final.name}-{uuid.uuid4().hex[:8]}"

@@ -45,6 +45,19 @@ __all__ = ["Background", "Services", "prompts_dir", "running", "start_llm"]
 log = structlog.get_logger("rag.services")
 
 
+def _runtime_kept(settings: Settings, store, serving: str) -> None:
+    """The active collection holds another runtime's vectors than ``RAG_ENCODER_RUNTIME`` gives (an int8 setting
+    over a store embedded in fp32, or the reverse): its queries keep that runtime, since a query embedded by one
+    version is never searched against another's vectors. Say so, and how to move the vectors over."""
+    from rag.embedding import split_version
+
+    target = runtime_version(split_version(serving)[0], settings.encoder_runtime)
+    log.warning("encoder_runtime_kept", configured=settings.encoder_runtime, serving=serving,
+                collection=store.get_active(),
+                hint=f"the stored vectors are {serving}'s; to serve {target}, re-embed them blue/green with "
+                     f"`python -m ingest encoders promote --version {target}`")
+
+
 @dataclass
 class Services:
     """Everything the handlers and the worker need; :meth:`build` opens it from settings."""
@@ -79,6 +92,8 @@ class Services:
             registry = open_registry(settings)
             model, runtime = resolve_encoder(settings, store)
             embedder = load_embedder(settings, model, runtime=runtime)
+            if runtime != settings.encoder_runtime:
+                _runtime_kept(settings, store, embedder.version)
         except BaseException:
             store.close()
             raise

@@ -51,9 +51,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     encoder_batch_size: int = 64
     encoder_device: str = "cpu"
     # How vectors are computed: torch (sentence-transformers), onnx (ONNX Runtime, fp32: torch's vectors, same
-    # version) or onnx-int8 (quantized: its own version, <version>-onnx-int8). README "Encoder runtimes".
-    encoder_runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    # version; the default, chosen by `python -m eval bench encode --quality`) or onnx-int8 (quantized: its own
+    # version, <version>-onnx-int8). README "Encoder runtimes".
+    encoder_runtime: Literal["torch", "onnx", "onnx-int8"] = "onnx"
     torch_threads: int = 0  # 0: torch's default; also ONNX Runtime's intra-op threads (0: one per CPU, unpinned)
+    # ONNX exports, shared by every data dir and process of this user (keyed by the weights' sha256, the
+    # runtime, the export recipe and the torch/onnxruntime versions): a setting only, no request names it.
+    onnx_cache_dir: Path = msgspec.field(default_factory=lambda: default_onnx_cache_dir())
     # Chunking
     tokenizer_encoding: Literal["cl100k_base", "o200k_base"] = "cl100k_base"
     chunk_tokens: int = 200
@@ -347,8 +351,24 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
     @property
     def onnx_dir(self) -> Path:
-        """Cached ONNX exports of encoders, one folder per weights and runtime."""
-        return self.data_dir / "onnx"
+        """Cached ONNX exports of encoders (``RAG_ONNX_CACHE_DIR``), one folder per weights, runtime and versions."""
+        return self.onnx_cache_dir.expanduser()
+
+
+def default_onnx_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/rag/onnx``, else ``~/.cache/rag/onnx`` (``.cache/rag/onnx`` here without a home).
+
+    ``RAG_ONNX_CACHE_DIR`` in the environment wins even for settings built without :func:`load_settings`:
+    the tests give their whole session, and the processes they start, one cache of their own this way."""
+    if os.environ.get("RAG_ONNX_CACHE_DIR"):
+        return Path(os.environ["RAG_ONNX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not base or not os.path.isabs(base):  # the XDG spec ignores a relative value
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no HOME and no passwd entry
+            base = ".cache"
+    return Path(base) / "rag" / "onnx"
 
 
 def redacted_url(url: str) -> str:
@@ -389,6 +409,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
             raise SettingsError(f"unknown setting {key}; known: {', '.join(PREFIX + f.upper() for f in _FIELDS)}")
         raw[name] = value
     raw.update(overrides)
+    if "encoder_runtime" not in raw and str(raw.get("encoder_device", "cpu")) != "cpu":
+        raw["encoder_runtime"] = "torch"  # the onnx default runs on the CPU; a GPU device keeps torch unless told
     try:
         return msgspec.convert(raw, Settings, strict=False, dec_hook=_decode)
     except msgspec.ValidationError as exc:

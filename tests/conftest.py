@@ -8,6 +8,8 @@ from rag.runtime import pin_process_environment
 
 pin_process_environment()  # before numpy and torch load, as every entry point does
 
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,20 @@ import pytest
 
 from rag.embedding import SentenceTransformerEmbedder
 from rag.settings import Settings
+
+# One ONNX export cache for the whole session: every test's data dir, and the processes tests start, find the
+# exports there (MiniLM is exported once per session, not per test), and the exports of the models tests train
+# go with it at the end instead of piling up in the user's cache.
+if not os.environ.get("RAG_ONNX_CACHE_DIR"):
+    os.environ["RAG_ONNX_CACHE_DIR"] = _SESSION_ONNX_CACHE = tempfile.mkdtemp(prefix="rag-test-onnx-")
+else:
+    _SESSION_ONNX_CACHE = ""
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _SESSION_ONNX_CACHE:
+        shutil.rmtree(_SESSION_ONNX_CACHE, ignore_errors=True)
+
 
 # The benchmark data lies in ../shared/data beside the checkout (CI clones beside it too).
 DATA = Path(os.environ.get("SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -61,6 +77,7 @@ def postgres_url(postgres_server) -> Iterator[str]:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
+    # A data dir per test; the ONNX exports in the session's cache (RAG_ONNX_CACHE_DIR, above).
     return Settings(data_dir=tmp_path / "data", worker_poll_s=0.05, log_format="json", llm_local="no")
 
 

@@ -55,7 +55,7 @@ def int8(data_dir, fp32) -> OnnxEmbedder:
 
 
 def _settings(data_dir: Path, **kw) -> Settings:
-    return Settings(data_dir=data_dir, log_format="json", llm_local="no", **kw)
+    return Settings(data_dir=data_dir, onnx_cache_dir=data_dir / "onnx", log_format="json", llm_local="no", **kw)
 
 
 def test_fp32_tokenizes_exactly_as_sentence_transformers(fp32, embedder):
@@ -131,7 +131,10 @@ def test_export_is_cached_and_shared(data_dir, fp32, int8, monkeypatch):
     again_fp32 = OnnxEmbedder(runtime="onnx", cache=data_dir / "onnx")
     assert again.folder == int8.folder and again_fp32.folder == fp32.folder
     assert (model.stat().st_mtime_ns, (int8.folder / onnx_export.MODEL_FILE).stat().st_mtime_ns) == before
-    assert fp32.folder.name.endswith("-onnx") and int8.folder.name.endswith("-onnx-int8")
+    recipe = f"-r{onnx_export.EXPORT_RECIPE}"
+    assert fp32.folder.name.endswith(f"-onnx{recipe}") and int8.folder.name.endswith(f"-onnx-int8{recipe}")
+    meta = onnx_export.read_meta(int8.folder)
+    assert meta["built_with"] == onnx_export.library_versions() and meta["built_with"]["onnxruntime"]
     assert not [p for p in (data_dir / "onnx").iterdir() if p.name.startswith((".tmp-", ".stale-"))]
 
 
@@ -139,7 +142,7 @@ def test_partial_exports_are_never_picked_up(tmp_path, fp32, monkeypatch):
     """A crashed export leaves a temporary folder, or a final folder without (or with a wrong) meta.json:
     neither is loaded; the export runs again and replaces it."""
     cache = tmp_path / "onnx"
-    digest = fp32.folder.name.removesuffix("-onnx")
+    digest = fp32.folder.name.removesuffix(f"-onnx-r{onnx_export.EXPORT_RECIPE}")
     final = onnx_export.export_dir(cache, digest, "onnx")
     calls = []
 
@@ -203,6 +206,20 @@ def test_two_exporters_at_once_export_once(tmp_path, fp32, monkeypatch):
     assert len(calls) == 1 and len(set(folders)) == 1 and onnx_export.read_meta(folders[0]) is not None
 
 
+def test_the_export_cache_is_one_per_user_not_per_data_dir(tmp_path, monkeypatch):
+    """Every data dir (each test's, each deployment's) finds the exports in one cache, a setting only."""
+    monkeypatch.delenv("RAG_ONNX_CACHE_DIR", raising=False)  # the session's (tests/conftest.py)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    a, b = Settings(data_dir=tmp_path / "a"), load_settings({"RAG_DATA_DIR": str(tmp_path / "b")})
+    assert a.onnx_dir == b.onnx_dir == tmp_path / "xdg" / "rag" / "onnx"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")  # the XDG spec: only an absolute path counts
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert Settings().onnx_dir == tmp_path / "home" / ".cache" / "rag" / "onnx"
+    assert load_settings({"RAG_ONNX_CACHE_DIR": str(tmp_path / "c")}).onnx_dir == tmp_path / "c"
+    monkeypatch.setenv("RAG_ONNX_CACHE_DIR", str(tmp_path / "d"))  # wins for settings built in code too
+    assert Settings(data_dir=tmp_path / "a").onnx_dir == tmp_path / "d"
+
+
 def test_runtime_switch_through_settings(data_dir, fp32, int8, embedder):
     versions = {rt: load_embedder(_settings(data_dir, encoder_runtime=rt)).version for rt in ("onnx", "onnx-int8")}
     assert versions == {"onnx": embedder.version, "onnx-int8": int8.version}
@@ -212,6 +229,9 @@ def test_runtime_switch_through_settings(data_dir, fp32, int8, embedder):
         load_settings({"RAG_ENCODER_RUNTIME": "tensorrt"})
     with pytest.raises(SettingsError, match="run on the CPU"):
         load_settings({"RAG_ENCODER_RUNTIME": "onnx", "RAG_ENCODER_DEVICE": "cuda"})
+    # The default is onnx fp32 (torch's vectors, same version); a GPU device without a runtime keeps torch.
+    assert Settings().encoder_runtime == load_settings({}).encoder_runtime == "onnx"
+    assert load_settings({"RAG_ENCODER_DEVICE": "cuda"}).encoder_runtime == "torch"
 
 
 def test_pool_and_active_collection_load_a_version_with_its_runtime(data_dir, int8, embedder):
@@ -220,7 +240,7 @@ def test_pool_and_active_collection_load_a_version_with_its_runtime(data_dir, in
     from rag.registry import SqliteRegistry
     from rag.store import open_store
 
-    settings = _settings(data_dir)  # configured: torch
+    settings = _settings(data_dir, encoder_runtime="torch")
     store = open_store(settings)
     registry = SqliteRegistry(settings.registry_path)
     try:
@@ -291,7 +311,9 @@ def test_a_waiting_query_goes_before_the_rest_of_a_long_document_encode(fp32, mo
 
 def test_cli_export(data_dir, int8):
     mtime = (int8.folder / onnx_export.MODEL_FILE).stat().st_mtime_ns
-    env = dict(os.environ, RAG_DATA_DIR=str(data_dir), RAG_LOG_FORMAT="json")
+    # Another data dir, the same cache: the export is found, not rebuilt.
+    env = dict(os.environ, RAG_DATA_DIR=str(data_dir / "another"), RAG_ONNX_CACHE_DIR=str(data_dir / "onnx"),
+               RAG_LOG_FORMAT="json")
     proc = subprocess.run([sys.executable, "-m", "rag", "encoder", "export", "--runtime", "onnx-int8"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -301,3 +323,49 @@ def test_cli_export(data_dir, int8):
     bad = subprocess.run([sys.executable, "-m", "rag", "encoder", "export", "--model", str(data_dir / "nope")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "error:" in bad.stderr
+
+
+def test_an_int8_setting_over_fp32_vectors_keeps_fp32_until_they_are_re_embedded(tmp_path, data_dir, fp32, int8):
+    """RAG_ENCODER_RUNTIME=onnx-int8 on a store embedded in fp32: the service keeps embedding queries in fp32
+    (the stored vectors' runtime) and says how to move; promoting ``<v>-onnx-int8`` re-embeds blue/green, and
+    from then on the service starts in int8."""
+    import msgspec
+    from structlog.testing import capture_logs
+
+    from ingest.promotion import promote
+    from ingest.worker import IngestWorker
+    from rag.registry import JobItem
+    from rag.services import Services
+    from rag.sparse import SparseEncoder
+
+    fp = _settings(tmp_path / "data", encoder_runtime="onnx")
+    services = Services.build(fp)
+    try:
+        worker = IngestWorker(fp, services.registry, services.store, services.embedder, SparseEncoder())
+        upload = tmp_path / "docs.jsonl"
+        upload.write_text("".join(json.dumps({"_id": f"d{i}", "title": f"Doc {i}", "text": t}) + "\n"
+                                  for i, t in enumerate(TEXTS[:4])))
+        services.registry.create_job("default", [JobItem(filename="docs.jsonl", path=str(upload))])
+        assert worker.run_once()
+        points = services.store.count(collection_name(fp32.version), tenant="default")
+        assert points >= 4
+    finally:
+        services.close()
+
+    q8 = msgspec.structs.replace(fp, encoder_runtime="onnx-int8")
+    with capture_logs() as logs:
+        services = Services.build(q8)
+    try:
+        assert (services.embedder.version, services.embedder.runtime) == (fp32.version, "onnx")
+        (kept,) = [e for e in logs if e["event"] == "encoder_runtime_kept"]
+        assert kept["serving"] == fp32.version and f"promote --version {int8.version}" in kept["hint"]
+        out = promote(q8, services.store, int8.version, pointers=services.registry)
+        assert out["switched"] and services.store.get_active() == collection_name(int8.version)
+        assert services.store.count(collection_name(int8.version), tenant="default") == points
+    finally:
+        services.close()
+    services = Services.build(q8)
+    try:
+        assert (services.embedder.version, services.embedder.runtime) == (int8.version, "onnx-int8")
+    finally:
+        services.close()

@@ -36,8 +36,9 @@ def free_port() -> int:
 
 
 def process_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
-    """The test runner's environment without any RAG_* of its own, plus this test's settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_")}
+    """The test runner's environment without any RAG_* of its own (but the session's ONNX cache), plus this test's
+    settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_") or k == "RAG_ONNX_CACHE_DIR"}
     env.update(RAG_DATA_DIR=str(data_dir), RAG_PORT=str(port), RAG_LOG_FORMAT="json", RAG_LLM_LOCAL="no", OPENBLAS_NUM_THREADS="1")
     env.update(extra)
     return env
