@@ -31,9 +31,10 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +114,9 @@ def ensure_export(source: str, digest: str, runtime: str, cache: Path) -> Path:
         try:
             tmp.mkdir()
             if fp32 is None:
-                meta = _export_fp32(source, tmp)
+                meta = _outside_this_process(_export_fp32, source, tmp)
             else:
-                meta = _quantize_int8(fp32, tmp)
+                meta = _outside_this_process(_quantize_int8, fp32, tmp)
             meta.update(recipe=EXPORT_RECIPE, runtime=runtime, source=str(source), source_digest=digest,
                         model_bytes=(tmp / MODEL_FILE).stat().st_size, created_at=time.time(),
                         built_with=library_versions())
@@ -130,6 +131,24 @@ def ensure_export(source: str, digest: str, runtime: str, cache: Path) -> Path:
         log.info("encoder_exported", runtime=runtime, source=str(source), folder=str(final),
                  seconds=round(time.perf_counter() - t0, 1), mbytes=round(meta["model_bytes"] / 2**20, 1))
     return final
+
+
+def _outside_this_process(build: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """``build(*args)`` in a spawned child when torch is not loaded here: exporting imports torch (~400 MiB
+    that an ONNX-serving API process would otherwise keep for its whole life). Where torch is loaded already
+    (a training process, the tests) it runs in place. The child's exception is raised here."""
+    if "torch" in sys.modules:
+        return build(*args)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return json.loads(pool.submit(_as_json, build, *args).result())
+
+
+def _as_json(build: Callable[..., dict[str, Any]], *args: Any) -> str:
+    # Plain text back to the parent: unpickling a torch value (torch.__version__ is one) would import torch there.
+    return json.dumps(build(*args), default=str)
 
 
 @contextlib.contextmanager

@@ -206,6 +206,28 @@ def test_two_exporters_at_once_export_once(tmp_path, fp32, monkeypatch):
     assert len(calls) == 1 and len(set(folders)) == 1 and onnx_export.read_meta(folders[0]) is not None
 
 
+EXPORT_WITHOUT_TORCH = """
+import json, sys
+from pathlib import Path
+from rag import onnx_export
+from rag.embedding import bundled_model_path, weights_digest
+source = str(bundled_model_path())
+folder = onnx_export.ensure_export(source, weights_digest(source), "onnx", Path(sys.argv[1]))
+print(json.dumps({"torch_loaded": "torch" in sys.modules, "complete": onnx_export.read_meta(folder) is not None}))
+"""
+
+
+@pytest.mark.slow
+def test_a_process_without_torch_exports_in_a_child_and_never_loads_torch(tmp_path):
+    """An ONNX-serving API process exporting at its first start: torch (~400 MiB) is imported by a spawned
+    child only, so the API process stays lean for its whole life."""
+    out = subprocess.run([sys.executable, "-c", EXPORT_WITHOUT_TORCH, str(tmp_path / "cache")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("RAG_")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"torch_loaded": False, "complete": True}
+
+
 def test_the_export_cache_is_one_per_user_not_per_data_dir(tmp_path, monkeypatch):
     """Every data dir (each test's, each deployment's) finds the exports in one cache, a setting only."""
     monkeypatch.delenv("RAG_ONNX_CACHE_DIR", raising=False)  # the session's (tests/conftest.py)
