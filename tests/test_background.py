@@ -83,10 +83,18 @@ def test_the_child_encodes_on_the_runtime_of_the_encoder_it_stands_for(compute, 
     """An ONNX encoder's work goes to the child as ONNX (the same export, from the data dir's cache), so the
     stored vectors are that runtime's and carry its version; int8 keeps its own version there too."""
     onnx = OnnxEmbedder(embedder.model_name, runtime="onnx", cache=compute.settings.onnx_dir)
-    proxy = compute.wrap(onnx)
-    assert isinstance(proxy, BackgroundEmbedder) and proxy.runtime == "onnx"
     texts = [f"{d['title']}\n{d['text']}" for d in corpus[:8]]
+    # onnx fp32 is computed as torch in the child by default (the same vectors and version, faster on documents)
+    proxy = compute.wrap(onnx)
+    assert isinstance(proxy, BackgroundEmbedder) and proxy.runtime == "torch" and proxy.version == onnx.version
     np.testing.assert_allclose(proxy.embed_documents(texts), onnx.embed_documents(texts), atol=1e-5)
+    same = BackgroundCompute(msgspec.structs.replace(compute.settings, background_fp32_runtime="same"))
+    try:
+        proxy = same.wrap(onnx)
+        assert proxy.runtime == "onnx"
+        np.testing.assert_allclose(proxy.embed_documents(texts), onnx.embed_documents(texts), atol=1e-5)
+    finally:
+        same.close()
     assert compute.wrap(embedder).runtime == "torch"
     int8 = compute.encoder(embedder.model_name, runtime="onnx-int8")
     assert int8.version == f"{embedder.version}-onnx-int8" and int8.runtime == "onnx-int8"
