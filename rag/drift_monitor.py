@@ -80,11 +80,10 @@ def check_against(reference: Reference | None, sample: QuerySample, settings: An
     if reference.rows < MIN_ROWS or len(current) < MIN_ROWS:
         return out
     ref, _ = subsample(reference.vectors, settings.drift_max_samples, seed)
-    cur = current
     permutations = settings.drift_monitor_permutations
-    mmd2, p = mmd_permutation_test(ref, cur, permutations, seed)
-    centroid = centroid_shift(ref, cur, permutations, seed)
-    variance = variance_stats(ref, cur, settings.drift_min_variance_ratio)
+    mmd2, p = mmd_permutation_test(ref, current, permutations, seed)
+    centroid = centroid_shift(ref, current, permutations, seed)
+    variance = variance_stats(ref, current, settings.drift_min_variance_ratio)
     out.reasons = drift_reasons(mmd2, p, centroid, variance, p_value=settings.drift_p_value,
                                 min_mmd2=settings.drift_min_mmd2, max_centroid_shift=settings.drift_max_centroid_shift)
     out.verdict = "drift" if out.reasons else "ok"

@@ -147,7 +147,7 @@ def _outside_this_process(build: Callable[..., dict[str, Any]], *args: Any) -> d
 
 
 def _as_json(build: Callable[..., dict[str, Any]], *args: Any) -> str:
-    # Plain text back to the parent: unpickling a torch value (torch.__version__ is one) would import torch there.
+    # Plain text back to the parent: unpickling any torch value there would import torch in the parent.
     return json.dumps(build(*args), default=str)
 
 
@@ -218,7 +218,6 @@ def _export_fp32(source: str, out: Path) -> dict[str, Any]:
         "pad_token_type_id": int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
         "padding_side": tokenizer.padding_side,
         "opset": OPSET,
-        "torch": torch.__version__,
     }
 
 
@@ -254,7 +253,7 @@ def _quantize_int8(fp32: Path, out: Path) -> dict[str, Any]:
         if p.is_file() and p.name not in (MODEL_FILE, META):
             shutil.copy2(p, out / p.name)
     keep = ("inputs", "max_seq_length", "dimension", "pad_token", "pad_token_id", "pad_token_type_id",
-            "padding_side", "opset", "torch")
+            "padding_side", "opset")
     return {k: meta[k] for k in keep} | {
         "int8": {"op_types": ["MatMul"], "weights": "QUInt8 per channel", "activations": "QUInt8 dynamic per tensor",
                  "fp32_nodes": excluded}}

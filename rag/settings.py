@@ -56,7 +56,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     encoder_runtime: Literal["torch", "onnx", "onnx-int8"] = "onnx"
     torch_threads: int = 0  # 0: torch's default; also ONNX Runtime's intra-op threads (0: one per CPU, unpinned)
     # ONNX exports, shared by every data dir and process of this user (keyed by the weights' sha256, the
-    # runtime, the export recipe and the torch/onnxruntime versions): a setting only, no request names it.
+    # runtime and the export recipe; meta.json records the torch/onnxruntime versions): a setting only.
     onnx_cache_dir: Path = msgspec.field(default_factory=lambda: default_onnx_cache_dir())
     # Chunking
     tokenizer_encoding: Literal["cl100k_base", "o200k_base"] = "cl100k_base"
@@ -354,7 +354,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
     @property
     def onnx_dir(self) -> Path:
-        """Cached ONNX exports of encoders (``RAG_ONNX_CACHE_DIR``), one folder per weights, runtime and versions."""
+        """Cached ONNX exports of encoders (``RAG_ONNX_CACHE_DIR``), one folder per weights, runtime and recipe."""
         return self.onnx_cache_dir.expanduser()
 
 
