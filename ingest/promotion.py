@@ -29,6 +29,7 @@ from rag.encoders import EncoderRecord, EncoderRegistry, version_of_collection
 from rag.errors import BadRequest, NotFound, RagError
 from rag.index import collection_name
 from rag.registry import Registry
+from rag.sentence_vectors import embed_chunk_sentences
 from rag.settings import Settings
 from rag.store import VectorStore
 
@@ -106,8 +107,10 @@ def promote(settings: Settings, store: VectorStore, version: str, *, pointers: R
     if encoder.version != version:
         raise RagError(f"the folder of {version} holds encoder {encoder.version}")
     scope = _scope(pointers, tenant)
+    # Sentence vectors (rag/sentence_vectors.py) for the collection of the default encoder, which ranks sentences.
+    sentences = settings.sentence_vectors and tenant is None
     stats = sync_collection(store, source, target, encoder, registry.folder(version), progress, scope=scope,
-                            tenant=tenant)
+                            tenant=tenant, sentences=sentences)
     store.optimize(target)
     # Before the switch, so the monitor never freezes live queries as the reference of a version that has one.
     adopt_at_promotion(settings.encoders_dir, version)
@@ -118,7 +121,7 @@ def promote(settings: Settings, store: VectorStore, version: str, *, pointers: R
         pointers.set_tenant_encoder(tenant, None if version == default else version)
     if source is not None:  # written to the old collection while the first pass ran
         late = sync_collection(store, source, target, encoder, registry.folder(version), Progress(), scope=scope,
-                               tenant=tenant)
+                               tenant=tenant, sentences=sentences)
         stats["copied"] += late["copied"]
     if rec.kind != "base" and rec.tenant == tenant:
         rec.status = "promoted"
@@ -133,9 +136,10 @@ def promote(settings: Settings, store: VectorStore, version: str, *, pointers: R
 
 def sync_collection(store: VectorStore, source: str | None, target: str, encoder: Embedder,
                     folder: Path, progress: Progress, *, scope: Callable[[str], bool] = lambda t: True,
-                    tenant: str | None = None) -> dict[str, int]:
+                    tenant: str | None = None, sentences: bool = False) -> dict[str, int]:
     """Make ``target`` hold exactly ``source``'s points of the tenants in ``scope`` (``tenant`` alone when given),
-    embedded by ``encoder`` (vectors cached at gating are reused); other tenants' points are left alone."""
+    embedded by ``encoder`` (vectors cached at gating are reused); other tenants' points are left alone.
+    ``sentences``: each point also gets its sentence vectors by ``encoder`` (:mod:`rag.sentence_vectors`)."""
     store.ensure_collection(target, encoder.dimension)
     have = {p.id: p.payload.get("live") for b in store.iter_points(target, tenant=tenant) for p in b
             if scope(str(p.payload.get("tenant", "")))}
@@ -156,6 +160,9 @@ def sync_collection(store: VectorStore, source: str | None, target: str, encoder
             for p, v in zip(fresh, encoder.embed_documents([passage_text(p.payload) for p in fresh])):
                 p.vector = v.tolist()
             embedded += len(fresh)
+        if sentences and todo:
+            for p, v in zip(todo, embed_chunk_sentences(encoder, [str(p.payload.get("text", "")) for p in todo])):
+                p.sentences = v
         for p in todo:
             if p.id in cached:
                 p.vector = cached[p.id].tolist()

@@ -37,6 +37,7 @@ from rag.metrics import Metrics
 from rag.tracing import Tracing, span
 from rag.quotas import room
 from rag.registry import DocumentRecord, DocumentResult, Job, JobItem, JobKind, JobStatus, Registry
+from rag.sentence_vectors import embed_chunk_sentences
 from rag.settings import Settings
 from rag.sparse import SparseEncoder
 from rag.store import VectorStore, point_id
@@ -100,6 +101,9 @@ class WriteTarget:
     embedder: Embedder
     collection: str
     signature: str
+    # Store each chunk's sentence vectors (RAG_SENTENCE_VECTORS): only on the default encoder, the one extractive
+    # answers rank sentences with (rag/sentence_vectors.py).
+    sentences: bool = False
 
 
 class IngestWorker:
@@ -154,7 +158,8 @@ class IngestWorker:
         if collection not in self._ensured:
             self.store.ensure_collection(collection, embedder.dimension)
             self._ensured.add(collection)
-        return WriteTarget(self.compute.wrap(embedder), collection, self._signature(embedder))
+        sentences = self.settings.sentence_vectors and self.encoders.own_version(tenant, fresh=True) is None
+        return WriteTarget(self.compute.wrap(embedder), collection, self._signature(embedder), sentences)
 
     def _signature(self, embedder: Embedder) -> str:
         s = self.settings
@@ -529,6 +534,13 @@ class IngestWorker:
         embed_s = time.perf_counter() - t0
         self.beat()
         t0 = time.perf_counter()
+        sentences: list[list[list[float]]] | None = None
+        if target.sentences:
+            with span("embed_sentences", chunks=len(texts), encoder_version=target.embedder.version):
+                sentences = embed_chunk_sentences(target.embedder, [c.text for _, _, chunks in todo for c in chunks])
+            self.beat()
+        sentences_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
         sparse = self.sparse.encode_documents(texts)
         sparse_s = time.perf_counter() - t0
         points: list[PointRecord] = []
@@ -536,7 +548,8 @@ class IngestWorker:
         for doc, digest, chunks in todo:
             for c in chunks:
                 points.append(PointRecord(id=point_id(tenant, doc.id, digest, c.index), vector=vectors[row].tolist(),
-                                          sparse=sparse[row], payload=ChunkPayload(
+                                          sparse=sparse[row], sentences=None if sentences is None else sentences[row],
+                                          payload=ChunkPayload(
                     tenant=tenant, document_id=doc.id, content_hash=digest, live=False, chunk_index=c.index,
                     text=c.text, title=doc.title, source=doc.source, start=c.start, end=c.end,
                     heading_path=c.heading_path, metadata=doc.metadata, encoder_version=target.embedder.version,
@@ -575,7 +588,7 @@ class IngestWorker:
                 results.append(DocumentResult(document_id=doc.id, status="indexed", chunks=len(chunks),
                                               source=doc.source))
         log.info("group_indexed", tenant=tenant, documents=len(publish), chunks=len(points), deleted=len(deleted),
-                 embed_s=round(embed_s, 3), sparse_s=round(sparse_s, 4))
+                 embed_s=round(embed_s, 3), sentences_s=round(sentences_s, 3), sparse_s=round(sparse_s, 4))
         return results
 
     def _within_quotas(self, tenant: str, todo: list[tuple[Document, str, list[Chunk]]],

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import anyio
 import anyio.to_thread
 import msgspec
+import numpy as np
 import structlog
 
 from rag.answerability import features as answerability_features
@@ -24,10 +25,12 @@ from rag.citations import CitationCheck, verify_citations
 from rag.context import Context, build_context, render_source
 from rag.conversation import QueryRewriter, Rewrite
 from rag.embedding import Embedder
+from rag.errors import StoreError
 from rag.extractive import ExtractiveAnswer, SupportingSentence, answer_from_ranked, rank_sentences
 from rag.llm import LLM, LLMError, LLMStreamInterrupted
 from rag.prompts import PromptSet
 from rag.rerank import Reranker
+from rag.sentence_vectors import stored_sentence_vectors
 from rag.settings import Settings
 from rag.tokens import get_encoding
 from rag.types import ScoredPoint
@@ -127,6 +130,8 @@ class Prepared(msgspec.Struct, kw_only=True):
     encoder_version: str = ""  # of the retriever that served this question (one encoder per request)
     answerable_probability: float | None = None
     rewrite: Rewrite | None = None  # the standalone query retrieval used (rag/conversation.py)
+    # Sentence text -> vector stored at ingest, for the context's chunks (citation checks reuse them).
+    sentence_vectors: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 def citations_for(context: Context, numbers: Sequence[int]) -> list[Citation]:
@@ -176,6 +181,26 @@ class AnswerPipeline:
             self._limiter = anyio.CapacityLimiter(self.settings.answer_concurrency)
         return self._limiter
 
+    def _stored_vectors(self, retriever: Any, question: str, tenant: str, hits: list[ScoredPoint],
+                        ctx: Context) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """What sentence ranking need not embed again: the question's vector from retrieval's query cache and the
+        context sentences' vectors stored at ingest (rag/sentence_vectors.py), when the retriever's encoder is the
+        one sentences are ranked with."""
+        version = self.embedder.version
+        if retriever.embedder.version != version:
+            return None, {}
+        question_vec = retriever.query_cache.lookup(version, question, namespace=tenant)
+        used = {cid for source in ctx.sources for cid in source.chunk_ids}
+        chunks = [(h.id, str(h.payload.get("text", ""))) for h in hits if h.id in used]
+        if not self.settings.sentence_vectors or not chunks:
+            return question_vec, {}
+        try:
+            known = stored_sentence_vectors(retriever.store, retriever.collection, tenant, chunks, version)
+        except StoreError as exc:  # ranking embeds them instead: slower, same answer
+            log.warning("sentence_vectors_unavailable", collection=retriever.collection, error=str(exc))
+            known = {}
+        return question_vec, known
+
     @property
     def prompt_version(self) -> str:
         return self.prompts.version
@@ -202,15 +227,18 @@ class AnswerPipeline:
             top = rr.hits[: req.top_k]
             t1 = time.perf_counter()
 
-            def context_and_rank() -> tuple[Context, list[SupportingSentence], dict[str, float] | None]:
+            def context_and_rank() -> tuple[Context, list[SupportingSentence], dict[str, float] | None,
+                                            dict[str, np.ndarray]]:
                 # In a thread: tokenising the context and ranking its sentences must not hold the event loop.
                 ctx = build_context(top, budget_tokens=self.settings.context_tokens, encoding=self.encoding)
-                ranked = rank_sentences(question, None, ctx, self.embedder, cache=self.sentence_cache,
-                                        namespace=tenant, retrieval_weights=weights)
-                return ctx, ranked, None if model is None else answerability_features(question, ctx.sources, ranked)
+                question_vec, known = self._stored_vectors(retriever, question, tenant, top, ctx)
+                ranked = rank_sentences(question, question_vec, ctx, self.embedder, cache=self.sentence_cache,
+                                        namespace=tenant, retrieval_weights=weights, known=known)
+                feats = None if model is None else answerability_features(question, ctx.sources, ranked)
+                return ctx, ranked, feats, known
 
             with span("context", chunks=len(top)):
-                context, ranked, feats = await anyio.to_thread.run_sync(context_and_rank)
+                context, ranked, feats, known = await anyio.to_thread.run_sync(context_and_rank)
         extractive = answer_from_ranked(ranked, max_sentences=2)
         probability = None
         if model is None or feats is None:
@@ -237,6 +265,7 @@ class AnswerPipeline:
             retrieval["rewrite_error"] = rewrite.error
         return Prepared(question=req.question.strip(), rewrite=rewrite, hits=top, context=context, extractive=extractive,
                         evidence=ranked[:EVIDENCE_SENTENCES], answerable=answerable, retrieval=retrieval,
+                        sentence_vectors=known,
                         timings=timings, encoder_version=retriever.embedder.version,
                         answerable_probability=probability)
 
@@ -271,7 +300,7 @@ class AnswerPipeline:
             return None
         return verify_citations(generated, prep.question, prep.context, self.embedder,
                                 threshold=self.settings.citation_threshold, cache=self.sentence_cache,
-                                namespace=tenant)
+                                namespace=tenant, known=prep.sentence_vectors)
 
     def finish(self, prep: Prepared, generated: str | None, *, streamed: bool,
                fallback_reason: str = "no LLM configured",

@@ -20,9 +20,11 @@ fitted to claims.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Literal
 
 import msgspec
+import numpy as np
 
 from rag.context import Context
 from rag.embedding import Embedder
@@ -47,8 +49,10 @@ class CitationCheck(msgspec.Struct, kw_only=True):
 
 
 def verify_citations(text: str, question: str, context: Context, embedder: Embedder, *, threshold: float,
-                     cache: VectorCache | None = None, namespace: str = "") -> tuple[str, list[CitationCheck]]:
-    """``text`` with every ``[n]`` kept, re-pointed or dropped, and what was done to each (in order)."""
+                     cache: VectorCache | None = None, namespace: str = "",
+                     known: Mapping[str, np.ndarray] | None = None) -> tuple[str, list[CitationCheck]]:
+    """``text`` with every ``[n]`` kept, re-pointed or dropped, and what was done to each (in order). ``known``:
+    sentence vectors already at hand (stored at ingest), not embedded again."""
     if not _MARKER.search(text):
         return text, []
     valid = {s.n for s in context.sources}
@@ -62,7 +66,7 @@ def verify_citations(text: str, question: str, context: Context, embedder: Embed
         claim = " ".join(_MARKER.sub(" ", sentence).split()).strip("\"'\u201c\u201d ")
         if len(_WORD.findall(claim)) < MIN_CLAIM_WORDS:
             claim = f"{question} {claim}".strip()
-        best = _best_by_source(claim, context, embedder, cache, namespace)
+        best = _best_by_source(claim, context, embedder, cache, namespace, known)
         top = max(best.values(), key=lambda s: s.score, default=None)
         kept_here: set[int] = set()
 
@@ -100,9 +104,9 @@ def _claim_spans(text: str) -> list[tuple[int, int]]:
 
 
 def _best_by_source(claim: str, context: Context, embedder: Embedder, cache: VectorCache | None,
-                    namespace: str) -> dict[int, SupportingSentence]:
+                    namespace: str, known: Mapping[str, np.ndarray] | None = None) -> dict[int, SupportingSentence]:
     claim_vec = embedder.embed_documents([claim])[0]
     best: dict[int, SupportingSentence] = {}
-    for s in rank_sentences(claim, claim_vec, context, embedder, cache=cache, namespace=namespace):
+    for s in rank_sentences(claim, claim_vec, context, embedder, cache=cache, namespace=namespace, known=known):
         best.setdefault(s.n, s)  # ranked best first
     return best

@@ -31,6 +31,7 @@ to the sentence that names the subject.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -140,10 +141,23 @@ def _candidates(context: Context) -> list[_Candidate]:
     return out
 
 
+def _sentence_vectors(texts: list[str], embedder: Embedder, cache: VectorCache | None, namespace: str,
+                      known: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    """The sentences' vectors: from ``known`` (stored at ingest), else the cache, else embedded now."""
+    def embed(some: list[str]) -> np.ndarray:
+        return embedder.embed_documents(some) if cache is None else cache.documents(embedder, some, namespace=namespace)
+
+    if not known:
+        return embed(texts)
+    missing = list(dict.fromkeys(t for t in texts if t not in known))
+    row = dict(zip(missing, embed(missing), strict=True)) if missing else {}
+    return np.stack([known[t] if t in known else row[t] for t in texts]).astype(np.float32, copy=False)
+
+
 def _parts(query: str, query_vec: np.ndarray, candidates: list[_Candidate], embedder: Embedder,
-           cache: VectorCache | None = None, namespace: str = "") -> tuple[np.ndarray, np.ndarray]:
-    texts = [c.text for c in candidates]
-    vectors = embedder.embed_documents(texts) if cache is None else cache.documents(embedder, texts, namespace=namespace)
+           cache: VectorCache | None = None, namespace: str = "",
+           known: Mapping[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    vectors = _sentence_vectors([c.text for c in candidates], embedder, cache, namespace, known)
     cosine = vectors @ np.asarray(query_vec, dtype=np.float32).reshape(-1)
     words = content_words(query)
     lexical = np.array([_overlap(words, c.text) for c in candidates], dtype=np.float32)
@@ -184,13 +198,15 @@ def _supporting(c: _Candidate, score: float, cosine: float = 0.0, lexical: float
 def rank_sentences(
     question: str, question_vec: np.ndarray | None, context: Context, embedder: Embedder, *,
     cache: VectorCache | None = None, namespace: str = "", retrieval_weights: tuple[float, float] = (0.0, 0.0),
+    known: Mapping[str, np.ndarray] | None = None,
 ) -> list[SupportingSentence]:
     """Every sentence of the context scored against ``question``, best first (see :func:`extract_answer`).
 
     With a ``cache``, sentences (and the question) embedded before under ``namespace`` (the tenant) and
     this encoder are not embedded again: a chunk retrieved for many questions costs one embedding.
     ``retrieval_weights`` ``(rank, fused)`` add each sentence's source prior (:func:`retrieval_priors`):
-    a sentence of the best-retrieved chunk beats an equally similar one of the eighth.
+    a sentence of the best-retrieved chunk beats an equally similar one of the eighth. ``known`` maps sentence
+    texts to vectors already at hand (stored at ingest, :mod:`rag.sentence_vectors`): those are not embedded.
     """
     candidates = _candidates(context)
     if not candidates:
@@ -198,7 +214,7 @@ def rank_sentences(
     if question_vec is None:
         question_vec = (embedder.embed_queries([question]) if cache is None
                         else cache.queries(embedder, [question], namespace=namespace))[0]
-    cosine, lexical = _parts(question, question_vec, candidates, embedder, cache, namespace)
+    cosine, lexical = _parts(question, question_vec, candidates, embedder, cache, namespace, known)
     priors = retrieval_priors(context.sources, *retrieval_weights)
     prior = np.array([priors[c.source.n] for c in candidates], dtype=np.float32)
     scores = cosine + LEXICAL_WEIGHT * lexical + prior

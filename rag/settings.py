@@ -181,6 +181,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     adapt_promote_unlabelled: bool = False
     query_cache_size: int = 1024  # recent query vectors kept per encoder (keyed by tenant; 0: off)
     sentence_cache_size: int = 20000  # context-sentence vectors kept for extractive answers (~1.6 KB each; 0: off)
+    # Embed each chunk's sentences at ingest and store them with it (rag/sentence_vectors.py): extractive answers
+    # then embed no context sentence; ingest embeds about twice the text.
+    sentence_vectors: bool = True
     metrics_port: int = 0  # python -m ingest worker: serve its /metrics on this port (0: none)
     otel_endpoint: str = ""  # an OTLP/HTTP collector (http://host:4318): traces of requests and jobs; empty: off
     otel_service_name: str = "rag"

@@ -40,13 +40,15 @@ class PointRecord(msgspec.Struct, kw_only=True):
     """One point ready for the store: a dense vector, an optional sparse (BM25) one, and a payload.
 
     ``sparse=None`` (or an empty vector) stores no sparse vector: the point is then found by dense
-    search only, and does not count towards the collection's IDF statistics.
+    search only, and does not count towards the collection's IDF statistics. ``sentences``: the vectors of
+    the chunk text's sentences in :func:`rag.sentences.split_sentences` order (None or empty: none stored).
     """
 
     id: str
     vector: list[float]
     payload: dict[str, Any]
     sparse: SparseVector | None = None
+    sentences: list[list[float]] | None = None
 
 
 class ScoredPoint(msgspec.Struct, kw_only=True):

@@ -384,6 +384,10 @@ def test_an_int8_setting_over_fp32_vectors_keeps_fp32_until_they_are_re_embedded
         out = promote(q8, services.store, int8.version, pointers=services.registry)
         assert out["switched"] and services.store.get_active() == collection_name(int8.version)
         assert services.store.count(collection_name(int8.version), tenant="default") == points
+        # The new default's collection carries sentence vectors by the new encoder (extractive answers use them).
+        ids = [p.id for b in services.store.iter_points(collection_name(int8.version)) for p in b]
+        moved = services.store.sentence_vectors(collection_name(int8.version), ids, tenant="default")
+        assert set(moved) == set(ids) and {version for version, _ in moved.values()} == {int8.version}
     finally:
         services.close()
     services = Services.build(q8)

@@ -90,8 +90,12 @@ class TestQdrantServerStoreClusterLayout(VectorStoreContract):
         config = collection_config(CLUSTER, 384)
         assert (config["shard_number"], config["replication_factor"], config["write_consistency_factor"]) == (2, 2, 2)
         assert config["on_disk_payload"] is True and config["sparse_vectors_config"]["bm25"].index.on_disk is True
-        assert config["quantization_config"].scalar.type == "int8" and config["quantization_config"].scalar.always_ram
-        assert "quantization_config" not in collection_config(ClusterOptions(), 384)
+        dense, sentences = config["vectors_config"]["dense"], config["vectors_config"]["sentences"]
+        assert dense.quantization_config.scalar.type == "int8" and dense.quantization_config.scalar.always_ram
+        # Sentence vectors are only read by id: no int8 copy in RAM, no graph, float16 on disk.
+        assert sentences.quantization_config is None and sentences.hnsw_config.m == 0 and sentences.on_disk
+        assert sentences.multivector_config is not None and sentences.datatype == "float16"
+        assert collection_config(ClusterOptions(), 384)["vectors_config"]["dense"].quantization_config is None
 
     def test_settings_name_the_options(self, tmp_path) -> None:
         from rag.settings import Settings
@@ -178,6 +182,42 @@ def test_server_refuses_a_collection_without_sparse_vectors() -> None:
     try:
         with pytest.raises(StoreError, match="re-index"):
             store.ensure_collection(COLL, DIM)
+    finally:
+        store.close()
+
+
+def _old_edge_store(tmp_path: Path) -> VectorStore:
+    from qdrant_edge import Distance, EdgeConfig, EdgeShard, EdgeSparseVectorParams, EdgeVectorParams, Modifier
+
+    shard = EdgeShard.create(str(tmp_path / "collections" / COLL), EdgeConfig(
+        vectors={"dense": EdgeVectorParams(size=DIM, distance=Distance.Cosine)},
+        sparse_vectors={"bm25": EdgeSparseVectorParams(modifier=Modifier.Idf)}))
+    shard.close()
+    return EdgeVectorStore(tmp_path)
+
+
+def _old_server_store(tmp_path: Path) -> VectorStore:
+    from qdrant_client import QdrantClient, models
+
+    client = QdrantClient(":memory:")
+    client.create_collection(COLL, vectors_config={"dense": models.VectorParams(size=DIM, distance=models.Distance.COSINE)},
+                             sparse_vectors_config={"bm25": models.SparseVectorParams(modifier=models.Modifier.IDF)})
+    return QdrantServerStore(client)
+
+
+@pytest.mark.parametrize("make", [_old_edge_store, _old_server_store], ids=["edge", "server"])
+def test_a_collection_made_before_sentence_vectors_stores_points_without_them(tmp_path: Path, make) -> None:
+    store = make(tmp_path)
+    try:
+        store.ensure_collection(COLL, DIM)
+        assert not store.has_sentence_vectors(COLL)
+        points = make_points("t", "doc", "h1", unit_vectors(2, 60))
+        for p in points:
+            p.sentences = unit_vectors(2, 61).tolist()
+        store.upsert(COLL, points)
+        store.publish(COLL, "t", "doc", "h1")
+        assert store.count(COLL, tenant="t", live=True) == 2
+        assert store.sentence_vectors(COLL, [p.id for p in points], tenant="t") == {}
     finally:
         store.close()
 

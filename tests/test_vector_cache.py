@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
+import pytest
 
 from rag.vector_cache import VectorCache
 
@@ -60,8 +62,14 @@ def test_the_cache_is_bounded_and_least_recently_used_goes_first(embedder) -> No
     assert len(off) == 0
 
 
+@pytest.fixture(params=[True, False], ids=["stored-sentence-vectors", "embedded-at-answer-time"])
+def settings(settings, request):
+    return msgspec.structs.replace(settings, sentence_vectors=request.param)
+
+
 def test_an_answer_embeds_its_context_sentences_once(app_client) -> None:
-    """The second time a question's context comes back, its sentences come from the cache: same answer."""
+    """Context sentences are embedded at most once: at ingest (stored with the chunk, RAG_SENTENCE_VECTORS) or,
+    without stored vectors, at the first question whose context holds them (the cache). Same answer either way."""
     client = app_client
     r = client.post("/v1/documents", json={"id": "nile", "text": "The Nile is a major north-flowing river in "
                                            "northeastern Africa. It flows into the Mediterranean Sea. The Nile is "
@@ -70,12 +78,19 @@ def test_an_answer_embeds_its_context_sentences_once(app_client) -> None:
     from tests.conftest import wait_for
 
     wait_for(lambda: client.get(f"/v1/jobs/{job}").json()["status"] == "succeeded", timeout=120)
-    cache = client.services.answers.sentence_cache
+    answers = client.services.answers
+    stored = answers.settings.sentence_vectors
+    cache = answers.sentence_cache
     first = client.post("/v1/answer", json={"question": "How long is the Nile?"}).json()
     misses = cache.misses
+    # The question's vector is retrieval's; stored: no sentence was embedded either, else the three were.
+    assert misses == (0 if stored else 3)
     second = client.post("/v1/answer", json={"question": "Where does the Nile flow into?"}).json()
-    assert cache.misses == misses + 1  # only the new question; every context sentence was cached
+    assert cache.misses == misses  # every sentence was at hand
     assert "6,650" in first["answer"]
-    client.services.answers.sentence_cache = VectorCache(0)  # the same question without any cache
-    uncached = client.post("/v1/answer", json={"question": "Where does the Nile flow into?"}).json()
-    assert uncached["answer"] == second["answer"] and uncached["citations"] == second["citations"]
+    answers.sentence_cache = VectorCache(0)  # the same question without any cache, and without stored vectors
+    answers.settings = msgspec.structs.replace(answers.settings, sentence_vectors=False)
+    fresh = client.post("/v1/answer", json={"question": "Where does the Nile flow into?"}).json()
+    assert fresh["answer"] == second["answer"] and fresh["citations"] == second["citations"]
+    # float16 storage: the support score moves by less than a thousandth.
+    assert abs(fresh["retrieval"]["support_score"] - second["retrieval"]["support_score"]) < 1e-3

@@ -15,12 +15,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from rag.errors import BadRequest
 from rag.store.filters import FieldMatch, FieldMatchAny, FieldRange, FilterCondition, parse_filter
 from rag.store.protocol import (
     FUSION_METHODS,
     PUBLISH_BATCH,
     SEARCH_MODES,
+    SENTENCE_VECTOR_NAME,
     SPARSE_VECTOR_NAME,
     TIE_SLACK,
     UPSERT_BATCH,
@@ -222,6 +225,14 @@ class QdrantLikeStore(ABC):
         """Delete every point matching ``flt``."""
 
     @abstractmethod
+    def _retrieve_raw(self, handle: Any, ids: list[str], with_payload: Any, with_vector: Any) -> list[Any]:
+        """The records of the points ``ids`` (missing ones left out)."""
+
+    @abstractmethod
+    def has_sentence_vectors(self, collection: str) -> bool:
+        """Whether the collection has the ``"sentences"`` multivector (see the protocol)."""
+
+    @abstractmethod
     def _count_raw(self, handle: Any, flt: Any) -> int:
         """The exact number of points matching ``flt`` (None: all)."""
 
@@ -275,12 +286,14 @@ class QdrantLikeStore(ABC):
     def _generation(self, document_id: str, content_hash: str) -> Any:
         return self._filter(must=[self._eq("document_id", document_id), self._eq("content_hash", content_hash)])
 
-    def _vectors(self, p: PointRecord) -> dict[str, Any]:
+    def _vectors(self, p: PointRecord, sentences: bool = False) -> dict[str, Any]:
         vectors: dict[str, Any] = {VECTOR_NAME: p.vector if isinstance(p.vector, list) else list(p.vector)}
         # An empty sparse vector is left out on both backends: the point then is not part of the IDF
         # statistics anywhere.
         if p.sparse is not None and p.sparse.indices:
             vectors[SPARSE_VECTOR_NAME] = self._sparse(p.sparse)
+        if sentences and p.sentences:
+            vectors[SENTENCE_VECTOR_NAME] = p.sentences
         return vectors
 
     @staticmethod
@@ -295,9 +308,11 @@ class QdrantLikeStore(ABC):
         """Insert or overwrite points, a few hundred per engine call (see ``UPSERT_BATCH``)."""
         with self._writing():
             handle = self._collection(collection)
+            # A collection made before sentence vectors existed stores the points without them.
+            sentences = any(p.sentences for p in points) and self.has_sentence_vectors(collection)
             with self._errors(f"upserting into {collection!r}", collection):
                 for batch in _chunks(points, UPSERT_BATCH):
-                    self._upsert_raw(handle, [self._point(p, self._vectors(p)) for p in batch])
+                    self._upsert_raw(handle, [self._point(p, self._vectors(p, sentences)) for p in batch])
 
     def publish(self, collection: str, tenant: str, document_id: str, content_hash: str) -> None:
         """Set ``live=True`` on the generation, then delete the document's other generations."""
@@ -422,7 +437,25 @@ class QdrantLikeStore(ABC):
 
     def iter_points(self, collection: str, *, tenant: str | None = None,
                     batch_size: int = 256) -> Iterator[list[PointRecord]]:
-        """Every point (of ``tenant`` when given) with payload and vectors, scrolled in batches (each its own short engine call)."""
+        """Every point (of ``tenant`` when given) with payload, dense and sparse vectors (not sentence vectors),
+        scrolled in batches (each its own short engine call)."""
         flt = self._fields(tenant=tenant, live=None) if tenant is not None else None
-        for records in self._scroll(collection, batch_size=batch_size, flt=flt):
+        for records in self._scroll(collection, batch_size=batch_size, flt=flt,
+                                    with_vector=[VECTOR_NAME, SPARSE_VECTOR_NAME]):
             yield [_record_from(r.id, r.payload, r.vector) for r in records]
+
+    def sentence_vectors(self, collection: str, ids: Sequence[str], *, tenant: str) -> dict[str, tuple[str, np.ndarray]]:
+        """See :meth:`rag.store.VectorStore.sentence_vectors`: one engine call for all ``ids``."""
+        ids = list(dict.fromkeys(str(i) for i in ids))
+        if not ids or not self.has_sentence_vectors(collection):
+            return {}
+        handle = self._collection(collection)
+        with self._errors(f"reading sentence vectors of {collection!r}", collection):
+            records = self._retrieve_raw(handle, ids, ["tenant", "encoder_version"], [SENTENCE_VECTOR_NAME])
+        out: dict[str, tuple[str, np.ndarray]] = {}
+        for r in records:
+            payload = r.payload or {}
+            vectors = (r.vector or {}).get(SENTENCE_VECTOR_NAME) if isinstance(r.vector, Mapping) else None
+            if payload.get("tenant") == tenant and vectors:
+                out[str(r.id)] = (str(payload.get("encoder_version", "")), np.asarray(vectors, dtype=np.float32))
+        return out

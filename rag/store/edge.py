@@ -29,6 +29,7 @@ from rag.store.filters import FieldRange
 from rag.store.protocol import (
     BOOL_INDEXES,
     KEYWORD_INDEXES,
+    SENTENCE_VECTOR_NAME,
     SPARSE_VECTOR_NAME,
     VECTOR_NAME,
     check_collection_name,
@@ -256,7 +257,7 @@ class EdgeVectorStore(QdrantLikeStore):
             UpdateOperation,
         )
 
-        from rag.store.edge_index import field_index_params, hnsw_config
+        from rag.store.edge_index import field_index_params, hnsw_config, sentence_vector_params
 
         self._check_new_collection(name, dimension)
         with self._write_lock, self._shards_lock:
@@ -277,7 +278,8 @@ class EdgeVectorStore(QdrantLikeStore):
                 shard = self._shard(name)
             else:
                 config = EdgeConfig(
-                    vectors={VECTOR_NAME: EdgeVectorParams(size=dimension, distance=Distance.Cosine)},
+                    vectors={VECTOR_NAME: EdgeVectorParams(size=dimension, distance=Distance.Cosine),
+                             SENTENCE_VECTOR_NAME: sentence_vector_params(dimension)},
                     sparse_vectors={SPARSE_VECTOR_NAME: EdgeSparseVectorParams(modifier=Modifier.Idf)},
                     hnsw_config=hnsw_config(self._hnsw_m, self._hnsw_payload_m),
                 )
@@ -457,6 +459,15 @@ class EdgeVectorStore(QdrantLikeStore):
         journal = self._journals.get(id(handle))
         if journal is not None:
             journal.append(op)
+
+    def _retrieve_raw(self, handle: Any, ids: list[str], with_payload: Any, with_vector: Any) -> list[Any]:
+        return handle.retrieve(ids, with_payload=with_payload, with_vector=with_vector)
+
+    def has_sentence_vectors(self, collection: str) -> bool:
+        check_collection_name(collection)
+        with self._shards_lock:
+            path = self._shard_path(collection)
+        return SENTENCE_VECTOR_NAME in (_edge_saved_config(path).get("vectors") or {})
 
     def _count_raw(self, handle: Any, flt: Any) -> int:
         from qdrant_edge import CountRequest
@@ -809,23 +820,30 @@ def _read_pid(fd: int) -> str:
     return text if text.isdigit() else "unknown"
 
 
-def _edge_dimension(path: Path) -> int | None:
-    # The bindings expose no config getter; edge_config.json is the shard's own record of it.
-    # Unreadable means unknown: the engine then rejects wrong-sized vectors itself.
+def _edge_saved_config(path: Path) -> dict[str, Any]:
+    """The shard's ``edge_config.json`` ({} if unreadable): the bindings expose no config getter, and this file is
+    the shard's own record of its layout."""
     try:
         config = json.loads((path / "edge_config.json").read_text(encoding="utf-8"))
-        return int(config["vectors"][VECTOR_NAME]["size"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _edge_dimension(path: Path) -> int | None:
+    # Unreadable means unknown: the engine then rejects wrong-sized vectors itself.
+    try:
+        return int(_edge_saved_config(path)["vectors"][VECTOR_NAME]["size"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 
 def _edge_sparse_modifier(path: Path) -> str | None:
     """The sparse vector's modifier ("idf"), "" if the shard has no such vector, None if unreadable."""
-    try:
-        config = json.loads((path / "edge_config.json").read_text(encoding="utf-8"))
-        sparse = config.get("sparse_vectors") or {}
-    except (OSError, ValueError, AttributeError):
+    config = _edge_saved_config(path)
+    if not config:
         return None
+    sparse = config.get("sparse_vectors") or {}
     if not isinstance(sparse, dict) or SPARSE_VECTOR_NAME not in sparse:
         return ""
     params = sparse[SPARSE_VECTOR_NAME]

@@ -32,6 +32,25 @@ def hnsw_config(m: int, payload_m: int | None) -> Any:
                            payload_m=payload_m)
 
 
+def sentence_vector_params(dimension: int) -> Any:
+    """The ``"sentences"`` multivector: float16 on disk (mmap), cosine, never in an HNSW graph (it is only read by
+    point id; rag/sentence_vectors.py)."""
+    from qdrant_edge import (
+        Distance,
+        EdgeVectorParams,
+        HnswIndexConfig,
+        MultiVectorComparator,
+        MultiVectorConfig,
+        VectorStorageDatatype,
+    )
+
+    return EdgeVectorParams(size=dimension, distance=Distance.Cosine, on_disk=True,
+                            multivector_config=MultiVectorConfig(MultiVectorComparator.MaxSim),
+                            datatype=VectorStorageDatatype.Float16,
+                            hnsw_config=HnswIndexConfig(m=0, ef_construct=EF_CONSTRUCT,
+                                                        full_scan_threshold=FULL_SCAN_THRESHOLD_KB, payload_m=0))
+
+
 def field_index_params(field: str) -> Any:
     """The payload index of ``field``. Only ``tenant`` gets per-value graphs (``is_tenant``, HNSW enabled):
     with ``m=0`` the engine builds a graph for every large enough value of every HNSW-enabled field, and
@@ -52,7 +71,8 @@ def edge_config(shard_dir: Path, m: int, payload_m: int | None) -> Any:
     from qdrant_edge import Distance, EdgeConfig, EdgeSparseVectorParams, EdgeVectorParams, Modifier
 
     saved = json.loads((shard_dir / "edge_config.json").read_text(encoding="utf-8"))
-    vectors = {name: EdgeVectorParams(size=int(p["size"]), distance=getattr(Distance, p["distance"]))
+    vectors = {name: sentence_vector_params(int(p["size"])) if p.get("multivector_config")
+               else EdgeVectorParams(size=int(p["size"]), distance=getattr(Distance, p["distance"]))
                for name, p in (saved.get("vectors") or {}).items()}
     sparse = {name: EdgeSparseVectorParams(modifier=Modifier.Idf if str((p or {}).get("modifier", "")).lower() == "idf"
                                            else None)

@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
+import numpy as np
+
 from rag.errors import BadRequest
 from rag.types import PointRecord, ScoredPoint, SparseVector
 
@@ -18,6 +20,7 @@ __all__ = [
     "KEYWORD_INDEXES",
     "PUBLISH_BATCH",
     "SEARCH_MODES",
+    "SENTENCE_VECTOR_NAME",
     "SPARSE_VECTOR_NAME",
     "TIE_SLACK",
     "UPSERT_BATCH",
@@ -31,6 +34,9 @@ __all__ = [
 
 VECTOR_NAME = "dense"
 SPARSE_VECTOR_NAME = "bm25"
+# The vectors of a chunk's sentences (a multivector, float16, never indexed): computed at ingest so that an
+# extractive answer ranks its context's sentences without embedding them (rag/sentence_vectors.py).
+SENTENCE_VECTOR_NAME = "sentences"
 SearchMode = Literal["dense", "sparse", "hybrid"]
 FusionMethod = Literal["rrf", "weighted"]
 SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
@@ -80,7 +86,18 @@ class VectorStore(Protocol):
     """Where chunk vectors live: collections of points with a named dense vector and a payload."""
 
     def ensure_collection(self, name: str, dimension: int) -> None:
-        """Create the collection (dense ``"dense"``, cosine; sparse ``"bm25"`` with IDF; payload indexes) unless it exists."""
+        """Create the collection (dense ``"dense"``, cosine; sparse ``"bm25"`` with IDF; the unindexed multivector
+        ``"sentences"``; payload indexes) unless it exists."""
+        ...
+
+    def has_sentence_vectors(self, collection: str) -> bool:
+        """Whether the collection can hold sentence vectors (collections made before they existed cannot)."""
+        ...
+
+    def sentence_vectors(self, collection: str, ids: Sequence[str], *, tenant: str) -> dict[str, tuple[str, np.ndarray]]:
+        """The stored sentence vectors of the points ``ids`` of ``tenant``: id -> (the payload's ``encoder_version``,
+        an ``(n sentences, dimension)`` float32 array). Points of other tenants, missing points and points
+        stored without sentence vectors are left out."""
         ...
 
     def list_collections(self) -> list[str]:

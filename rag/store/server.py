@@ -20,6 +20,7 @@ from rag.store.protocol import (
     ACTIVE_ALIAS,
     BOOL_INDEXES,
     KEYWORD_INDEXES,
+    SENTENCE_VECTOR_NAME,
     SPARSE_VECTOR_NAME,
     VECTOR_NAME,
     check_collection_name,
@@ -64,17 +65,24 @@ def collection_config(options: ClusterOptions, dimension: int) -> dict[str, Any]
     """The keyword arguments of ``create_collection`` for our collections under ``options``."""
     from qdrant_client import models
 
-    dense = models.VectorParams(size=dimension, distance=models.Distance.COSINE, on_disk=options.on_disk)
+    # The int8 copy (in RAM) is the dense vector's alone: sentence vectors are read by id, never searched.
+    quantization = None if options.quantization != "int8" else models.ScalarQuantization(
+        scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, quantile=0.99, always_ram=True))
+    dense = models.VectorParams(size=dimension, distance=models.Distance.COSINE, on_disk=options.on_disk,
+                                quantization_config=quantization)
+    # Read by point id only (rag/sentence_vectors.py): never in an HNSW graph, float16, on disk.
+    sentences = models.VectorParams(
+        size=dimension, distance=models.Distance.COSINE, on_disk=True, datatype=models.Datatype.FLOAT16,
+        multivector_config=models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM),
+        hnsw_config=models.HnswConfigDiff(m=0, payload_m=0))
     sparse = models.SparseVectorParams(modifier=models.Modifier.IDF,
                                        index=models.SparseIndexParams(on_disk=options.on_disk))
     config: dict[str, Any] = {
-        "vectors_config": {VECTOR_NAME: dense}, "sparse_vectors_config": {SPARSE_VECTOR_NAME: sparse},
+        "vectors_config": {VECTOR_NAME: dense, SENTENCE_VECTOR_NAME: sentences},
+        "sparse_vectors_config": {SPARSE_VECTOR_NAME: sparse},
         "shard_number": options.shards, "replication_factor": options.replication_factor,
         "write_consistency_factor": options.write_consistency_factor, "on_disk_payload": options.on_disk_payload,
     }
-    if options.quantization == "int8":
-        config["quantization_config"] = models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
-            type=models.ScalarType.INT8, quantile=0.99, always_ram=True))
     return config
 
 
@@ -99,6 +107,8 @@ class QdrantServerStore(QdrantLikeStore):
         self.options = options or ClusterOptions()
         self._closed = False
         self._error_types = _server_errors_types()
+        # Collection -> whether it has sentence vectors: a collection's vector layout is fixed at creation.
+        self._sentence_slots: dict[str, bool] = {}
 
     @classmethod
     def from_url(cls, url: str, api_key: str | None = None, timeout: float = 10,
@@ -195,6 +205,7 @@ class QdrantServerStore(QdrantLikeStore):
     def drop_collection(self, name: str) -> None:
         """Delete the collection (the server removes aliases pointing at it)."""
         check_collection_name(name)
+        self._sentence_slots.pop(name, None)
         with self._errors(f"deleting collection {name!r}"):
             self.client.delete_collection(name)
 
@@ -270,6 +281,18 @@ class QdrantServerStore(QdrantLikeStore):
 
     def _count_raw(self, handle: str, flt: Any) -> int:
         return self.client.count(handle, count_filter=flt, exact=True).count
+
+    def _retrieve_raw(self, handle: str, ids: list[str], with_payload: Any, with_vector: Any) -> list[Any]:
+        return self.client.retrieve(handle, ids=ids, with_payload=with_payload, with_vectors=with_vector)
+
+    def has_sentence_vectors(self, collection: str) -> bool:
+        check_collection_name(collection)
+        known = self._sentence_slots.get(collection)
+        if known is None:
+            with self._errors(f"reading the configuration of {collection!r}", collection):
+                vectors = self.client.get_collection(collection).config.params.vectors
+            known = self._sentence_slots[collection] = isinstance(vectors, Mapping) and SENTENCE_VECTOR_NAME in vectors
+        return known
 
     def _scroll_raw(self, handle: str, flt: Any, offset: Any, limit: int, with_payload: Any,
                     with_vector: Any) -> tuple[list[Any], Any]:

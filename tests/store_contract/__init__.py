@@ -13,6 +13,7 @@ pytest.register_assert_rewrite(
     "tests.store_contract.lifecycle",
     "tests.store_contract.scroll",
     "tests.store_contract.search",
+    "tests.store_contract.sentences",
     "tests.store_contract.writes",
 )
 
@@ -20,6 +21,7 @@ from tests.store_contract.hybrid import HybridTest  # noqa: E402
 from tests.store_contract.lifecycle import ActivePointerTest, CollectionTest  # noqa: E402
 from tests.store_contract.scroll import ScrollTest  # noqa: E402
 from tests.store_contract.search import FilterTest, SearchTest  # noqa: E402
+from tests.store_contract.sentences import SentenceVectorTest  # noqa: E402
 from tests.store_contract.writes import PublishTest, WriteTest  # noqa: E402
 
 __all__ = [
@@ -30,12 +32,14 @@ __all__ = [
     "PublishTest",
     "ScrollTest",
     "SearchTest",
+    "SentenceVectorTest",
     "VectorStoreContract",
     "WriteTest",
 ]
 
 
 class VectorStoreContract(
-    CollectionTest, ActivePointerTest, WriteTest, PublishTest, FilterTest, SearchTest, HybridTest, ScrollTest
+    CollectionTest, ActivePointerTest, WriteTest, PublishTest, FilterTest, SearchTest, HybridTest, ScrollTest,
+    SentenceVectorTest,
 ):
     """Every capability group: what any :class:`rag.store.VectorStore` must pass."""
