@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from rag.errors import BadRequest, StoreError
@@ -218,6 +219,28 @@ def test_a_collection_made_before_sentence_vectors_stores_points_without_them(tm
         store.publish(COLL, "t", "doc", "h1")
         assert store.count(COLL, tenant="t", live=True) == 2
         assert store.sentence_vectors(COLL, [p.id for p in points], tenant="t") == {}
+    finally:
+        store.close()
+
+
+def test_sentence_vectors_survive_an_edge_index_build(tmp_path: Path) -> None:
+    """The background build loads a copy with the shard's own layout (multivector included) and swaps it in."""
+    store = EdgeVectorStore(tmp_path, exact_search_max_points=100, auto_index_points=0)
+    try:
+        store.ensure_collection(COLL, DIM)
+        points = make_points("t", "doc", "h1", unit_vectors(600, 70))
+        for i, p in enumerate(points[:50]):
+            p.sentences = unit_vectors(1 + i % 3, 71 + i).tolist()
+        store.upsert(COLL, points)
+        store.publish(COLL, "t", "doc", "h1")
+        before = store.sentence_vectors(COLL, [p.id for p in points], tenant="t")
+        assert len(before) == 50
+        store.build_index(COLL)
+        assert (tmp_path / "collections" / f".current-{COLL}").is_file()  # now served from the built copy
+        assert store.has_sentence_vectors(COLL)
+        after = store.sentence_vectors(COLL, [p.id for p in points], tenant="t")
+        assert set(after) == set(before)
+        assert all(np.array_equal(after[k][1], before[k][1]) for k in before)
     finally:
         store.close()
 
