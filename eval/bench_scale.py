@@ -190,8 +190,9 @@ def bench_scale(settings, args) -> dict[str, Any]:
     if data_dir.exists():
         subprocess.run(["rm", "-rf", str(data_dir)], check=True)
     store = EdgeVectorStore(data_dir, exact_search_max_points=0, hnsw_ef=128, auto_index_points=0,
-                            hnsw_m=args.hnsw_m, hnsw_payload_m=args.payload_m)
-    print(f"HNSW layout: m {args.hnsw_m}, payload_m {args.payload_m if args.payload_m is not None else 'unset (= m)'}")
+                            hnsw_m=args.hnsw_m, hnsw_payload_m=args.payload_m, hnsw_ef_construct=args.ef_construct)
+    print(f"HNSW layout: m {args.hnsw_m}, payload_m {args.payload_m if args.payload_m is not None else 'unset (= m)'}, "
+          f"ef_construct {args.ef_construct}")
     try:
         store.ensure_collection(COLLECTION, real.shape[1])
         t0 = time.perf_counter()
@@ -397,7 +398,7 @@ def bench_scale(settings, args) -> dict[str, Any]:
                       "during": during, "errors": errors[:10], "error_count": len(errors)},
             "exact_search_after_build": _summary(exact_after_ms),
             "indexed_search": indexed, "unfiltered_engine_search": unfiltered,
-            "hnsw": {"m": args.hnsw_m, "payload_m": args.payload_m},
+            "hnsw": {"m": args.hnsw_m, "payload_m": args.payload_m, "ef_construct": args.ef_construct},
             "rss_mib": round(rss), "peak_rss_mib": round(peak), "child_peak_rss_mib": round(child_peak),
             "disk_mib": round(disk),
             "cpus": os.cpu_count(),

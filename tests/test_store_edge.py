@@ -398,7 +398,8 @@ def test_per_tenant_graphs_without_a_global_one_serve_each_tenants_search(tmp_pa
                             payload={"tenant": tenant, "document_id": f"d{(offset + i) // 10}", "content_hash": "h",
                                      "chunk_index": offset + i, "live": True}) for i in range(per_tenant)]
 
-    store = EdgeVectorStore(tmp_path, exact_search_max_points=0, auto_index_points=0, hnsw_m=0, hnsw_payload_m=16)
+    store = EdgeVectorStore(tmp_path, exact_search_max_points=0, auto_index_points=0, hnsw_m=0, hnsw_payload_m=16,
+                            hnsw_ef_construct=64)
     try:
         store.ensure_collection("c", dim)
         store.upsert("c", points("a", 0))
@@ -408,7 +409,7 @@ def test_per_tenant_graphs_without_a_global_one_serve_each_tenants_search(tmp_pa
         import json
 
         saved = json.loads((shard_dir / "edge_config.json").read_text())["hnsw_config"]
-        assert saved["m"] == 0 and saved["payload_m"] == 16
+        assert saved["m"] == 0 and saved["payload_m"] == 16 and saved["ef_construct"] == 64
         schema = store._shard("c").info().payload_schema
         assert schema["live"].params.enable_hnsw is False and schema["content_hash"].params.enable_hnsw is False
         for tenant, offset in (("a", 0), ("b", per_tenant)):

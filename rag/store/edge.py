@@ -25,6 +25,7 @@ import structlog
 
 from rag.errors import NotFound, RagError, StoreError, StoreLockedError
 from rag.store.base import Branch, QdrantLikeStore, SearchPlan
+from rag.store.edge_index import EF_CONSTRUCT
 from rag.store.filters import FieldRange
 from rag.store.protocol import (
     BOOL_INDEXES,
@@ -79,7 +80,8 @@ class EdgeVectorStore(QdrantLikeStore):
     EXACT_SEARCH_MAX_POINTS = 20_000
 
     def __init__(self, root: Path | str, *, exact_search_max_points: int | None = None, hnsw_ef: int = 128,
-                 auto_index_points: int = 20_000, hnsw_m: int = 0, hnsw_payload_m: int | None = 16) -> None:
+                 auto_index_points: int = 20_000, hnsw_m: int = 0, hnsw_payload_m: int | None = 16,
+                 hnsw_ef_construct: int = EF_CONSTRUCT) -> None:
         """Take the exclusive lock on ``root/.lock``, or raise :class:`StoreLockedError` at once.
 
         ``hnsw_ef``: the HNSW search beam (recall against cost; ``python -m eval bench scale``).
@@ -90,7 +92,8 @@ class EdgeVectorStore(QdrantLikeStore):
         default, per-tenant graphs only, suits this store, whose every vector search is filtered to one
         tenant (half the build time at 200k, recall@10 within 0.01; README "The embedded store at scale");
         an unfiltered vector search through such an index finds only part of the neighbours (exact=True
-        does, at the cost of a scan).
+        does, at the cost of a scan). ``hnsw_ef_construct``: candidates per point inserted while building (the
+        engine's default, 100); applies to the next build.
         """
         self.root = Path(root)
         self.lock_path = self.root / ".lock"
@@ -99,6 +102,7 @@ class EdgeVectorStore(QdrantLikeStore):
         self._auto_index_points = auto_index_points
         self._hnsw_m = hnsw_m
         self._hnsw_payload_m = hnsw_payload_m
+        self._hnsw_ef_construct = hnsw_ef_construct
         self._index_threads: dict[str, threading.Thread] = {}
         self._children: set[subprocess.Popen[str]] = set()  # running index builds, stopped by close()
         self._unindexed: dict[int, int] = {}  # id(shard handle) -> points upserted since its last index build
@@ -279,7 +283,7 @@ class EdgeVectorStore(QdrantLikeStore):
                 config = EdgeConfig(
                     vectors={VECTOR_NAME: EdgeVectorParams(size=dimension, distance=Distance.Cosine)},
                     sparse_vectors={SPARSE_VECTOR_NAME: EdgeSparseVectorParams(modifier=Modifier.Idf)},
-                    hnsw_config=hnsw_config(self._hnsw_m, self._hnsw_payload_m),
+                    hnsw_config=hnsw_config(self._hnsw_m, self._hnsw_payload_m, self._hnsw_ef_construct),
                 )
                 with _edge_errors(f"creating collection {name!r}"):
                     shard = EdgeShard.create(str(path), config)
@@ -677,7 +681,8 @@ class EdgeVectorStore(QdrantLikeStore):
     SWAP_MAX_REPLAY = 16
 
     def _run_index_child(self, build_dir: Path, *, timeout_s: float, nice: int) -> None:
-        cmd = [sys.executable, "-m", "rag.store.edge_index", str(build_dir), "--m", str(self._hnsw_m)]
+        cmd = [sys.executable, "-m", "rag.store.edge_index", str(build_dir), "--m", str(self._hnsw_m),
+               "--ef-construct", str(self._hnsw_ef_construct)]
         if self._hnsw_payload_m is not None:
             cmd += ["--payload-m", str(self._hnsw_payload_m)]
         try:
