@@ -419,3 +419,52 @@ def test_per_tenant_graphs_without_a_global_one_serve_each_tenants_search(tmp_pa
                 assert hits[0].payload["chunk_index"] == k
     finally:
         store.close()
+
+
+def test_the_locked_resync_makes_a_stale_copy_equal_writing_only_the_blocks_that_differ(tmp_path: Path) -> None:
+    import os
+
+    from rag.store.edge import _SYNC_BLOCK, _copy_tree, _Resync, _resync_changed
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "seg").mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    (src / "seg" / "unchanged.dat").write_bytes(b"u" * 64)
+    big = src / "seg" / "chunk.mmap"  # preallocated and sparse, as the engine's storage files are
+    with open(big, "wb") as fh:
+        fh.truncate(32 * _SYNC_BLOCK)
+        fh.write(rng.bytes(8 * _SYNC_BLOCK))
+        fh.seek(20 * _SYNC_BLOCK)
+        fh.write(rng.bytes(_SYNC_BLOCK))
+    (src / "seg" / "gone.dat").write_bytes(b"x" * 100)
+    (src / "wal").write_bytes(rng.bytes(3000))
+    assert _copy_tree(src, dst) is None
+    since_ns = os.stat(big).st_mtime_ns + 1
+    (dst / "seg" / "unchanged.dat").write_bytes(b"v" * 64)  # a file older than the mark is not even read
+    # What writes do after the copy: an append into the preallocated space, an update in place, a region punched
+    # back to zeros, a file shrunk, a new file and a deleted one.
+    with open(big, "r+b") as fh:
+        fh.seek(8 * _SYNC_BLOCK)
+        fh.write(b"appended")
+        fh.seek(3 * _SYNC_BLOCK + 17)
+        fh.write(b"updated in place")
+        fh.seek(20 * _SYNC_BLOCK)
+        fh.write(bytes(_SYNC_BLOCK))
+    with open(src / "wal", "r+b") as fh:
+        fh.truncate(1000)
+    (src / "seg" / "new.dat").write_bytes(b"new")
+    (src / "seg" / "gone.dat").unlink()
+    for path in (big, src / "wal"):
+        os.utime(path, ns=(since_ns + 10**9, since_ns + 10**9))
+
+    stats = _Resync()
+    assert _resync_changed(src, dst, since_ns, stats) == 3  # chunk.mmap, wal and new.dat; nothing else compared
+    for path in (big, src / "wal", src / "seg" / "new.dat"):
+        rel = path.relative_to(src)
+        assert (dst / rel).read_bytes() == path.read_bytes(), rel
+    assert not (dst / "seg" / "gone.dat").exists()
+    assert (dst / "seg" / "unchanged.dat").read_bytes() == b"v" * 64
+    # Only the changed blocks were written: the append, the update and the zeroed region; the holes were skipped.
+    assert stats.written <= 3 * _SYNC_BLOCK + 3
+    assert stats.compared <= 10 * _SYNC_BLOCK
+    assert os.stat(dst / "seg" / "chunk.mmap").st_blocks * 512 < 16 * _SYNC_BLOCK  # still sparse

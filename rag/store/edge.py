@@ -548,11 +548,12 @@ class EdgeVectorStore(QdrantLikeStore):
         The engine's optimizer holds the GIL for the whole build (8 s at 40k x 384-d here), so it runs
         in another process, on a copy:
 
-        1. Flush the shard and copy its directory (sparse-aware ``cp``) while writes go on; ``on_copied``
-           (a test hook) runs once that bulk copy is done. Then, under the write lock (writes wait), flush
-           again and copy again only the files modified since just before the first flush
-           (:func:`_recopy_changed`), so the copy is the flushed shard as it is now. From then on every
-           write to the shard is also journaled.
+        1. Flush the shard and copy its directory (sparse-aware ``cp``) while writes go on; flush again and
+           bring the files modified meanwhile up to date block by block, still outside the lock
+           (:meth:`_presync`); ``on_copied`` (a test hook) runs then. Then, under the write
+           lock (writes wait), flush again and compare the files modified since that second pass began with
+           their copies, writing only the blocks that differ (:func:`_resync_changed`), so the copy is the
+           flushed shard as it is now. From then on every write to the shard is also journaled.
         2. A child process (``python -m rag.store.edge_index``, at ``nice``) loads the copy and builds the
            index. Searches and writes go on here, on the live shard (brute force).
         3. The built copy is loaded here and the journal replayed into it, outside the write lock, until
@@ -587,16 +588,13 @@ class EdgeVectorStore(QdrantLikeStore):
             # The bulk copy, writes going on: what changes meanwhile is copied again below, under the lock.
             # The first flush writes out everything pending (many files); the mark is taken after it, so those
             # files are not copied twice; the second, short flush makes every page clean again after the mark
-            # (see _recopy_changed).
-            with _edge_errors(f"flushing {collection!r}"):
-                handle.flush()
-            time.sleep(2 * self._MTIME_SLACK_NS / 1e9)
-            since_ns = time.time_ns() - self._MTIME_SLACK_NS
-            with _edge_errors(f"flushing {collection!r}"):
-                handle.flush()
-            copied = subprocess.run(["cp", "-a", "--sparse=always", str(old_dir), str(build_dir)],
-                                    capture_output=True, text=True)
-            bulk_ok = copied.returncode == 0
+            # (see _resync_changed).
+            since_ns = self._flush_and_mark(handle, collection)
+            copy_error = _copy_tree(old_dir, build_dir)
+            t_bulk = time.perf_counter()
+            if copy_error is None:
+                since_ns = self._presync(handle, collection, old_dir, build_dir, since_ns)
+            t_presynced = time.perf_counter()
             if on_copied is not None:
                 on_copied()
             with self._write_lock:
@@ -606,14 +604,15 @@ class EdgeVectorStore(QdrantLikeStore):
                     raise StoreError(f"collection {collection!r} was dropped during its index build")
                 with _edge_errors(f"flushing {collection!r}"):
                     handle.flush()
-                if bulk_ok:
-                    recopied = _recopy_changed(old_dir, build_dir, since_ns)
+                t_flushed = time.perf_counter()
+                resync = _Resync()
+                if copy_error is None:
+                    recopied = _resync_changed(old_dir, build_dir, since_ns, resync)
                 else:  # e.g. a file vanished mid-copy: copy it all again, here
                     shutil.rmtree(build_dir, ignore_errors=True)
-                    copied = subprocess.run(["cp", "-a", "--sparse=always", str(old_dir), str(build_dir)],
-                                            capture_output=True, text=True)
-                    if copied.returncode != 0:
-                        raise StoreError(f"cannot copy {collection!r} for an index build: {copied.stderr.strip()}")
+                    copy_error = _copy_tree(old_dir, build_dir)
+                    if copy_error is not None:
+                        raise StoreError(f"cannot copy {collection!r} for an index build: {copy_error}")
                     recopied = -1
                 journal: list[Any] = []
                 self._journals[id(handle)] = journal
@@ -628,12 +627,17 @@ class EdgeVectorStore(QdrantLikeStore):
         new: Any = None
         swapped = False
         try:
-            self._run_index_child(build_dir, timeout_s=timeout_s, nice=nice)
+            spawn_s = self._run_index_child(build_dir, timeout_s=timeout_s, nice=nice)
             t2 = time.perf_counter()
             from qdrant_edge import EdgeShard
 
+            # EdgeShard.load holds the GIL (every search and write of this process waits) for as long as it
+            # takes, disk reads included: read the built files into the page cache first, without the GIL.
+            _read_tree(build_dir)
+            t_read = time.perf_counter()
             with _edge_errors(f"loading the indexed copy of {collection!r}"):
                 new = EdgeShard.load(str(build_dir))
+            t_loaded = time.perf_counter()
             done = 0
             while True:
                 with self._write_lock:
@@ -673,23 +677,56 @@ class EdgeVectorStore(QdrantLikeStore):
                 shutil.rmtree(build_dir, ignore_errors=True)
         report = {"copy_s": t1 - t0, "build_s": t2 - t1, "catch_up_s": t3 - t2, "swap_s": t4 - t3,
                   "replayed_writes": float(replayed), "copy_locked_s": t1 - t_locked,
-                  "recopied_files": float(recopied)}
+                  "recopied_files": float(recopied), "copy_bulk_s": t_bulk - t0, "copy_presync_s": t_presynced - t_bulk,
+                  "copy_locked_flush_s": t_flushed - t_locked, "resync_compared_mib": resync.compared / 2**20,
+                  "resync_written_mib": resync.written / 2**20, "prefetch_s": t_read - t2, "load_s": t_loaded - t_read,
+                  "spawn_s": spawn_s}
         log.info("index_built", collection=collection, **{k: round(v, 3) for k, v in report.items()})
         return report
+
+    def _flush_and_mark(self, handle: Any, collection: str) -> int:
+        """Flush, take a time mark, flush again; returns the mark (ns). Every file modified after the second
+        flush has an mtime at or after the mark (see :func:`_resync_changed`)."""
+        with _edge_errors(f"flushing {collection!r}"):
+            handle.flush()
+        time.sleep(2 * self._MTIME_SLACK_NS / 1e9)
+        since_ns = time.time_ns() - self._MTIME_SLACK_NS
+        with _edge_errors(f"flushing {collection!r}"):
+            handle.flush()
+        return since_ns
+
+    def _presync(self, handle: Any, collection: str, old_dir: Path, build_dir: Path, since_ns: int) -> int:
+        """Outside the write lock: bring the files changed during the bulk copy up to date, block by block; returns
+        the mark the pass under the lock starts from.
+
+        The pass under the lock then compares only the files written since this one began, and finds few blocks
+        to write. If this pass fails (a file vanished meanwhile, say), the locked pass starts from the first
+        mark, as if it had not run.
+        """
+        mark = self._flush_and_mark(handle, collection)
+        try:
+            _resync_changed(old_dir, build_dir, since_ns, _Resync())
+        except OSError as exc:
+            log.info("index_build_presync_skipped", collection=collection, error=str(exc))
+            return since_ns
+        return mark
 
     # Writes left to replay under the write lock when an index build swaps in (the rest is replayed before).
     SWAP_MAX_REPLAY = 16
 
-    def _run_index_child(self, build_dir: Path, *, timeout_s: float, nice: int) -> None:
+    def _run_index_child(self, build_dir: Path, *, timeout_s: float, nice: int) -> float:
+        """Run the child to its end; returns the seconds that starting it took (this thread holds the GIL meanwhile)."""
         cmd = [sys.executable, "-m", "rag.store.edge_index", str(build_dir), "--m", str(self._hnsw_m),
                "--ef-construct", str(self._hnsw_ef_construct)]
         if self._hnsw_payload_m is not None:
             cmd += ["--payload-m", str(self._hnsw_payload_m)]
+        started = time.perf_counter()
         try:
             child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      preexec_fn=(lambda: os.nice(nice)) if nice else None)
         except OSError as exc:
             raise StoreError(f"cannot start the index build process: {exc}") from exc
+        spawn_s = time.perf_counter() - started
         self._children.add(child)
         try:
             out, err = child.communicate(timeout=timeout_s)
@@ -702,6 +739,7 @@ class EdgeVectorStore(QdrantLikeStore):
         if child.returncode != 0:
             tail = (err or out or "").strip().splitlines()[-3:]
             raise StoreError(f"the index build process failed (exit {child.returncode}): {' | '.join(tail)}")
+        return spawn_s
 
     def _write_redirect(self, collection: str, target: str) -> None:
         redirect = self._redirect_path(collection)
@@ -741,17 +779,25 @@ class EdgeVectorStore(QdrantLikeStore):
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _recopy_changed(src: Path, dst: Path, since_ns: int) -> int:
+class _Resync:
+    """What :func:`_resync_changed` read and wrote (bytes)."""
+
+    def __init__(self) -> None:
+        self.compared = 0
+        self.written = 0
+
+
+def _resync_changed(src: Path, dst: Path, since_ns: int, stats: _Resync) -> int:
     """Make ``dst`` (a copy of ``src`` taken while ``src`` was being written) equal to ``src`` again.
 
-    Copies again every file of ``src`` modified (mtime or ctime) at or after ``since_ns``, or missing or of
-    another size in ``dst``, and deletes what ``dst`` holds that ``src`` no longer does. Sound because the
-    shard was flushed after ``since_ns`` was taken and before the bulk copy (which reads through the page
-    cache, so it sees every write made before it): a write after that flush, through ``write`` or through
-    a clean (write-protected) memory-mapped page, sets the file's mtime to its own time. Returns the
-    number of files copied again.
+    Brings up to date every file of ``src`` modified (mtime or ctime) at or after ``since_ns``, or missing or of
+    another size in ``dst``, writing only the blocks that differ (:func:`_sync_file`), and deletes what ``dst``
+    holds that ``src`` no longer does. Sound because the shard was flushed after ``since_ns`` was taken and
+    before the copy (which reads through the page cache, so it sees every write made before it): a write after
+    that flush, through ``write`` or through a clean (write-protected) memory-mapped page, sets the file's
+    mtime to its own time. Returns the number of files compared.
     """
-    recopied = 0
+    synced = 0
     for dirpath, dirnames, filenames in os.walk(src):
         rel = Path(dirpath).relative_to(src)
         target = dst / rel
@@ -772,9 +818,108 @@ def _recopy_changed(src: Path, dst: Path, since_ns: int) -> int:
             except FileNotFoundError:
                 same_size = False
             if not same_size or max(st.st_mtime_ns, st.st_ctime_ns) >= since_ns:
-                _copy_sparse(source, copy)
-                recopied += 1
-    return recopied
+                _sync_file(source, copy, stats)
+                synced += 1
+    return synced
+
+
+# Blocks compared (and, when they differ, written) at a time by _sync_file.
+_SYNC_BLOCK = 1 << 20
+
+
+def _sync_file(src: Path, dst: Path, stats: _Resync) -> None:
+    """Make ``dst`` hold the bytes of ``src``, writing only the blocks that differ (a new file is copied whole).
+
+    Reads ``src``'s data extents (its holes read as zeros) and the same ranges of ``dst``: an append or an update
+    in place costs a block or two, not the file (the engine preallocates its files, tens of MiB each).
+    """
+    if not dst.is_file() or dst.is_symlink():
+        _copy_sparse(src, dst)
+        stats.written += src.stat().st_size
+        return
+    want, have = bytearray(_SYNC_BLOCK), bytearray(_SYNC_BLOCK)  # reused: no allocation per block
+    with open(src, "rb") as fin, open(dst, "r+b") as fout:
+        fi, fo = fin.fileno(), fout.fileno()
+        size = os.fstat(fi).st_size
+        if os.fstat(fo).st_size > size:
+            os.ftruncate(fo, size)
+        offset = 0
+        for start, end in [*_data_extents(fi, size), (size, size)]:
+            stats.written += _zero_range(fo, offset, start, have)  # a hole of src: dst must read zeros there too
+            pos = start
+            while pos < end:
+                n = os.preadv(fi, [memoryview(want)[:min(_SYNC_BLOCK, end - pos)]], pos)
+                if n <= 0:
+                    break
+                got = os.preadv(fo, [memoryview(have)[:n]], pos)
+                stats.compared += n
+                same = got == n and (want == have if n == _SYNC_BLOCK else want[:n] == have[:n])
+                if not same:
+                    os.pwrite(fo, memoryview(want)[:n], pos)
+                    stats.written += n
+                pos += n
+            offset = end
+        os.ftruncate(fo, size)
+    shutil.copystat(src, dst)
+
+
+def _data_extents(fd: int, size: int, offset: int = 0) -> list[tuple[int, int]]:
+    """The (start, end) ranges of the file from ``offset`` to ``size`` that hold data (not holes), in order."""
+    extents = []
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append((start, end))
+        offset = end
+    return extents
+
+
+_ZEROS = bytes(_SYNC_BLOCK)
+
+
+def _zero_range(fd: int, lo: int, hi: int, buf: bytearray) -> int:
+    """Make ``[lo, hi)`` of the file read as zeros, writing only where it holds other bytes; returns bytes written."""
+    written = 0
+    for start, end in _data_extents(fd, hi, lo):
+        pos = max(start, lo)
+        while pos < end:
+            n = os.preadv(fd, [memoryview(buf)[:min(_SYNC_BLOCK, end - pos)]], pos)
+            if n <= 0:
+                break
+            if (buf != _ZEROS) if n == _SYNC_BLOCK else (buf[:n] != _ZEROS[:n]):
+                os.pwrite(fd, _ZEROS[:n], pos)
+                written += n
+            pos += n
+    return written
+
+
+def _copy_tree(src: Path, dst: Path) -> str | None:
+    """Copy a shard directory, keeping its files' holes (``cp --sparse=always``); None, or the error."""
+    copied = subprocess.run(["cp", "-a", "--sparse=always", str(src), str(dst)], capture_output=True, text=True)
+    return None if copied.returncode == 0 else (copied.stderr.strip() or f"cp exited {copied.returncode}")
+
+
+def _read_tree(path: Path) -> None:
+    """Read every file under ``path`` (its data, not its holes) into the page cache; the GIL is released while the
+    kernel reads. Best effort: a file that cannot be read is left to the engine."""
+    buf = bytearray(_SYNC_BLOCK)
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                for start, end in _data_extents(fd, os.fstat(fd).st_size):
+                    while start < end and (got := os.preadv(fd, [buf], start)) > 0:
+                        start += got
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
 
 def _copy_sparse(src: Path, dst: Path) -> None:
