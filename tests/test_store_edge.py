@@ -339,8 +339,16 @@ def test_writes_past_the_threshold_start_an_index_build_in_the_background(tmp_pa
         store.close()
 
 
-def test_writes_go_on_while_an_index_build_copies_the_shard_and_none_is_lost(tmp_path: Path, built_vectors) -> None:
+@pytest.mark.parametrize("helper", ["works", "fails"])
+def test_writes_go_on_while_an_index_build_copies_the_shard_and_none_is_lost(tmp_path: Path, built_vectors, helper,
+                                                                           monkeypatch) -> None:
     vecs = built_vectors
+    if helper == "fails":  # the helper process dies at once: the pass under the lock is done in this process
+        import rag.store.edge as edge_module
+
+        monkeypatch.setattr(edge_module, "_start_resync_helper", lambda *_: subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.exit(3)"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
     store = EdgeVectorStore(tmp_path, exact_search_max_points=1_000, auto_index_points=0)
     try:
         store.ensure_collection("c", BUILD_DIM)
@@ -368,6 +376,7 @@ def test_writes_go_on_while_an_index_build_copies_the_shard_and_none_is_lost(tmp
         # Nothing was written after the copy was made consistent, so the journal is empty: what the writer did
         # reached the built shard only through the files copied again under the lock.
         assert report["replayed_writes"] == 0 and report["recopied_files"] > 0
+        assert report["resync_in_process"] == (helper == "fails")  # else the helper did the pass under the lock
         assert (tmp_path / "collections" / ".current-c").is_file()
         assert store.count("c") == BUILD_POINTS + 40
         assert store.count("c", document_id="new", live=True) == 40
@@ -424,7 +433,9 @@ def test_per_tenant_graphs_without_a_global_one_serve_each_tenants_search(tmp_pa
 def test_the_locked_resync_makes_a_stale_copy_equal_writing_only_the_blocks_that_differ(tmp_path: Path) -> None:
     import os
 
-    from rag.store.edge import _SYNC_BLOCK, _copy_tree, _Resync, _resync_changed
+    from rag.store.edge import _copy_tree
+    from rag.store.edge_copy import SYNC_BLOCK as _SYNC_BLOCK
+    from rag.store.edge_copy import Resync, resync_changed
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "seg").mkdir(parents=True)
@@ -457,8 +468,8 @@ def test_the_locked_resync_makes_a_stale_copy_equal_writing_only_the_blocks_that
     for path in (big, src / "wal"):
         os.utime(path, ns=(since_ns + 10**9, since_ns + 10**9))
 
-    stats = _Resync()
-    assert _resync_changed(src, dst, since_ns, stats) == 3  # chunk.mmap, wal and new.dat; nothing else compared
+    stats = Resync()
+    assert resync_changed(src, dst, since_ns, stats) == 3  # chunk.mmap, wal and new.dat; nothing else compared
     for path in (big, src / "wal", src / "seg" / "new.dat"):
         rel = path.relative_to(src)
         assert (dst / rel).read_bytes() == path.read_bytes(), rel

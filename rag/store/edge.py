@@ -24,7 +24,9 @@ from typing import Any
 import structlog
 
 from rag.errors import NotFound, RagError, StoreError, StoreLockedError
+from rag.store import edge_copy
 from rag.store.base import Branch, QdrantLikeStore, SearchPlan
+from rag.store.edge_copy import Resync, data_extents, resync_changed
 from rag.store.edge_index import EF_CONSTRUCT
 from rag.store.filters import FieldRange
 from rag.store.protocol import (
@@ -552,7 +554,7 @@ class EdgeVectorStore(QdrantLikeStore):
            bring the files modified meanwhile up to date block by block, still outside the lock
            (:meth:`_presync`); ``on_copied`` (a test hook) runs then. Then, under the write
            lock (writes wait), flush again and compare the files modified since that second pass began with
-           their copies, writing only the blocks that differ (:func:`_resync_changed`), so the copy is the
+           their copies, writing only the blocks that differ (:func:`rag.store.edge_copy.resync_changed`, in a helper process), so the copy is the
            flushed shard as it is now. From then on every write to the shard is also journaled.
         2. A child process (``python -m rag.store.edge_index``, at ``nice``) loads the copy and builds the
            index. Searches and writes go on here, on the live shard (brute force).
@@ -584,16 +586,18 @@ class EdgeVectorStore(QdrantLikeStore):
             except BaseException:
                 self._building.discard(collection)
                 raise
+        helper: subprocess.Popen[str] | None = None
         try:
             # The bulk copy, writes going on: what changes meanwhile is copied again below, under the lock.
             # The first flush writes out everything pending (many files); the mark is taken after it, so those
             # files are not copied twice; the second, short flush makes every page clean again after the mark
-            # (see _resync_changed).
+            # (see rag.store.edge_copy.resync_changed).
             since_ns = self._flush_and_mark(handle, collection)
             copy_error = _copy_tree(old_dir, build_dir)
             t_bulk = time.perf_counter()
             if copy_error is None:
                 since_ns = self._presync(handle, collection, old_dir, build_dir, since_ns)
+                helper = _start_resync_helper(old_dir, build_dir, since_ns)
             t_presynced = time.perf_counter()
             if on_copied is not None:
                 on_copied()
@@ -605,21 +609,23 @@ class EdgeVectorStore(QdrantLikeStore):
                 with _edge_errors(f"flushing {collection!r}"):
                     handle.flush()
                 t_flushed = time.perf_counter()
-                resync = _Resync()
                 if copy_error is None:
-                    recopied = _resync_changed(old_dir, build_dir, since_ns, resync)
+                    recopied, resync = _resync_locked(helper, old_dir, build_dir, since_ns)
                 else:  # e.g. a file vanished mid-copy: copy it all again, here
                     shutil.rmtree(build_dir, ignore_errors=True)
                     copy_error = _copy_tree(old_dir, build_dir)
                     if copy_error is not None:
                         raise StoreError(f"cannot copy {collection!r} for an index build: {copy_error}")
-                    recopied = -1
+                    recopied, resync = -1, Resync()
                 journal: list[Any] = []
                 self._journals[id(handle)] = journal
                 unindexed_before = self._unindexed.get(id(handle), 0)
                 self._unindexed[id(handle)] = 0  # what is written from now on is outside the index being built
                 t1 = time.perf_counter()
         except BaseException:
+            if helper is not None and helper.poll() is None:
+                helper.kill()
+                helper.communicate()
             with self._write_lock:
                 self._building.discard(collection)
             shutil.rmtree(build_dir, ignore_errors=True)
@@ -679,14 +685,15 @@ class EdgeVectorStore(QdrantLikeStore):
                   "replayed_writes": float(replayed), "copy_locked_s": t1 - t_locked,
                   "recopied_files": float(recopied), "copy_bulk_s": t_bulk - t0, "copy_presync_s": t_presynced - t_bulk,
                   "copy_locked_flush_s": t_flushed - t_locked, "resync_compared_mib": resync.compared / 2**20,
-                  "resync_written_mib": resync.written / 2**20, "prefetch_s": t_read - t2, "load_s": t_loaded - t_read,
+                  "resync_written_mib": resync.written / 2**20, "resync_in_process": float(resync.in_process),
+                  "resync_helper_s": resync.seconds, "prefetch_s": t_read - t2, "load_s": t_loaded - t_read,
                   "spawn_s": spawn_s}
         log.info("index_built", collection=collection, **{k: round(v, 3) for k, v in report.items()})
         return report
 
     def _flush_and_mark(self, handle: Any, collection: str) -> int:
         """Flush, take a time mark, flush again; returns the mark (ns). Every file modified after the second
-        flush has an mtime at or after the mark (see :func:`_resync_changed`)."""
+        flush has an mtime at or after the mark (see :func:`rag.store.edge_copy.resync_changed`)."""
         with _edge_errors(f"flushing {collection!r}"):
             handle.flush()
         time.sleep(2 * self._MTIME_SLACK_NS / 1e9)
@@ -705,7 +712,7 @@ class EdgeVectorStore(QdrantLikeStore):
         """
         mark = self._flush_and_mark(handle, collection)
         try:
-            _resync_changed(old_dir, build_dir, since_ns, _Resync())
+            resync_changed(old_dir, build_dir, since_ns, Resync())
         except OSError as exc:
             log.info("index_build_presync_skipped", collection=collection, error=str(exc))
             return since_ns
@@ -779,121 +786,43 @@ class EdgeVectorStore(QdrantLikeStore):
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-class _Resync:
-    """What :func:`_resync_changed` read and wrote (bytes)."""
-
-    def __init__(self) -> None:
-        self.compared = 0
-        self.written = 0
-
-
-def _resync_changed(src: Path, dst: Path, since_ns: int, stats: _Resync) -> int:
-    """Make ``dst`` (a copy of ``src`` taken while ``src`` was being written) equal to ``src`` again.
-
-    Brings up to date every file of ``src`` modified (mtime or ctime) at or after ``since_ns``, or missing or of
-    another size in ``dst``, writing only the blocks that differ (:func:`_sync_file`), and deletes what ``dst``
-    holds that ``src`` no longer does. Sound because the shard was flushed after ``since_ns`` was taken and
-    before the copy (which reads through the page cache, so it sees every write made before it): a write after
-    that flush, through ``write`` or through a clean (write-protected) memory-mapped page, sets the file's
-    mtime to its own time. Returns the number of files compared.
-    """
-    synced = 0
-    for dirpath, dirnames, filenames in os.walk(src):
-        rel = Path(dirpath).relative_to(src)
-        target = dst / rel
-        target.mkdir(exist_ok=True)
-        present = set(dirnames) | set(filenames)
-        for stale in os.listdir(target):
-            if stale not in present:
-                doomed = target / stale
-                if doomed.is_dir() and not doomed.is_symlink():
-                    shutil.rmtree(doomed)
-                else:
-                    doomed.unlink()
-        for name in filenames:
-            source, copy = Path(dirpath) / name, target / name
-            st = source.lstat()
-            try:
-                same_size = copy.lstat().st_size == st.st_size
-            except FileNotFoundError:
-                same_size = False
-            if not same_size or max(st.st_mtime_ns, st.st_ctime_ns) >= since_ns:
-                _sync_file(source, copy, stats)
-                synced += 1
-    return synced
+def _start_resync_helper(src: Path, dst: Path, since_ns: int) -> subprocess.Popen[str] | None:
+    """Start :mod:`rag.store.edge_copy` as a script, waiting for its "go" (outside the lock: it starts meanwhile)."""
+    try:
+        return subprocess.Popen([sys.executable, "-I", edge_copy.__file__, str(src), str(dst), str(since_ns)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as exc:
+        log.warning("index_build_resync_helper_failed", error=str(exc))
+        return None
 
 
-# Blocks compared (and, when they differ, written) at a time by _sync_file.
-_SYNC_BLOCK = 1 << 20
+# The locked pass takes well under a second; past this the helper is taken for stuck and the pass done here.
+_RESYNC_TIMEOUT_S = 120.0
 
 
-def _sync_file(src: Path, dst: Path, stats: _Resync) -> None:
-    """Make ``dst`` hold the bytes of ``src``, writing only the blocks that differ (a new file is copied whole).
-
-    Reads ``src``'s data extents (its holes read as zeros) and the same ranges of ``dst``: an append or an update
-    in place costs a block or two, not the file (the engine preallocates its files, tens of MiB each).
-    """
-    if not dst.is_file() or dst.is_symlink():
-        _copy_sparse(src, dst)
-        stats.written += src.stat().st_size
-        return
-    want, have = bytearray(_SYNC_BLOCK), bytearray(_SYNC_BLOCK)  # reused: no allocation per block
-    with open(src, "rb") as fin, open(dst, "r+b") as fout:
-        fi, fo = fin.fileno(), fout.fileno()
-        size = os.fstat(fi).st_size
-        if os.fstat(fo).st_size > size:
-            os.ftruncate(fo, size)
-        offset = 0
-        for start, end in [*_data_extents(fi, size), (size, size)]:
-            stats.written += _zero_range(fo, offset, start, have)  # a hole of src: dst must read zeros there too
-            pos = start
-            while pos < end:
-                n = os.preadv(fi, [memoryview(want)[:min(_SYNC_BLOCK, end - pos)]], pos)
-                if n <= 0:
-                    break
-                got = os.preadv(fo, [memoryview(have)[:n]], pos)
-                stats.compared += n
-                same = got == n and (want == have if n == _SYNC_BLOCK else want[:n] == have[:n])
-                if not same:
-                    os.pwrite(fo, memoryview(want)[:n], pos)
-                    stats.written += n
-                pos += n
-            offset = end
-        os.ftruncate(fo, size)
-    shutil.copystat(src, dst)
-
-
-def _data_extents(fd: int, size: int, offset: int = 0) -> list[tuple[int, int]]:
-    """The (start, end) ranges of the file from ``offset`` to ``size`` that hold data (not holes), in order."""
-    extents = []
-    while offset < size:
+def _resync_locked(helper: subprocess.Popen[str] | None, src: Path, dst: Path, since_ns: int) -> tuple[int, Resync]:
+    """The pass under the write lock: by the helper process (one wait here), or here if it fails (correct, slower:
+    every system call of the pass gives a search thread the GIL for a whole engine call). Returns the files
+    compared and what was read and written."""
+    if helper is not None:
         try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole is left
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        extents.append((start, end))
-        offset = end
-    return extents
-
-
-_ZEROS = bytes(_SYNC_BLOCK)
-
-
-def _zero_range(fd: int, lo: int, hi: int, buf: bytearray) -> int:
-    """Make ``[lo, hi)`` of the file read as zeros, writing only where it holds other bytes; returns bytes written."""
-    written = 0
-    for start, end in _data_extents(fd, hi, lo):
-        pos = max(start, lo)
-        while pos < end:
-            n = os.preadv(fd, [memoryview(buf)[:min(_SYNC_BLOCK, end - pos)]], pos)
-            if n <= 0:
-                break
-            if (buf != _ZEROS) if n == _SYNC_BLOCK else (buf[:n] != _ZEROS[:n]):
-                os.pwrite(fd, _ZEROS[:n], pos)
-                written += n
-            pos += n
-    return written
+            out, err = helper.communicate("go\n", timeout=_RESYNC_TIMEOUT_S)
+            if helper.returncode == 0:
+                done = json.loads(out)
+                stats = Resync()
+                stats.compared, stats.written = int(done["compared"]), int(done["written"])
+                stats.seconds = float(done["seconds"])
+                return int(done["files"]), stats
+            log.warning("index_build_resync_helper_failed", exit=helper.returncode, error=(err or "").strip()[-300:])
+        except (subprocess.TimeoutExpired, ValueError, KeyError, TypeError, OSError) as exc:
+            log.warning("index_build_resync_helper_failed", error=str(exc))
+        finally:
+            if helper.poll() is None:  # never let it write into the copy while the pass below does
+                helper.kill()
+                helper.communicate()
+    stats = Resync()
+    stats.in_process = True
+    return resync_changed(src, dst, since_ns, stats), stats
 
 
 def _copy_tree(src: Path, dst: Path) -> str | None:
@@ -905,7 +834,7 @@ def _copy_tree(src: Path, dst: Path) -> str | None:
 def _read_tree(path: Path) -> None:
     """Read every file under ``path`` (its data, not its holes) into the page cache; the GIL is released while the
     kernel reads. Best effort: a file that cannot be read is left to the engine."""
-    buf = bytearray(_SYNC_BLOCK)
+    buf = bytearray(edge_copy.SYNC_BLOCK)
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
             try:
@@ -913,34 +842,13 @@ def _read_tree(path: Path) -> None:
             except OSError:
                 continue
             try:
-                for start, end in _data_extents(fd, os.fstat(fd).st_size):
+                for start, end in data_extents(fd, os.fstat(fd).st_size):
                     while start < end and (got := os.preadv(fd, [buf], start)) > 0:
                         start += got
             except OSError:
                 pass
             finally:
                 os.close(fd)
-
-
-def _copy_sparse(src: Path, dst: Path) -> None:
-    """Copy one file, leaving its holes as holes (the engine preallocates sparse storage files)."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            while start < end:
-                sent = os.copy_file_range(fin.fileno(), fout.fileno(), end - start, start, start)
-                if sent == 0:
-                    break
-                start += sent
-            offset = end
-        fout.truncate(size)
-    shutil.copystat(src, dst)
 
 
 def _fsync_dir(path: Path) -> None:
