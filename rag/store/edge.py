@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -552,13 +553,16 @@ class EdgeVectorStore(QdrantLikeStore):
 
         1. Flush the shard and copy its directory (sparse-aware ``cp``) while writes go on; flush again and
            bring the files modified meanwhile up to date block by block, still outside the lock
-           (:meth:`_presync`); ``on_copied`` (a test hook) runs then. Then, under the write
-           lock (writes wait), flush again and compare the files modified since that second pass began with
-           their copies, writing only the blocks that differ (:func:`rag.store.edge_copy.resync_changed`, in a helper process), so the copy is the
-           flushed shard as it is now. From then on every write to the shard is also journaled.
+           (:meth:`_presync`); start the helper process that will do the pass under the lock (it first
+           writes the copy out to disk); ``on_copied`` (a test hook) runs then. Then, under the write lock
+           (writes wait), flush again and have the helper compare the files modified since the second pass
+           began with their copies and write only the blocks that differ
+           (:func:`rag.store.edge_copy.resync_changed`), so the copy is the flushed shard as it is now.
+           From then on every write to the shard is also journaled.
         2. A child process (``python -m rag.store.edge_index``, at ``nice``) loads the copy and builds the
            index. Searches and writes go on here, on the live shard (brute force).
-        3. The built copy is loaded here and the journal replayed into it, outside the write lock, until
+        3. The built copy is read into the page cache (without the GIL), loaded here (``EdgeShard.load``
+           holds the GIL) and the journal replayed into it, outside the write lock, until
            only a few writes are left; then, under the write lock, the rest is replayed and flushed,
            ``collections/.current-<name>`` is switched atomically to the copy, and the copy becomes the
            shard searches use. The old shard is closed and deleted on the next build or close, so a
@@ -787,13 +791,21 @@ class EdgeVectorStore(QdrantLikeStore):
 
 
 def _start_resync_helper(src: Path, dst: Path, since_ns: int) -> subprocess.Popen[str] | None:
-    """Start :mod:`rag.store.edge_copy` as a script, waiting for its "go" (outside the lock: it starts meanwhile)."""
+    """Start :mod:`rag.store.edge_copy` as a script and wait (up to a minute) until it has written the copy out to
+    disk; it then waits for its "go"."""
     try:
-        return subprocess.Popen([sys.executable, "-I", edge_copy.__file__, str(src), str(dst), str(since_ns)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        helper = subprocess.Popen([sys.executable, "-I", edge_copy.__file__, str(src), str(dst), str(since_ns)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except OSError as exc:
         log.warning("index_build_resync_helper_failed", error=str(exc))
         return None
+    assert helper.stdout is not None
+    if select.select([helper.stdout], [], [], _HELPER_READY_S)[0]:
+        helper.stdout.readline()  # "ready", or "" if it died: _resync_locked then finds out
+    return helper
+
+
+_HELPER_READY_S = 60.0
 
 
 # The locked pass takes well under a second; past this the helper is taken for stuck and the pass done here.
