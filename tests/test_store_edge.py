@@ -479,3 +479,35 @@ def test_the_locked_resync_makes_a_stale_copy_equal_writing_only_the_blocks_that
     assert stats.written <= 3 * _SYNC_BLOCK + 3
     assert stats.compared <= 10 * _SYNC_BLOCK
     assert os.stat(dst / "seg" / "chunk.mmap").st_blocks * 512 < 16 * _SYNC_BLOCK  # still sparse
+
+
+def test_when_the_pass_outside_the_lock_fails_the_locked_pass_covers_the_writes_it_missed(
+        tmp_path: Path, built_vectors, monkeypatch) -> None:
+    import rag.store.edge as edge_module
+
+    vecs = built_vectors
+    real_copy = edge_module._copy_tree
+    store = EdgeVectorStore(tmp_path, exact_search_max_points=1_000, auto_index_points=0)
+
+    def copy_then_write(src: Path, dst: Path) -> str | None:
+        # Writes after the bulk copy, before the pass outside the lock: only a pass that starts from the first
+        # mark brings them into the copy (the journal starts later, under the lock).
+        error = real_copy(src, dst)
+        store.upsert("c", _points(vecs[BUILD_POINTS:BUILD_POINTS + 30], BUILD_POINTS, "late"))
+        store.publish("c", "t", "late", "h")
+        return error
+
+    def vanished(*_: object) -> int:
+        raise FileNotFoundError("a segment file vanished mid-pass")
+
+    try:
+        store.ensure_collection("c", BUILD_DIM)
+        store.upsert("c", _points(vecs[:BUILD_POINTS], 0, "bulk"))
+        monkeypatch.setattr(edge_module, "_copy_tree", copy_then_write)
+        monkeypatch.setattr(edge_module, "resync_changed", vanished)  # the in-process pass; the helper's is real
+        report = store.build_index("c")
+        assert report["replayed_writes"] == 0 and report["resync_in_process"] == 0
+        assert store.count("c") == BUILD_POINTS + 30
+        assert store.count("c", document_id="late", live=True) == 30
+    finally:
+        store.close()
