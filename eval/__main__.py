@@ -136,6 +136,7 @@ def _add_bench_commands(sub):
     sc.add_argument("--seed", type=int, default=13)
     sc.add_argument("--hnsw-m", type=int, default=0, help="HNSW links per point over all points (0: none)")
     sc.add_argument("--payload-m", type=int, default=16, help="HNSW links per point within each tenant")
+    sc.add_argument("--ef-construct", type=int, default=100, help="HNSW candidates per point inserted while building")
     sc.add_argument("--vectors-cache", type=Path, default=None,
                     help="an .npz file: the embedded texts and queries are read from it, or written to it if absent")
     sc.add_argument("--data-dir", type=Path, default=Path(".eval-data/bench-scale"))

@@ -57,6 +57,33 @@ def _rss_mib() -> tuple[float, float]:
     return values.get("VmRSS", float("nan")), values.get("VmHWM", float("nan"))
 
 
+def _pressure() -> tuple[int, ...]:
+    """The kernel's stall counters (PSI, microseconds since boot): some task waiting for memory, for I/O, and
+    every task waiting for I/O; zeros where /proc/pressure is missing."""
+    out = []
+    for name, kind in (("memory", "some"), ("io", "some"), ("io", "full")):
+        try:
+            line = next(ln for ln in Path(f"/proc/pressure/{name}").read_text().splitlines() if ln.startswith(kind))
+            out.append(int(line.rsplit("total=", 1)[1]))
+        except (OSError, StopIteration, ValueError, IndexError):
+            out.append(0)
+    return tuple(out)
+
+
+def _thread_cpu_ms(tids: dict[str, int | None]) -> dict[str, float]:
+    """CPU ms (user + system) of each named thread of this process so far, and of the whole process."""
+    tick = 1000 / os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, tid in {**tids, "process": None}.items():
+        path = "/proc/self/stat" if tid is None else f"/proc/self/task/{tid}/stat"
+        try:
+            fields = Path(path).read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) * tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
 def _disk_mib(path: Path) -> float:
     out = subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True).stdout.split()
     return int(out[0]) / 1024 if out else float("nan")
@@ -99,6 +126,10 @@ def _searches(store: EdgeVectorStore, queries: np.ndarray, tenants: int, top_k: 
         times.append(1000 * (time.perf_counter() - t0))
         ids.append([h.id for h in hits])
     return times, ids
+
+
+def _calls(rows: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(kind, row) for kind, row in rows.items() if kind in ("search", "upsert")]
 
 
 def _summary(ms: list[float]) -> dict[str, float]:
@@ -159,8 +190,9 @@ def bench_scale(settings, args) -> dict[str, Any]:
     if data_dir.exists():
         subprocess.run(["rm", "-rf", str(data_dir)], check=True)
     store = EdgeVectorStore(data_dir, exact_search_max_points=0, hnsw_ef=128, auto_index_points=0,
-                            hnsw_m=args.hnsw_m, hnsw_payload_m=args.payload_m)
-    print(f"HNSW layout: m {args.hnsw_m}, payload_m {args.payload_m if args.payload_m is not None else 'unset (= m)'}")
+                            hnsw_m=args.hnsw_m, hnsw_payload_m=args.payload_m, hnsw_ef_construct=args.ef_construct)
+    print(f"HNSW layout: m {args.hnsw_m}, payload_m {args.payload_m if args.payload_m is not None else 'unset (= m)'}, "
+          f"ef_construct {args.ef_construct}")
     try:
         store.ensure_collection(COLLECTION, real.shape[1])
         t0 = time.perf_counter()
@@ -177,39 +209,67 @@ def bench_scale(settings, args) -> dict[str, Any]:
         def traffic(work) -> tuple[dict[str, list[tuple[float, float]]], list[str], float, float, Any]:
             """Run ``work()`` while one thread searches without pause and another upserts 10 points every
             50 ms; returns every call's (start, ms), the errors, the window, and work's result."""
-            events: dict[str, list[tuple[float, float, int]]] = {"search": [], "upsert": []}
+            events: dict[str, list[tuple[float, float, dict[str, float]]]] = {"search": [], "upsert": []}
             stop = threading.Event()
             errors: list[str] = []
 
-            def majflt() -> int:  # this thread's major page faults (reads from disk) so far
-                return resource.getrusage(resource.RUSAGE_THREAD).ru_majflt
+            def usage() -> Any:  # this thread's CPU time, context switches and page faults, and the machine's PSI
+                return resource.getrusage(resource.RUSAGE_THREAD), _pressure()
+
+            def spent(before: Any, after: Any) -> dict[str, float]:
+                # What one call did besides wait: its own CPU time; voluntary switches (it slept: the GIL,
+                # a lock, I/O); involuntary ones (the scheduler took the core away); page faults (major: disk
+                # reads); and how long some task of the machine waited for memory or I/O meanwhile (PSI).
+                (a, pa), (b, pb) = before, after
+                return {"cpu_ms": round(1000 * (b.ru_utime + b.ru_stime - a.ru_utime - a.ru_stime), 1),
+                        "voluntary_switches": b.ru_nvcsw - a.ru_nvcsw, "involuntary_switches": b.ru_nivcsw - a.ru_nivcsw,
+                        "major_faults": b.ru_majflt - a.ru_majflt, "minor_faults": b.ru_minflt - a.ru_minflt,
+                        "memory_stall_ms": round((pb[0] - pa[0]) / 1000, 1), "io_stall_ms": round((pb[1] - pa[1]) / 1000, 1),
+                        "io_full_stall_ms": round((pb[2] - pa[2]) / 1000, 1)}
 
             def searcher() -> None:
                 i = 0
                 while not stop.is_set():
-                    s, f = time.perf_counter(), majflt()
+                    s, u = time.perf_counter(), usage()
                     try:
                         store.search(COLLECTION, queries[i % len(queries)].tolist(), tenant=f"t{i % args.tenants}",
                                      top_k=10)
                     except Exception as exc:  # noqa: BLE001 - counted, the bench goes on
                         errors.append(f"search: {exc}")
-                    events["search"].append((s, 1000 * (time.perf_counter() - s), majflt() - f))
+                    events["search"].append((s, 1000 * (time.perf_counter() - s), spent(u, usage())))
                     i += 1
 
             def writer() -> None:
                 nonlocal written
                 while not stop.is_set():
                     points = _points(real, written, 10, wrng, args.noise, args.tenants)
-                    s, f = time.perf_counter(), majflt()
+                    s, u = time.perf_counter(), usage()
                     try:
                         store.upsert(COLLECTION, points)
                     except Exception as exc:  # noqa: BLE001
                         errors.append(f"upsert: {exc}")
-                    events["upsert"].append((s, 1000 * (time.perf_counter() - s), majflt() - f))
+                    events["upsert"].append((s, 1000 * (time.perf_counter() - s), spent(u, usage())))
                     written += 10
                     stop.wait(0.05)
 
-            threads = [threading.Thread(target=searcher, daemon=True), threading.Thread(target=writer, daemon=True)]
+            def watchdog() -> None:
+                # Sleeps 5 ms at a time: waking needs the GIL, so a late wake-up is a time when another thread
+                # held it (or the process had no core): the GIL gaps the stalls are compared against. Each gap
+                # keeps the CPU time every thread used in it: the one that ran held the GIL.
+                tids = {"main": main_tid, **{t.name: t.native_id for t in threads[:2]}}
+                last = _thread_cpu_ms(tids)
+                while not stop.is_set():
+                    s = time.perf_counter()
+                    time.sleep(0.005)
+                    late = time.perf_counter() - s - 0.005
+                    now = _thread_cpu_ms(tids)
+                    if late > 0.02:
+                        gil_gaps.append((s + 0.005, 1000 * late))
+                        gap_cpu[s + 0.005] = {k: round(now[k] - last.get(k, now[k])) for k in now}
+                    last = now
+
+            main_tid = threading.get_native_id()
+            threads = [threading.Thread(target=f, name=f.__name__, daemon=True) for f in (searcher, writer, watchdog)]
             begin = time.perf_counter()
             for t in threads:
                 t.start()
@@ -222,19 +282,32 @@ def bench_scale(settings, args) -> dict[str, Any]:
                     t.join()
             return events, errors, begin, end, result
 
+        def overlap_ms(spans: list[tuple[float, float]], s: float, ms: float) -> float:
+            return round(sum(min(g + d / 1000, s + ms / 1000) - max(g, s) for g, d in spans
+                             if g < s + ms / 1000 and g + d / 1000 > s) * 1000, 1)
+
         def window(events, lo: float, hi: float) -> dict[str, dict[str, float]]:
             out = {}
             for kind, ev in events.items():
-                calls = [e for e in ev if lo <= e[0] < hi]
+                # A call counts in the step it ended in: one that waited for a step (the lock, the GIL) ends with it.
+                calls = [e for e in ev if lo <= e[0] + e[1] / 1000 < hi]
                 out[kind] = _summary([e[1] for e in calls] or [float("nan")])
-                if calls:  # what the longest call overlapped: its own disk reads, and Python's GC pauses
-                    s, ms, faults = max(calls, key=lambda e: e[1])
-                    out[kind]["longest_major_faults"] = faults
-                    out[kind]["longest_gc_ms"] = round(sum(
-                        min(g + d / 1000, s + ms / 1000) - max(g, s) for g, d in gc_pauses
-                        if g < s + ms / 1000 and g + d / 1000 > s) * 1000, 1)
+                if calls:  # what the longest call did and overlapped: GIL gaps (watchdog), Python's GC pauses
+                    s, ms, did = max(calls, key=lambda e: e[1])
+                    out[kind]["longest_major_faults"] = did["major_faults"]
+                    out[kind]["longest"] = {**did, "gil_gap_ms": overlap_ms(gil_gaps, s, ms),
+                                            "gc_ms": overlap_ms(gc_pauses, s, ms)}
+                    out[kind]["longest_gc_ms"] = out[kind]["longest"]["gc_ms"]
+            gaps = [(d, g) for g, d in gil_gaps if lo <= g + d / 1000 < hi]
+            out["gil_gaps"] = {"count_over_20ms": len(gaps), "longest_ms": round(max(gaps, default=(0.0, 0))[0], 1)}
+            if gaps:  # when the longest began (seconds into the window) and which thread ran in it (CPU ms)
+                d, g = max(gaps)
+                out["gil_gaps"]["longest_at_s"] = round(g - lo, 2)
+                out["gil_gaps"]["longest_cpu_ms"] = gap_cpu.get(g, {})
             return out
 
+        gil_gaps: list[tuple[float, float]] = []  # (start, ms) the watchdog thread woke late
+        gap_cpu: dict[float, dict[str, int]] = {}  # start of a gap -> CPU ms of each thread (and the process) in it
         gc_pauses: list[tuple[float, float]] = []  # (start, ms) of every collection of the bench process
         gc_started = [0.0]
 
@@ -251,7 +324,7 @@ def bench_scale(settings, args) -> dict[str, Any]:
         # Baseline: the same traffic with no build, in this run (this machine's own noise).
         idle_events, idle_errors, lo, hi, _ = traffic(lambda: time.sleep(args.idle_s))
         idle = window(idle_events, lo, hi)
-        for kind, row in idle.items():
+        for kind, row in _calls(idle):
             print(f"no build ({args.idle_s:.0f} s), {kind}: {row['n']} calls, p50 {row['p50_ms']:.2f} ms, "
                   f"p95 {row['p95_ms']:.2f} ms, longest {row['max_ms']:.1f} ms")
         def build() -> dict[str, float]:
@@ -272,16 +345,28 @@ def bench_scale(settings, args) -> dict[str, Any]:
         index_s = hi - lo
         print(f"index built in {index_s:.0f} s: " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()))
         # The build's steps, in order, from the moment it began (the traffic threads start just before).
-        bounds, t = {}, hi - sum(steps[k] for k in ("copy_s", "build_s", "catch_up_s", "swap_s"))
-        for k in ("copy_s", "build_s", "catch_up_s", "swap_s"):
-            bounds[k.removesuffix("_s")] = (t, t + steps[k])
-            t += steps[k]
+        # catch_up_s begins with reading the built files and EdgeShard.load (the GIL held): a step of its own here.
+        loading = steps.get("prefetch_s", 0.0) + steps.get("load_s", 0.0)
+        spans = {"copy": steps["copy_s"], "build": steps["build_s"], "load": loading,
+                 "catch_up": steps["catch_up_s"] - loading, "swap": steps["swap_s"]}
+        bounds, t = {}, hi - sum(spans.values())
+        for k, span in spans.items():
+            bounds[k] = (t, t + span)
+            t += span
         during = {"whole": window(events, lo, hi), **{k: window(events, a, b) for k, (a, b) in bounds.items()}}
         for phase, rows in during.items():
-            for kind, row in rows.items():
+            for kind, row in _calls(rows):
+                did = row.get("longest", {})
                 print(f"during the build ({phase}), {kind}: {row['n']} calls, p50 {row['p50_ms']:.2f} ms, "
-                      f"p95 {row['p95_ms']:.2f} ms, longest {row['max_ms']:.1f} ms "
-                      f"({row.get('longest_major_faults', 0)} major faults, GC {row.get('longest_gc_ms', 0)} ms in it)")
+                      f"p95 {row['p95_ms']:.2f} ms, longest {row['max_ms']:.1f} ms (in it: CPU {did.get('cpu_ms', 0)} ms, "
+                      f"GIL gaps {did.get('gil_gap_ms', 0)} ms, GC {did.get('gc_ms', 0)} ms, "
+                      f"{did.get('voluntary_switches', 0)}/{did.get('involuntary_switches', 0)} vol/invol switches, "
+                      f"{did.get('major_faults', 0)}/{did.get('minor_faults', 0)} major/minor faults; machine stalled on memory "
+                      f"{did.get('memory_stall_ms', 0)} ms, I/O {did.get('io_stall_ms', 0)} ms)")
+            gaps = rows["gil_gaps"]
+            print(f"during the build ({phase}): longest GIL gap {gaps['longest_ms']} ms "
+                  f"at {gaps.get('longest_at_s', 0)} s, CPU ms in it {gaps.get('longest_cpu_ms', {})} "
+                  f"({gaps['count_over_20ms']} over 20 ms)")
 
         # Ground truth now (the writes during the build changed the neighbours): an exact scan.
         store._exact_max = 10**12
@@ -313,7 +398,7 @@ def bench_scale(settings, args) -> dict[str, Any]:
                       "during": during, "errors": errors[:10], "error_count": len(errors)},
             "exact_search_after_build": _summary(exact_after_ms),
             "indexed_search": indexed, "unfiltered_engine_search": unfiltered,
-            "hnsw": {"m": args.hnsw_m, "payload_m": args.payload_m},
+            "hnsw": {"m": args.hnsw_m, "payload_m": args.payload_m, "ef_construct": args.ef_construct},
             "rss_mib": round(rss), "peak_rss_mib": round(peak), "child_peak_rss_mib": round(child_peak),
             "disk_mib": round(disk),
             "cpus": os.cpu_count(),

@@ -46,6 +46,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # The graph an index build makes: links per point over all points (0: none) and within each tenant.
     hnsw_m: int = 0
     hnsw_payload_m: int = 16
+    hnsw_ef_construct: int = 100  # candidates per point inserted while building (the engine's default)
     # Encoder: a local sentence-transformers folder or a hub name; empty means the bundled MiniLM.
     encoder_model: str = ""
     encoder_batch_size: int = 64
@@ -228,6 +229,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             (self.hnsw_m >= 0, "hnsw_m", "must be 0 (no graph over all points) or more"),
             (self.hnsw_payload_m >= 0, "hnsw_payload_m", "must be 0 (no per-tenant graphs) or more"),
             (self.hnsw_m > 0 or self.hnsw_payload_m > 0, "hnsw_m", "cannot be 0 with RAG_HNSW_PAYLOAD_M 0 too"),
+            (self.hnsw_ef_construct >= 4, "hnsw_ef_construct", "must be at least 4"),
             (self.index_auto_build_points >= 0, "index_auto_build_points", "must be 0 (off) or more"),
             (self.qdrant_replication_factor >= 1, "qdrant_replication_factor", "must be at least 1"),
             (1 <= self.qdrant_write_consistency_factor <= self.qdrant_replication_factor,

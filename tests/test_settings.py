@@ -146,6 +146,7 @@ def _needs(field: str):
         ({"RAG_JOB_MAX_ATTEMPTS": "0"}, "RAG_JOB_MAX_ATTEMPTS"),
         ({"RAG_TORCH_THREADS": "-1"}, "RAG_TORCH_THREADS"),
         ({"RAG_MAX_TOP_K": "0"}, "RAG_MAX_TOP_K"),
+        ({"RAG_HNSW_EF_CONSTRUCT": "3"}, "RAG_HNSW_EF_CONSTRUCT"),
         # overlap must stay below the chunk size
         ({"RAG_CHUNK_OVERLAP": "200"}, "RAG_CHUNK_OVERLAP"),
         ({"RAG_CHUNK_TOKENS": "64", "RAG_CHUNK_OVERLAP": "64"}, "RAG_CHUNK_OVERLAP"),

@@ -339,8 +339,16 @@ def test_writes_past_the_threshold_start_an_index_build_in_the_background(tmp_pa
         store.close()
 
 
-def test_writes_go_on_while_an_index_build_copies_the_shard_and_none_is_lost(tmp_path: Path, built_vectors) -> None:
+@pytest.mark.parametrize("helper", ["works", "fails"])
+def test_writes_go_on_while_an_index_build_copies_the_shard_and_none_is_lost(tmp_path: Path, built_vectors, helper,
+                                                                           monkeypatch) -> None:
     vecs = built_vectors
+    if helper == "fails":  # the helper process dies at once: the pass under the lock is done in this process
+        import rag.store.edge as edge_module
+
+        monkeypatch.setattr(edge_module, "_start_resync_helper", lambda *_: subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.exit(3)"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
     store = EdgeVectorStore(tmp_path, exact_search_max_points=1_000, auto_index_points=0)
     try:
         store.ensure_collection("c", BUILD_DIM)
@@ -368,6 +376,7 @@ def test_writes_go_on_while_an_index_build_copies_the_shard_and_none_is_lost(tmp
         # Nothing was written after the copy was made consistent, so the journal is empty: what the writer did
         # reached the built shard only through the files copied again under the lock.
         assert report["replayed_writes"] == 0 and report["recopied_files"] > 0
+        assert report["resync_in_process"] == (helper == "fails")  # else the helper did the pass under the lock
         assert (tmp_path / "collections" / ".current-c").is_file()
         assert store.count("c") == BUILD_POINTS + 40
         assert store.count("c", document_id="new", live=True) == 40
@@ -398,7 +407,8 @@ def test_per_tenant_graphs_without_a_global_one_serve_each_tenants_search(tmp_pa
                             payload={"tenant": tenant, "document_id": f"d{(offset + i) // 10}", "content_hash": "h",
                                      "chunk_index": offset + i, "live": True}) for i in range(per_tenant)]
 
-    store = EdgeVectorStore(tmp_path, exact_search_max_points=0, auto_index_points=0, hnsw_m=0, hnsw_payload_m=16)
+    store = EdgeVectorStore(tmp_path, exact_search_max_points=0, auto_index_points=0, hnsw_m=0, hnsw_payload_m=16,
+                            hnsw_ef_construct=64)
     try:
         store.ensure_collection("c", dim)
         store.upsert("c", points("a", 0))
@@ -408,7 +418,7 @@ def test_per_tenant_graphs_without_a_global_one_serve_each_tenants_search(tmp_pa
         import json
 
         saved = json.loads((shard_dir / "edge_config.json").read_text())["hnsw_config"]
-        assert saved["m"] == 0 and saved["payload_m"] == 16
+        assert saved["m"] == 0 and saved["payload_m"] == 16 and saved["ef_construct"] == 64
         schema = store._shard("c").info().payload_schema
         assert schema["live"].params.enable_hnsw is False and schema["content_hash"].params.enable_hnsw is False
         for tenant, offset in (("a", 0), ("b", per_tenant)):
@@ -416,5 +426,88 @@ def test_per_tenant_graphs_without_a_global_one_serve_each_tenants_search(tmp_pa
                 hits = store.search("c", vecs[k].tolist(), tenant=tenant, top_k=5)
                 assert len(hits) == 5 and {h.payload["tenant"] for h in hits} == {tenant}
                 assert hits[0].payload["chunk_index"] == k
+    finally:
+        store.close()
+
+
+def test_the_locked_resync_makes_a_stale_copy_equal_writing_only_the_blocks_that_differ(tmp_path: Path) -> None:
+    import os
+
+    from rag.store.edge import _copy_tree
+    from rag.store.edge_copy import SYNC_BLOCK as _SYNC_BLOCK
+    from rag.store.edge_copy import Resync, resync_changed
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "seg").mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    (src / "seg" / "unchanged.dat").write_bytes(b"u" * 64)
+    big = src / "seg" / "chunk.mmap"  # preallocated and sparse, as the engine's storage files are
+    with open(big, "wb") as fh:
+        fh.truncate(32 * _SYNC_BLOCK)
+        fh.write(rng.bytes(8 * _SYNC_BLOCK))
+        fh.seek(20 * _SYNC_BLOCK)
+        fh.write(rng.bytes(_SYNC_BLOCK))
+    (src / "seg" / "gone.dat").write_bytes(b"x" * 100)
+    (src / "wal").write_bytes(rng.bytes(3000))
+    assert _copy_tree(src, dst) is None
+    since_ns = os.stat(big).st_mtime_ns + 1
+    (dst / "seg" / "unchanged.dat").write_bytes(b"v" * 64)  # a file older than the mark is not even read
+    # What writes do after the copy: an append into the preallocated space, an update in place, a region punched
+    # back to zeros, a file shrunk, a new file and a deleted one.
+    with open(big, "r+b") as fh:
+        fh.seek(8 * _SYNC_BLOCK)
+        fh.write(b"appended")
+        fh.seek(3 * _SYNC_BLOCK + 17)
+        fh.write(b"updated in place")
+        fh.seek(20 * _SYNC_BLOCK)
+        fh.write(bytes(_SYNC_BLOCK))
+    with open(src / "wal", "r+b") as fh:
+        fh.truncate(1000)
+    (src / "seg" / "new.dat").write_bytes(b"new")
+    (src / "seg" / "gone.dat").unlink()
+    for path in (big, src / "wal"):
+        os.utime(path, ns=(since_ns + 10**9, since_ns + 10**9))
+
+    stats = Resync()
+    assert resync_changed(src, dst, since_ns, stats) == 3  # chunk.mmap, wal and new.dat; nothing else compared
+    for path in (big, src / "wal", src / "seg" / "new.dat"):
+        rel = path.relative_to(src)
+        assert (dst / rel).read_bytes() == path.read_bytes(), rel
+    assert not (dst / "seg" / "gone.dat").exists()
+    assert (dst / "seg" / "unchanged.dat").read_bytes() == b"v" * 64
+    # Only the changed blocks were written: the append, the update and the zeroed region; the holes were skipped.
+    assert stats.written <= 3 * _SYNC_BLOCK + 3
+    assert stats.compared <= 10 * _SYNC_BLOCK
+    assert os.stat(dst / "seg" / "chunk.mmap").st_blocks * 512 < 16 * _SYNC_BLOCK  # still sparse
+
+
+def test_when_the_pass_outside_the_lock_fails_the_locked_pass_covers_the_writes_it_missed(
+        tmp_path: Path, built_vectors, monkeypatch) -> None:
+    import rag.store.edge as edge_module
+
+    vecs = built_vectors
+    real_copy = edge_module._copy_tree
+    store = EdgeVectorStore(tmp_path, exact_search_max_points=1_000, auto_index_points=0)
+
+    def copy_then_write(src: Path, dst: Path) -> str | None:
+        # Writes after the bulk copy, before the pass outside the lock: only a pass that starts from the first
+        # mark brings them into the copy (the journal starts later, under the lock).
+        error = real_copy(src, dst)
+        store.upsert("c", _points(vecs[BUILD_POINTS:BUILD_POINTS + 30], BUILD_POINTS, "late"))
+        store.publish("c", "t", "late", "h")
+        return error
+
+    def vanished(*_: object) -> int:
+        raise FileNotFoundError("a segment file vanished mid-pass")
+
+    try:
+        store.ensure_collection("c", BUILD_DIM)
+        store.upsert("c", _points(vecs[:BUILD_POINTS], 0, "bulk"))
+        monkeypatch.setattr(edge_module, "_copy_tree", copy_then_write)
+        monkeypatch.setattr(edge_module, "resync_changed", vanished)  # the in-process pass; the helper's is real
+        report = store.build_index("c")
+        assert report["replayed_writes"] == 0 and report["resync_in_process"] == 0
+        assert store.count("c") == BUILD_POINTS + 30
+        assert store.count("c", document_id="late", live=True) == 30
     finally:
         store.close()

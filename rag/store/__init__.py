@@ -65,6 +65,6 @@ def open_store(settings: Settings) -> VectorStore:
     if settings.embedded:
         return EdgeVectorStore(settings.qdrant_dir, hnsw_ef=settings.hnsw_ef,
                                auto_index_points=settings.index_auto_build_points, hnsw_m=settings.hnsw_m,
-                               hnsw_payload_m=settings.hnsw_payload_m)
+                               hnsw_payload_m=settings.hnsw_payload_m, hnsw_ef_construct=settings.hnsw_ef_construct)
     return QdrantServerStore.from_url(settings.qdrant_url, settings.qdrant_api_key or None, settings.qdrant_timeout_s,
                                       ClusterOptions.from_settings(settings))

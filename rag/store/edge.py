@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,10 @@ from typing import Any
 import structlog
 
 from rag.errors import NotFound, RagError, StoreError, StoreLockedError
+from rag.store import edge_copy
 from rag.store.base import Branch, QdrantLikeStore, SearchPlan
+from rag.store.edge_copy import Resync, data_extents, resync_changed
+from rag.store.edge_index import EF_CONSTRUCT
 from rag.store.filters import FieldRange
 from rag.store.protocol import (
     BOOL_INDEXES,
@@ -80,7 +84,8 @@ class EdgeVectorStore(QdrantLikeStore):
     EXACT_SEARCH_MAX_POINTS = 20_000
 
     def __init__(self, root: Path | str, *, exact_search_max_points: int | None = None, hnsw_ef: int = 128,
-                 auto_index_points: int = 20_000, hnsw_m: int = 0, hnsw_payload_m: int | None = 16) -> None:
+                 auto_index_points: int = 20_000, hnsw_m: int = 0, hnsw_payload_m: int | None = 16,
+                 hnsw_ef_construct: int = EF_CONSTRUCT) -> None:
         """Take the exclusive lock on ``root/.lock``, or raise :class:`StoreLockedError` at once.
 
         ``hnsw_ef``: the HNSW search beam (recall against cost; ``python -m eval bench scale``).
@@ -91,7 +96,8 @@ class EdgeVectorStore(QdrantLikeStore):
         default, per-tenant graphs only, suits this store, whose every vector search is filtered to one
         tenant (half the build time at 200k, recall@10 within 0.01; README "The embedded store at scale");
         an unfiltered vector search through such an index finds only part of the neighbours (exact=True
-        does, at the cost of a scan).
+        does, at the cost of a scan). ``hnsw_ef_construct``: candidates per point inserted while building (the
+        engine's default, 100); applies to the next build.
         """
         self.root = Path(root)
         self.lock_path = self.root / ".lock"
@@ -100,6 +106,7 @@ class EdgeVectorStore(QdrantLikeStore):
         self._auto_index_points = auto_index_points
         self._hnsw_m = hnsw_m
         self._hnsw_payload_m = hnsw_payload_m
+        self._hnsw_ef_construct = hnsw_ef_construct
         self._index_threads: dict[str, threading.Thread] = {}
         self._children: set[subprocess.Popen[str]] = set()  # running index builds, stopped by close()
         self._unindexed: dict[int, int] = {}  # id(shard handle) -> points upserted since its last index build
@@ -281,7 +288,7 @@ class EdgeVectorStore(QdrantLikeStore):
                     vectors={VECTOR_NAME: EdgeVectorParams(size=dimension, distance=Distance.Cosine),
                              SENTENCE_VECTOR_NAME: sentence_vector_params(dimension)},
                     sparse_vectors={SPARSE_VECTOR_NAME: EdgeSparseVectorParams(modifier=Modifier.Idf)},
-                    hnsw_config=hnsw_config(self._hnsw_m, self._hnsw_payload_m),
+                    hnsw_config=hnsw_config(self._hnsw_m, self._hnsw_payload_m, self._hnsw_ef_construct),
                 )
                 with _edge_errors(f"creating collection {name!r}"):
                     shard = EdgeShard.create(str(path), config)
@@ -555,14 +562,18 @@ class EdgeVectorStore(QdrantLikeStore):
         The engine's optimizer holds the GIL for the whole build (8 s at 40k x 384-d here), so it runs
         in another process, on a copy:
 
-        1. Flush the shard and copy its directory (sparse-aware ``cp``) while writes go on; ``on_copied``
-           (a test hook) runs once that bulk copy is done. Then, under the write lock (writes wait), flush
-           again and copy again only the files modified since just before the first flush
-           (:func:`_recopy_changed`), so the copy is the flushed shard as it is now. From then on every
-           write to the shard is also journaled.
+        1. Flush the shard and copy its directory (sparse-aware ``cp``) while writes go on; flush again and
+           bring the files modified meanwhile up to date block by block, still outside the lock
+           (:meth:`_presync`); start the helper process that will do the pass under the lock (it first
+           writes the copy out to disk); ``on_copied`` (a test hook) runs then. Then, under the write lock
+           (writes wait), flush again and have the helper compare the files modified since the second pass
+           began with their copies and write only the blocks that differ
+           (:func:`rag.store.edge_copy.resync_changed`), so the copy is the flushed shard as it is now.
+           From then on every write to the shard is also journaled.
         2. A child process (``python -m rag.store.edge_index``, at ``nice``) loads the copy and builds the
            index. Searches and writes go on here, on the live shard (brute force).
-        3. The built copy is loaded here and the journal replayed into it, outside the write lock, until
+        3. The built copy is read into the page cache (without the GIL), loaded here (``EdgeShard.load``
+           holds the GIL) and the journal replayed into it, outside the write lock, until
            only a few writes are left; then, under the write lock, the rest is replayed and flushed,
            ``collections/.current-<name>`` is switched atomically to the copy, and the copy becomes the
            shard searches use. The old shard is closed and deleted on the next build or close, so a
@@ -590,20 +601,19 @@ class EdgeVectorStore(QdrantLikeStore):
             except BaseException:
                 self._building.discard(collection)
                 raise
+        helper: subprocess.Popen[str] | None = None
         try:
             # The bulk copy, writes going on: what changes meanwhile is copied again below, under the lock.
             # The first flush writes out everything pending (many files); the mark is taken after it, so those
             # files are not copied twice; the second, short flush makes every page clean again after the mark
-            # (see _recopy_changed).
-            with _edge_errors(f"flushing {collection!r}"):
-                handle.flush()
-            time.sleep(2 * self._MTIME_SLACK_NS / 1e9)
-            since_ns = time.time_ns() - self._MTIME_SLACK_NS
-            with _edge_errors(f"flushing {collection!r}"):
-                handle.flush()
-            copied = subprocess.run(["cp", "-a", "--sparse=always", str(old_dir), str(build_dir)],
-                                    capture_output=True, text=True)
-            bulk_ok = copied.returncode == 0
+            # (see rag.store.edge_copy.resync_changed).
+            since_ns = self._flush_and_mark(handle, collection)
+            copy_error = _copy_tree(old_dir, build_dir)
+            t_bulk = time.perf_counter()
+            if copy_error is None:
+                since_ns = self._presync(handle, collection, old_dir, build_dir, since_ns)
+                helper = _start_resync_helper(old_dir, build_dir, since_ns)
+            t_presynced = time.perf_counter()
             if on_copied is not None:
                 on_copied()
             with self._write_lock:
@@ -613,21 +623,24 @@ class EdgeVectorStore(QdrantLikeStore):
                     raise StoreError(f"collection {collection!r} was dropped during its index build")
                 with _edge_errors(f"flushing {collection!r}"):
                     handle.flush()
-                if bulk_ok:
-                    recopied = _recopy_changed(old_dir, build_dir, since_ns)
+                t_flushed = time.perf_counter()
+                if copy_error is None:
+                    recopied, resync = _resync_locked(helper, old_dir, build_dir, since_ns)
                 else:  # e.g. a file vanished mid-copy: copy it all again, here
                     shutil.rmtree(build_dir, ignore_errors=True)
-                    copied = subprocess.run(["cp", "-a", "--sparse=always", str(old_dir), str(build_dir)],
-                                            capture_output=True, text=True)
-                    if copied.returncode != 0:
-                        raise StoreError(f"cannot copy {collection!r} for an index build: {copied.stderr.strip()}")
-                    recopied = -1
+                    copy_error = _copy_tree(old_dir, build_dir)
+                    if copy_error is not None:
+                        raise StoreError(f"cannot copy {collection!r} for an index build: {copy_error}")
+                    recopied, resync = -1, Resync()
                 journal: list[Any] = []
                 self._journals[id(handle)] = journal
                 unindexed_before = self._unindexed.get(id(handle), 0)
                 self._unindexed[id(handle)] = 0  # what is written from now on is outside the index being built
                 t1 = time.perf_counter()
         except BaseException:
+            if helper is not None and helper.poll() is None:
+                helper.kill()
+                helper.communicate()
             with self._write_lock:
                 self._building.discard(collection)
             shutil.rmtree(build_dir, ignore_errors=True)
@@ -635,12 +648,17 @@ class EdgeVectorStore(QdrantLikeStore):
         new: Any = None
         swapped = False
         try:
-            self._run_index_child(build_dir, timeout_s=timeout_s, nice=nice)
+            spawn_s = self._run_index_child(build_dir, timeout_s=timeout_s, nice=nice)
             t2 = time.perf_counter()
             from qdrant_edge import EdgeShard
 
+            # EdgeShard.load holds the GIL (every search and write of this process waits) for as long as it
+            # takes, disk reads included: read the built files into the page cache first, without the GIL.
+            _read_tree(build_dir)
+            t_read = time.perf_counter()
             with _edge_errors(f"loading the indexed copy of {collection!r}"):
                 new = EdgeShard.load(str(build_dir))
+            t_loaded = time.perf_counter()
             done = 0
             while True:
                 with self._write_lock:
@@ -680,22 +698,57 @@ class EdgeVectorStore(QdrantLikeStore):
                 shutil.rmtree(build_dir, ignore_errors=True)
         report = {"copy_s": t1 - t0, "build_s": t2 - t1, "catch_up_s": t3 - t2, "swap_s": t4 - t3,
                   "replayed_writes": float(replayed), "copy_locked_s": t1 - t_locked,
-                  "recopied_files": float(recopied)}
+                  "recopied_files": float(recopied), "copy_bulk_s": t_bulk - t0, "copy_presync_s": t_presynced - t_bulk,
+                  "copy_locked_flush_s": t_flushed - t_locked, "resync_compared_mib": resync.compared / 2**20,
+                  "resync_written_mib": resync.written / 2**20, "resync_in_process": float(resync.in_process),
+                  "resync_helper_s": resync.seconds, "prefetch_s": t_read - t2, "load_s": t_loaded - t_read,
+                  "spawn_s": spawn_s}
         log.info("index_built", collection=collection, **{k: round(v, 3) for k, v in report.items()})
         return report
+
+    def _flush_and_mark(self, handle: Any, collection: str) -> int:
+        """Flush, take a time mark, flush again; returns the mark (ns). Every file modified after the second
+        flush has an mtime at or after the mark (see :func:`rag.store.edge_copy.resync_changed`)."""
+        with _edge_errors(f"flushing {collection!r}"):
+            handle.flush()
+        time.sleep(2 * self._MTIME_SLACK_NS / 1e9)
+        since_ns = time.time_ns() - self._MTIME_SLACK_NS
+        with _edge_errors(f"flushing {collection!r}"):
+            handle.flush()
+        return since_ns
+
+    def _presync(self, handle: Any, collection: str, old_dir: Path, build_dir: Path, since_ns: int) -> int:
+        """Outside the write lock: bring the files changed during the bulk copy up to date, block by block; returns
+        the mark the pass under the lock starts from.
+
+        The pass under the lock then compares only the files written since this one began, and finds few blocks
+        to write. If this pass fails (a file vanished meanwhile, say), the locked pass starts from the first
+        mark, as if it had not run.
+        """
+        mark = self._flush_and_mark(handle, collection)
+        try:
+            resync_changed(old_dir, build_dir, since_ns, Resync())
+        except OSError as exc:
+            log.info("index_build_presync_skipped", collection=collection, error=str(exc))
+            return since_ns
+        return mark
 
     # Writes left to replay under the write lock when an index build swaps in (the rest is replayed before).
     SWAP_MAX_REPLAY = 16
 
-    def _run_index_child(self, build_dir: Path, *, timeout_s: float, nice: int) -> None:
-        cmd = [sys.executable, "-m", "rag.store.edge_index", str(build_dir), "--m", str(self._hnsw_m)]
+    def _run_index_child(self, build_dir: Path, *, timeout_s: float, nice: int) -> float:
+        """Run the child to its end; returns the seconds that starting it took (this thread holds the GIL meanwhile)."""
+        cmd = [sys.executable, "-m", "rag.store.edge_index", str(build_dir), "--m", str(self._hnsw_m),
+               "--ef-construct", str(self._hnsw_ef_construct)]
         if self._hnsw_payload_m is not None:
             cmd += ["--payload-m", str(self._hnsw_payload_m)]
+        started = time.perf_counter()
         try:
             child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      preexec_fn=(lambda: os.nice(nice)) if nice else None)
         except OSError as exc:
             raise StoreError(f"cannot start the index build process: {exc}") from exc
+        spawn_s = time.perf_counter() - started
         self._children.add(child)
         try:
             out, err = child.communicate(timeout=timeout_s)
@@ -708,6 +761,7 @@ class EdgeVectorStore(QdrantLikeStore):
         if child.returncode != 0:
             tail = (err or out or "").strip().splitlines()[-3:]
             raise StoreError(f"the index build process failed (exit {child.returncode}): {' | '.join(tail)}")
+        return spawn_s
 
     def _write_redirect(self, collection: str, target: str) -> None:
         redirect = self._redirect_path(collection)
@@ -747,61 +801,77 @@ class EdgeVectorStore(QdrantLikeStore):
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _recopy_changed(src: Path, dst: Path, since_ns: int) -> int:
-    """Make ``dst`` (a copy of ``src`` taken while ``src`` was being written) equal to ``src`` again.
+def _start_resync_helper(src: Path, dst: Path, since_ns: int) -> subprocess.Popen[str] | None:
+    """Start :mod:`rag.store.edge_copy` as a script and wait (up to a minute) until it has written the copy out to
+    disk; it then waits for its "go"."""
+    try:
+        helper = subprocess.Popen([sys.executable, "-I", edge_copy.__file__, str(src), str(dst), str(since_ns)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as exc:
+        log.warning("index_build_resync_helper_failed", error=str(exc))
+        return None
+    assert helper.stdout is not None
+    if select.select([helper.stdout], [], [], _HELPER_READY_S)[0]:
+        helper.stdout.readline()  # "ready", or "" if it died: _resync_locked then finds out
+    return helper
 
-    Copies again every file of ``src`` modified (mtime or ctime) at or after ``since_ns``, or missing or of
-    another size in ``dst``, and deletes what ``dst`` holds that ``src`` no longer does. Sound because the
-    shard was flushed after ``since_ns`` was taken and before the bulk copy (which reads through the page
-    cache, so it sees every write made before it): a write after that flush, through ``write`` or through
-    a clean (write-protected) memory-mapped page, sets the file's mtime to its own time. Returns the
-    number of files copied again.
-    """
-    recopied = 0
-    for dirpath, dirnames, filenames in os.walk(src):
-        rel = Path(dirpath).relative_to(src)
-        target = dst / rel
-        target.mkdir(exist_ok=True)
-        present = set(dirnames) | set(filenames)
-        for stale in os.listdir(target):
-            if stale not in present:
-                doomed = target / stale
-                if doomed.is_dir() and not doomed.is_symlink():
-                    shutil.rmtree(doomed)
-                else:
-                    doomed.unlink()
+
+_HELPER_READY_S = 60.0
+
+
+# The locked pass takes well under a second; past this the helper is taken for stuck and the pass done here.
+_RESYNC_TIMEOUT_S = 120.0
+
+
+def _resync_locked(helper: subprocess.Popen[str] | None, src: Path, dst: Path, since_ns: int) -> tuple[int, Resync]:
+    """The pass under the write lock: by the helper process (one wait here), or here if it fails (correct, slower:
+    every system call of the pass gives a search thread the GIL for a whole engine call). Returns the files
+    compared and what was read and written."""
+    if helper is not None:
+        try:
+            out, err = helper.communicate("go\n", timeout=_RESYNC_TIMEOUT_S)
+            if helper.returncode == 0:
+                done = json.loads(out)
+                stats = Resync()
+                stats.compared, stats.written = int(done["compared"]), int(done["written"])
+                stats.seconds = float(done["seconds"])
+                return int(done["files"]), stats
+            log.warning("index_build_resync_helper_failed", exit=helper.returncode, error=(err or "").strip()[-300:])
+        except (subprocess.TimeoutExpired, ValueError, KeyError, TypeError, OSError) as exc:
+            log.warning("index_build_resync_helper_failed", error=str(exc))
+        finally:
+            if helper.poll() is None:  # never let it write into the copy while the pass below does
+                helper.kill()
+                helper.communicate()
+    stats = Resync()
+    stats.in_process = True
+    return resync_changed(src, dst, since_ns, stats), stats
+
+
+def _copy_tree(src: Path, dst: Path) -> str | None:
+    """Copy a shard directory, keeping its files' holes (``cp --sparse=always``); None, or the error."""
+    copied = subprocess.run(["cp", "-a", "--sparse=always", str(src), str(dst)], capture_output=True, text=True)
+    return None if copied.returncode == 0 else (copied.stderr.strip() or f"cp exited {copied.returncode}")
+
+
+def _read_tree(path: Path) -> None:
+    """Read every file under ``path`` (its data, not its holes) into the page cache; the GIL is released while the
+    kernel reads. Best effort: a file that cannot be read is left to the engine."""
+    buf = bytearray(edge_copy.SYNC_BLOCK)
+    for dirpath, _, filenames in os.walk(path):
         for name in filenames:
-            source, copy = Path(dirpath) / name, target / name
-            st = source.lstat()
             try:
-                same_size = copy.lstat().st_size == st.st_size
-            except FileNotFoundError:
-                same_size = False
-            if not same_size or max(st.st_mtime_ns, st.st_ctime_ns) >= since_ns:
-                _copy_sparse(source, copy)
-                recopied += 1
-    return recopied
-
-
-def _copy_sparse(src: Path, dst: Path) -> None:
-    """Copy one file, leaving its holes as holes (the engine preallocates sparse storage files)."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        offset = 0
-        while offset < size:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue
             try:
-                start = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            while start < end:
-                sent = os.copy_file_range(fin.fileno(), fout.fileno(), end - start, start, start)
-                if sent == 0:
-                    break
-                start += sent
-            offset = end
-        fout.truncate(size)
-    shutil.copystat(src, dst)
+                for start, end in data_extents(fd, os.fstat(fd).st_size):
+                    while start < end and (got := os.preadv(fd, [buf], start)) > 0:
+                        start += got
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""``python -m rag.store.edge_index <shard-dir> [--m M] [--payload-m PM]``: build a copied shard's HNSW index
+"""``python -m rag.store.edge_index <shard-dir> [--m M] [--payload-m PM] [--ef-construct EF]``: build a copied shard's HNSW index
 in its own process.
 
 :meth:`rag.store.edge.EdgeVectorStore.build_index` runs this on a copy of a live shard: the engine's
@@ -17,18 +17,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-# The engine's defaults, kept: candidates per insert while building, and the filtered-set size (in KiB of
+# The engine's defaults, kept: candidates per insert while building (RAG_HNSW_EF_CONSTRUCT), and the filtered-set size (in KiB of
 # vectors; ~6,700 points at 384-d) below which a filtered search scans the set exactly instead.
 EF_CONSTRUCT = 100
 FULL_SCAN_THRESHOLD_KB = 10_000
 
 
-def hnsw_config(m: int, payload_m: int | None) -> Any:
+def hnsw_config(m: int, payload_m: int | None, ef_construct: int = EF_CONSTRUCT) -> Any:
     """``m``: links per point in the graph over all points (0: none). ``payload_m``: links per point in the
-    per-tenant graphs (None: the engine uses ``m``; 0: none)."""
+    per-tenant graphs (None: the engine uses ``m``; 0: none). ``ef_construct``: candidates considered per
+    point inserted (a better graph, so a higher recall at the same search beam, for a longer build)."""
     from qdrant_edge import HnswIndexConfig
 
-    return HnswIndexConfig(m=m, ef_construct=EF_CONSTRUCT, full_scan_threshold=FULL_SCAN_THRESHOLD_KB,
+    return HnswIndexConfig(m=m, ef_construct=ef_construct, full_scan_threshold=FULL_SCAN_THRESHOLD_KB,
                            payload_m=payload_m)
 
 
@@ -66,7 +67,7 @@ def field_index_params(field: str) -> Any:
     return KeywordIndexParams(enable_hnsw=False)
 
 
-def edge_config(shard_dir: Path, m: int, payload_m: int | None) -> Any:
+def edge_config(shard_dir: Path, m: int, payload_m: int | None, ef_construct: int = EF_CONSTRUCT) -> Any:
     """The shard's own vector layout (from its ``edge_config.json``) with the HNSW config given."""
     from qdrant_edge import Distance, EdgeConfig, EdgeSparseVectorParams, EdgeVectorParams, Modifier
 
@@ -77,7 +78,7 @@ def edge_config(shard_dir: Path, m: int, payload_m: int | None) -> Any:
     sparse = {name: EdgeSparseVectorParams(modifier=Modifier.Idf if str((p or {}).get("modifier", "")).lower() == "idf"
                                            else None)
               for name, p in (saved.get("sparse_vectors") or {}).items()}
-    return EdgeConfig(vectors=vectors or None, sparse_vectors=sparse or None, hnsw_config=hnsw_config(m, payload_m))
+    return EdgeConfig(vectors=vectors or None, sparse_vectors=sparse or None, hnsw_config=hnsw_config(m, payload_m, ef_construct))
 
 
 def main(argv: list[str]) -> int:
@@ -85,6 +86,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("shard_dir", type=Path)
     parser.add_argument("--m", type=int, default=None, help="HNSW links per point (default: the shard's config)")
     parser.add_argument("--payload-m", type=int, default=None, help="links per point in the per-tenant graphs")
+    parser.add_argument("--ef-construct", type=int, default=EF_CONSTRUCT, help="candidates per point inserted")
     args = parser.parse_args(argv)
     from qdrant_edge import EdgeShard, UpdateOperation
 
@@ -95,7 +97,7 @@ def main(argv: list[str]) -> int:
         if args.m is None:
             shard = EdgeShard.load(str(args.shard_dir))
         else:
-            shard = EdgeShard.load(str(args.shard_dir), edge_config(args.shard_dir, args.m, args.payload_m))
+            shard = EdgeShard.load(str(args.shard_dir), edge_config(args.shard_dir, args.m, args.payload_m, args.ef_construct))
         for field in shard.info().payload_schema:
             if field not in KEYWORD_INDEXES + BOOL_INDEXES:
                 continue
