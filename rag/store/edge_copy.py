@@ -145,23 +145,14 @@ def _copy_sparse(src: Path, dst: Path) -> None:
     """Copy one file, leaving its holes as holes (the engine preallocates sparse storage files)."""
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         size = os.fstat(fin.fileno()).st_size
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+        for start, end in data_extents(fin.fileno(), size):
             while start < end:
                 sent = os.copy_file_range(fin.fileno(), fout.fileno(), end - start, start, start)
                 if sent == 0:
                     break
                 start += sent
-            offset = end
         fout.truncate(size)
     shutil.copystat(src, dst)
-
-
 
 
 def fdatasync_tree(path: Path) -> None:

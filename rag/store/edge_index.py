@@ -36,20 +36,11 @@ def hnsw_config(m: int, payload_m: int | None, ef_construct: int = EF_CONSTRUCT)
 def sentence_vector_params(dimension: int) -> Any:
     """The ``"sentences"`` multivector: float16 on disk (mmap), cosine, never in an HNSW graph (it is only read by
     point id; rag/sentence_vectors.py)."""
-    from qdrant_edge import (
-        Distance,
-        EdgeVectorParams,
-        HnswIndexConfig,
-        MultiVectorComparator,
-        MultiVectorConfig,
-        VectorStorageDatatype,
-    )
+    from qdrant_edge import Distance, EdgeVectorParams, MultiVectorComparator, MultiVectorConfig, VectorStorageDatatype
 
     return EdgeVectorParams(size=dimension, distance=Distance.Cosine, on_disk=True,
                             multivector_config=MultiVectorConfig(MultiVectorComparator.MaxSim),
-                            datatype=VectorStorageDatatype.Float16,
-                            hnsw_config=HnswIndexConfig(m=0, ef_construct=EF_CONSTRUCT,
-                                                        full_scan_threshold=FULL_SCAN_THRESHOLD_KB, payload_m=0))
+                            datatype=VectorStorageDatatype.Float16, hnsw_config=hnsw_config(0, 0))
 
 
 def field_index_params(field: str) -> Any:
